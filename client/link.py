@@ -1,0 +1,323 @@
+"""The client's network side: one thread with an asyncio loop that owns the connection.
+
+It connects (and reconnects with backoff), sends heartbeats, downloads .blend files into the
+cache and streams rendered frames back, while the main thread renders. A render holds no lock
+that this thread needs (bpy releases the GIL while Cycles works), so a long frame never looks
+like a dead client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import messages as m
+from protocol.errors import AuthError, ConnectionClosed, ProtocolError, VersionMismatch
+from protocol.handshake import client_handshake
+from protocol.limits import HEARTBEAT_INTERVAL_S
+from protocol.messages import Role
+from protocol.stream import FileSink, MessageStream
+
+from .cache import BlendCache
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+#: Rendered frames waiting to be uploaded before the renderer waits for the network.
+MAX_PENDING_UPLOADS = 4
+
+
+class LinkLost(Exception):
+    """The connection dropped; work from that session is void."""
+
+
+@dataclass(frozen=True)
+class Task:
+    epoch: int
+    message: m.Probe | m.Assign
+
+
+@dataclass(frozen=True)
+class _Upload:
+    begin: m.FrameBegin
+    path: Path
+
+
+class Link:
+    def __init__(self, host: str, port: int, *, name: str, secret: str | None, cache: BlendCache,
+                 blender: str = "") -> None:
+        self.host = host
+        self.port = port
+        self.name = name
+        self.secret = secret
+        self.cache = cache
+        self.blender = blender
+        self.tasks: queue.Queue[Task] = queue.Queue()
+        self.fatal: str | None = None
+        self.connected = threading.Event()
+        self._epoch = 0
+        self._revoked: dict[int, set[int] | None] = {}  # lease -> frames, None for all
+        self._state = ("idle", None, None)
+        self._upload_slots = threading.Semaphore(MAX_PENDING_UPLOADS)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stream: MessageStream | None = None
+        self._outbox: asyncio.Queue[m.Message | _Upload] | None = None
+        self._download: tuple[str, FileSink | None, asyncio.Future[Path]] | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    # --- lifecycle (main thread) ----------------------------------------------------------
+
+    def start(self) -> None:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="microfarm-link", daemon=True)
+        self._thread.start()
+        ready.wait(5.0)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._shutdown)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def _shutdown(self) -> None:
+        for task in asyncio.all_tasks():
+            task.cancel()
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        ready.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(self._connect_forever())
+        loop.close()
+
+    # --- what the renderer calls (main thread) --------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def next_task(self, timeout: float) -> Task | None:
+        try:
+            task = self.tasks.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return task if task.epoch == self._epoch else None
+
+    def wanted(self, epoch: int, lease_id: int, frame: int | None = None) -> bool:
+        if epoch != self._epoch:
+            return False
+        with self._lock:
+            if lease_id not in self._revoked:
+                return True
+            frames = self._revoked[lease_id]
+            return frames is not None and frame is not None and frame not in frames
+
+    def set_state(self, state: str, job_id: str | None = None, frame: int | None = None) -> None:
+        self._state = (state, job_id, frame)
+        self._call_soon(self._heartbeat_now)
+
+    def send(self, epoch: int, message: m.Message) -> None:
+        self._call_soon(self._post, epoch, message)
+
+    def upload(self, epoch: int, begin: m.FrameBegin, path: Path) -> None:
+        """Queue a rendered frame for upload; the file is deleted once it is sent (or dropped)."""
+        self._upload_slots.acquire()
+        self._call_soon(self._post, epoch, _Upload(begin, path))
+
+    def fetch_blend(self, epoch: int, sha256: str, size: int, timeout: float = 3600.0) -> Path:
+        cached = self.cache.lookup(sha256, size)
+        if cached is not None:
+            log.info("blend %s found in the cache", sha256[:12])
+            return cached
+        if self._loop is None:
+            raise LinkLost("not connected")
+        future = asyncio.run_coroutine_threadsafe(self._fetch(epoch, sha256, size), self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise LinkLost("the connection closed during the download") from None
+
+    def _call_soon(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    # --- the loop thread ------------------------------------------------------------------
+
+    def _post(self, epoch: int, item: m.Message | _Upload) -> None:
+        if epoch != self._epoch or self._outbox is None:
+            if isinstance(item, _Upload):
+                self._drop_upload(item)
+            return
+        self._outbox.put_nowait(item)
+
+    def _drop_upload(self, item: _Upload) -> None:
+        with contextlib.suppress(OSError):
+            item.path.unlink()
+        self._upload_slots.release()
+
+    def _heartbeat_now(self) -> None:
+        if self._outbox is not None:
+            state, job_id, frame = self._state
+            self._outbox.put_nowait(m.Heartbeat(state=state, job_id=job_id, frame=frame))
+
+    async def _fetch(self, epoch: int, sha256: str, size: int) -> Path:
+        if epoch != self._epoch or self._outbox is None:
+            raise LinkLost("the connection changed")
+        if self._download is not None:
+            raise ProtocolError("a download is already running")
+        future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._download = (sha256, None, future)
+        log.info("downloading blend %s (%d bytes)", sha256[:12], size)
+        self._outbox.put_nowait(m.BlendRequest(sha256=sha256))
+        try:
+            return await future
+        finally:
+            self._download = None
+
+    async def _connect_forever(self) -> None:
+        delay = RECONNECT_MIN_S
+        while not self._stopping:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
+                                                        CONNECT_TIMEOUT_S)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.info("cannot reach %s:%d (%s); retrying in %.1f s", self.host, self.port, exc, delay)
+            else:
+                stream = MessageStream(reader, writer)
+                try:
+                    await self._session(stream)
+                    delay = RECONNECT_MIN_S
+                except (AuthError, VersionMismatch) as exc:
+                    self.fatal = str(exc)
+                    log.error("%s", exc)
+                    return
+                except (ProtocolError, OSError, asyncio.TimeoutError) as exc:
+                    log.warning("connection to %s:%d lost: %s", self.host, self.port, exc)
+                finally:
+                    self._end_session()
+                    await stream.aclose()
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _end_session(self) -> None:
+        self._epoch += 1
+        self.connected.clear()
+        outbox, self._outbox = self._outbox, None
+        while outbox is not None and not outbox.empty():
+            item = outbox.get_nowait()
+            if isinstance(item, _Upload):
+                self._drop_upload(item)
+        if self._download is not None:
+            _, sink, future = self._download
+            if sink is not None:
+                sink.abort()
+            if not future.done():
+                future.set_exception(LinkLost("the connection closed during the download"))
+        with self._lock:
+            self._revoked.clear()
+
+    async def _session(self, stream: MessageStream) -> None:
+        welcome, accepted = await client_handshake(stream, role=Role.WORKER, name=self.name,
+                                                   secret=self.secret, blender=self.blender)
+        log.info("connected to farm %r at %s:%d as %s", welcome.farm, self.host, self.port, accepted.client_id)
+        self._outbox = asyncio.Queue()
+        self._stream = stream
+        self.connected.set()
+        interval = accepted.heartbeat_s if accepted.heartbeat_s > 0 else HEARTBEAT_INTERVAL_S
+        tasks = [asyncio.create_task(self._write_loop(stream, self._outbox)),
+                 asyncio.create_task(self._heartbeat_loop(interval)),
+                 asyncio.create_task(self._read_loop(stream))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        while True:
+            self._heartbeat_now()
+            await asyncio.sleep(interval)
+
+    async def _write_loop(self, stream: MessageStream, outbox: asyncio.Queue[m.Message | _Upload]) -> None:
+        while True:
+            item = await outbox.get()
+            if isinstance(item, _Upload):
+                try:
+                    if self.wanted(self._epoch, item.begin.lease_id, item.begin.frame):
+                        await stream.send_file(item.begin, item.path)
+                    else:
+                        log.info("frame %d is no longer wanted; not sent", item.begin.frame)
+                finally:
+                    self._drop_upload(item)
+            else:
+                await stream.send(item)
+
+    async def _read_loop(self, stream: MessageStream) -> None:
+        while True:
+            message = await stream.recv()
+            if isinstance(message, (m.Probe, m.Assign)):
+                self.tasks.put(Task(self._epoch, message))
+            elif isinstance(message, m.Revoke):
+                with self._lock:
+                    if message.frames:
+                        current = self._revoked.setdefault(message.lease_id, set())
+                        if current is not None:
+                            current.update(message.frames)
+                    else:
+                        self._revoked[message.lease_id] = None
+                log.info("lease %d revoked (%s)", message.lease_id,
+                         ",".join(map(str, message.frames)) or "all frames")
+            elif isinstance(message, m.BlendBegin):
+                self._download_begin(message)
+            elif isinstance(message, m.Chunk):
+                sink = self._download_sink()
+                await asyncio.to_thread(sink.write, message.data)
+            elif isinstance(message, m.End):
+                self._download_end(message)
+            elif isinstance(message, m.Error):
+                raise ConnectionClosed(f"server closed the connection: {message.reason}")
+            else:
+                raise ProtocolError(f"unexpected {message.TYPE.value} from the server")
+
+    def _download_begin(self, begin: m.BlendBegin) -> None:
+        if self._download is None or self._download[0] != begin.sha256 or self._download[1] is not None:
+            raise ProtocolError("the server sent a .blend that was not asked for")
+        sink = self.cache.sink(begin.sha256, begin.size)
+        self._download = (begin.sha256, sink, self._download[2])
+
+    def _download_sink(self) -> FileSink:
+        if self._download is None or self._download[1] is None:
+            raise ProtocolError("data chunk outside a download")
+        return self._download[1]
+
+    def _download_end(self, end: m.End) -> None:
+        sink = self._download_sink()
+        assert self._download is not None
+        sha, _, future = self._download
+        try:
+            sink.finish(end.sha256)
+        except ProtocolError:
+            sink.abort()
+            raise
+        path = self.cache.commit(sink, sha)
+        log.info("blend %s downloaded and verified", sha[:12])
+        if not future.done():
+            future.set_result(path)

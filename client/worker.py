@@ -1,0 +1,108 @@
+"""The client's main loop: take a task from the link, render it in this (warm) Blender, report."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from protocol import messages as m
+from protocol.errors import ProtocolError
+from protocol.settings import validate_assignment
+
+from .link import Link, LinkLost
+from .render import Renderer, RenderError
+
+log = logging.getLogger(__name__)
+
+#: How often the idle main loop wakes to check for a fatal link error or a stop request.
+POLL_S = 0.5
+
+
+class Worker:
+    def __init__(self, link: Link, renderer: Renderer) -> None:
+        self.link = link
+        self.renderer = renderer
+        self.scratch = Path(tempfile.mkdtemp(prefix="microfarm-frames-"))
+        self.stopping = False
+
+    def run(self) -> int:
+        """Work until stopped; returns the process exit code."""
+        try:
+            while not self.stopping:
+                if self.link.fatal:
+                    return 2
+                task = self.link.next_task(POLL_S)
+                if task is None:
+                    continue
+                try:
+                    if isinstance(task.message, m.Probe):
+                        self._probe(task.epoch, task.message)
+                    else:
+                        self._render(task.epoch, task.message)
+                except LinkLost as exc:
+                    log.warning("task abandoned: %s", exc)
+                finally:
+                    self.link.set_state("idle")
+            return 0
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _open(self, epoch: int, job_id: str, sha256: str, size: int) -> None:
+        if self.renderer.current_sha == sha256:
+            return
+        self.link.set_state("downloading", job_id)
+        path = self.link.fetch_blend(epoch, sha256, size)
+        self.link.set_state("opening", job_id)
+        self.renderer.open(path, sha256)
+
+    def _probe(self, epoch: int, probe: m.Probe) -> None:
+        try:
+            self._open(epoch, probe.job_id, probe.blend_sha256, probe.blend_size)
+            info = self.renderer.scene_info()
+        except RenderError as exc:
+            self.link.send(epoch, m.ProbeResult(lease_id=probe.lease_id, ok=False, error=m.clip(str(exc))))
+            return
+        log.info("job %s: scene %r, frames %d-%d, %dx%d", probe.job_id, info.scene, info.frame_start,
+                 info.frame_end, info.resolution_x, info.resolution_y)
+        self.link.send(epoch, m.ProbeResult(lease_id=probe.lease_id, ok=True, scene=info.to_wire()))
+
+    def _render(self, epoch: int, assign: m.Assign) -> None:
+        lease = assign.lease_id
+        try:
+            file_format, samples, percentage = validate_assignment(assign.settings)
+        except ProtocolError as exc:
+            for frame in assign.frames:
+                self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame, error=str(exc)))
+            self.link.send(epoch, m.LeaseDone(lease_id=lease))
+            return
+        try:
+            self._open(epoch, assign.job_id, assign.blend_sha256, assign.blend_size)
+            self.renderer.apply(file_format, samples, percentage)
+        except RenderError as exc:
+            for frame in assign.frames:
+                self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame,
+                                                    error=m.clip(str(exc))))
+            self.link.send(epoch, m.LeaseDone(lease_id=lease))
+            return
+        for frame in assign.frames:
+            if not self.link.wanted(epoch, lease, frame):
+                continue
+            self.link.set_state("rendering", assign.job_id, frame)
+            started = time.monotonic()
+            try:
+                path = self.renderer.render_frame(frame, self.scratch)
+            except RenderError as exc:
+                log.warning("job %s: frame %d failed: %s", assign.job_id, frame, exc)
+                self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame,
+                                                    error=m.clip(str(exc))))
+                continue
+            elapsed = time.monotonic() - started
+            log.info("job %s: frame %d rendered in %.2f s", assign.job_id, frame, elapsed)
+            begin = m.FrameBegin(lease_id=lease, job_id=assign.job_id, frame=frame, ext=path.suffix.lstrip("."),
+                                 size=path.stat().st_size, render_s=elapsed)
+            # Uploads are queued: the next frame renders while this one travels.
+            self.link.upload(epoch, begin, path)
+        self.link.send(epoch, m.LeaseDone(lease_id=lease))

@@ -1,0 +1,35 @@
+"""Named limits and timeouts shared by both ends of the wire."""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+
+#: Bytes in the length prefix that precedes every message (unsigned, big-endian).
+LENGTH_PREFIX_BYTES = 4
+
+#: Largest encoded message accepted. Checked before the body is read, so a peer that
+#: announces more is cut off without us allocating anything for it.
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+
+#: Size of the binary pieces that bulk transfers (.blend files, rendered frames) are cut
+#: into; well below MAX_MESSAGE_BYTES so a piece plus its envelope always fits.
+BULK_CHUNK_BYTES = 512 * 1024
+
+#: Largest .blend a farm accepts, and the largest image a client may send for one frame.
+MAX_BLEND_BYTES = 64 * 1024**3
+MAX_FRAME_BYTES = 8 * 1024**3
+
+#: A client sends a heartbeat this often; the server declares it lost after TIMEOUT of silence.
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TIMEOUT_S = 5 * HEARTBEAT_INTERVAL_S
+
+#: The first exchange (hello, welcome, auth) must finish within this time.
+HANDSHAKE_TIMEOUT_S = 10.0
+
+#: Length of the random nonces used to prove knowledge of the farm secret.
+NONCE_BYTES = 32
+
+#: Bounds on names and free text coming from the network.
+MAX_NAME_CHARS = 128
+MAX_ERROR_CHARS = 16 * 1024
+MAX_FRAMES_PER_JOB = 1_000_000

@@ -1,0 +1,332 @@
+"""Message schemas: one frozen dataclass per message type, with explicit to/from wire.
+
+On the wire a message is a msgpack map whose "t" key names the type; the other keys are the
+dataclass fields. Unknown keys are ignored (a newer peer may add fields); a missing or
+mistyped field, or an unknown type, is a ProtocolError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from enum import Enum
+from typing import Any, ClassVar, Union
+
+from .errors import ProtocolError
+from .limits import MAX_ERROR_CHARS
+
+
+class MessageType(str, Enum):
+    # handshake
+    HELLO = "hello"
+    WELCOME = "welcome"
+    AUTH = "auth"
+    ACCEPTED = "accepted"
+    ERROR = "error"
+    # render clients
+    HEARTBEAT = "heartbeat"
+    PROBE = "probe"
+    PROBE_RESULT = "probe_result"
+    ASSIGN = "assign"
+    REVOKE = "revoke"
+    LEASE_DONE = "lease_done"
+    FRAME_BEGIN = "frame_begin"
+    FRAME_FAILED = "frame_failed"
+    BLEND_REQUEST = "blend_request"
+    BLEND_BEGIN = "blend_begin"
+    # bulk bytes, following a *_BEGIN message
+    CHUNK = "chunk"
+    END = "end"
+    # control tools (submit, status)
+    SUBMIT = "submit"
+    UPLOAD_READY = "upload_ready"
+    SUBMITTED = "submitted"
+    STATUS_REQUEST = "status_request"
+    STATUS = "status"
+    WATCH = "watch"
+    JOB_UPDATE = "job_update"
+
+
+class Role(str, Enum):
+    WORKER = "worker"
+    CONTROL = "control"
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[MessageType]
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"t": self.TYPE.value}
+        for field in dataclasses.fields(self):
+            wire[field.name] = getattr(self, field.name)
+        return wire
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+_HINTS: dict[type[Message], dict[str, Any]] = {}
+
+
+def _message(cls: type[Message]) -> type[Message]:
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    _REGISTRY[cls.TYPE.value] = cls
+    return cls
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is bytes:
+        return isinstance(value, bytes)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    raise TypeError(f"unsupported schema type {hint!r}")
+
+
+def from_wire(payload: dict[str, Any]) -> Message:
+    """Build the message a decoded map describes, checking every field's type."""
+    kind = payload.get("t")
+    cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in payload:
+            value = payload[field.name]
+        elif field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            raise ProtocolError(f"{kind} message lacks field {field.name!r}")
+        if not _type_ok(value, hints[field.name]):
+            raise ProtocolError(f"{kind} message has a bad {field.name!r}: {type(value).__name__}")
+        values[field.name] = value
+    return cls(**values)
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """Bound free text (error messages, logs) before it goes on the wire."""
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+# --- handshake -------------------------------------------------------------------------
+
+@_message
+class Hello(Message):
+    TYPE = MessageType.HELLO
+    version: int
+    role: str
+    name: str
+    nonce: bytes
+    host: str = ""
+    blender: str = ""
+
+
+@_message
+class Welcome(Message):
+    TYPE = MessageType.WELCOME
+    version: int
+    farm: str
+    nonce: bytes
+    auth_required: bool
+    proof: bytes | None = None
+
+
+@_message
+class Auth(Message):
+    TYPE = MessageType.AUTH
+    proof: bytes | None = None
+
+
+@_message
+class Accepted(Message):
+    TYPE = MessageType.ACCEPTED
+    client_id: str
+    heartbeat_s: float
+
+
+@_message
+class Error(Message):
+    TYPE = MessageType.ERROR
+    reason: str
+
+
+# --- render clients ---------------------------------------------------------------------
+
+@_message
+class Heartbeat(Message):
+    TYPE = MessageType.HEARTBEAT
+    state: str = "idle"
+    job_id: str | None = None
+    frame: int | None = None
+
+
+@_message
+class Probe(Message):
+    """Ask a client to open a job's .blend and report its scene settings."""
+
+    TYPE = MessageType.PROBE
+    lease_id: int
+    job_id: str
+    blend_sha256: str
+    blend_size: int
+    allow_scripts: bool = False
+
+
+@_message
+class ProbeResult(Message):
+    TYPE = MessageType.PROBE_RESULT
+    lease_id: int
+    ok: bool
+    scene: dict = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+
+@_message
+class Assign(Message):
+    """Render these frames of a job; settings are data applied through the bpy API."""
+
+    TYPE = MessageType.ASSIGN
+    lease_id: int
+    job_id: str
+    blend_sha256: str
+    blend_size: int
+    frames: list[int]
+    settings: dict
+
+
+@_message
+class Revoke(Message):
+    """Stop work on these frames of a lease (all of its frames when the list is empty)."""
+
+    TYPE = MessageType.REVOKE
+    lease_id: int
+    frames: list[int] = dataclasses.field(default_factory=list)
+
+
+@_message
+class LeaseDone(Message):
+    TYPE = MessageType.LEASE_DONE
+    lease_id: int
+
+
+@_message
+class FrameBegin(Message):
+    """A rendered frame follows as CHUNK messages and one END."""
+
+    TYPE = MessageType.FRAME_BEGIN
+    lease_id: int
+    job_id: str
+    frame: int
+    ext: str
+    size: int
+    render_s: float = 0.0
+
+
+@_message
+class FrameFailed(Message):
+    TYPE = MessageType.FRAME_FAILED
+    lease_id: int
+    job_id: str
+    frame: int
+    error: str
+    log: str = ""
+
+
+@_message
+class BlendRequest(Message):
+    TYPE = MessageType.BLEND_REQUEST
+    sha256: str
+
+
+@_message
+class BlendBegin(Message):
+    TYPE = MessageType.BLEND_BEGIN
+    sha256: str
+    size: int
+
+
+@_message
+class Chunk(Message):
+    TYPE = MessageType.CHUNK
+    data: bytes
+
+
+@_message
+class End(Message):
+    TYPE = MessageType.END
+    sha256: str
+
+
+# --- control tools ------------------------------------------------------------------------
+
+@_message
+class Submit(Message):
+    """Create a job. The server answers UPLOAD_READY; the .blend follows if it asks for it."""
+
+    TYPE = MessageType.SUBMIT
+    name: str
+    blend_sha256: str
+    blend_size: int
+    settings: dict
+
+
+@_message
+class UploadReady(Message):
+    TYPE = MessageType.UPLOAD_READY
+    need_bytes: bool
+
+
+@_message
+class Submitted(Message):
+    TYPE = MessageType.SUBMITTED
+    job_id: str
+
+
+@_message
+class StatusRequest(Message):
+    TYPE = MessageType.STATUS_REQUEST
+
+
+@_message
+class Status(Message):
+    TYPE = MessageType.STATUS
+    jobs: list[dict]
+    clients: list[dict]
+
+
+@_message
+class Watch(Message):
+    TYPE = MessageType.WATCH
+    job_id: str
+
+
+@_message
+class JobUpdate(Message):
+    TYPE = MessageType.JOB_UPDATE
+    job: dict
+
+
+def message_types() -> dict[str, type[Message]]:
+    return dict(_REGISTRY)

@@ -1,0 +1,174 @@
+"""Render settings that travel as data: what a user asks for, and what a probe reports.
+
+Both are validated on arrival; a client applies them through the bpy API, never as code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+from .limits import MAX_FRAMES_PER_JOB
+
+#: Image formats a job may produce, with the file extension the server stores them under.
+IMAGE_FORMATS: dict[str, str] = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "OPEN_EXR": "exr",
+    "OPEN_EXR_MULTILAYER": "exr",
+    "TIFF": "tif",
+    "BMP": "bmp",
+    "TARGA": "tga",
+    "WEBP": "webp",
+}
+DEFAULT_FORMAT = "PNG"
+DEFAULT_CHUNK = 4
+MAX_CHUNK = 10_000
+MAX_SAMPLES = 1 << 20
+MAX_PERCENTAGE = 1000
+
+
+class SettingsError(ValueError):
+    """A job's settings are invalid; the message says which and why."""
+
+
+def _int_or_none(raw: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SettingsError(f"{key} must be a whole number, not {value!r}")
+    if not low <= value <= high:
+        raise SettingsError(f"{key} must be between {low} and {high}, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a submitter asks for; None means "take it from the .blend's scene"."""
+
+    frame_start: int | None = None
+    frame_end: int | None = None
+    frame_step: int | None = None
+    chunk: int = DEFAULT_CHUNK
+    file_format: str | None = None
+    samples: int | None = None
+    percentage: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> JobRequest:
+        limit = 1 << 30
+        file_format = raw.get("file_format")
+        if file_format is not None and file_format not in IMAGE_FORMATS:
+            raise SettingsError(f"format must be one of {', '.join(IMAGE_FORMATS)}, not {file_format!r}")
+        request = cls(
+            frame_start=_int_or_none(raw, "frame_start", -limit, limit),
+            frame_end=_int_or_none(raw, "frame_end", -limit, limit),
+            frame_step=_int_or_none(raw, "frame_step", 1, limit),
+            chunk=_int_or_none(raw, "chunk", 1, MAX_CHUNK) or DEFAULT_CHUNK,
+            file_format=file_format,
+            samples=_int_or_none(raw, "samples", 1, MAX_SAMPLES),
+            percentage=_int_or_none(raw, "percentage", 1, MAX_PERCENTAGE),
+        )
+        if request.frame_start is not None and request.frame_end is not None and request.frame_end < request.frame_start:
+            raise SettingsError(f"frame range {request.frame_start}-{request.frame_end} ends before it starts")
+        return request
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """The settings a client read from a .blend's active scene."""
+
+    scene: str
+    engine: str
+    frame_start: int
+    frame_end: int
+    frame_step: int
+    fps: float
+    resolution_x: int
+    resolution_y: int
+    percentage: int
+    file_format: str
+    has_camera: bool = True
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> SceneInfo:
+        try:
+            info = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+        except TypeError as exc:
+            raise ProtocolError(f"probe result is incomplete: {exc}") from None
+        for field in dataclasses.fields(cls):
+            value = getattr(info, field.name)
+            expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(field.type)]
+            if not isinstance(value, expected) or (field.type == "int" and isinstance(value, bool)):
+                raise ProtocolError(f"probe result has a bad {field.name!r}")
+        return info
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """The resolved settings of a job, sent with every assignment."""
+
+    frames: tuple[int, ...]
+    chunk: int
+    file_format: str
+    samples: int | None
+    percentage: int
+    fps: float
+    resolution_x: int
+    resolution_y: int
+
+    @property
+    def ext(self) -> str:
+        return IMAGE_FORMATS[self.file_format]
+
+    def to_assignment(self) -> dict[str, Any]:
+        return {"file_format": self.file_format, "samples": self.samples, "percentage": self.percentage}
+
+
+def resolve(request: JobRequest, scene: SceneInfo) -> RenderSettings:
+    """Fill what the request left open from the scene, and check the result."""
+    start = scene.frame_start if request.frame_start is None else request.frame_start
+    end = scene.frame_end if request.frame_end is None else request.frame_end
+    step = request.frame_step or scene.frame_step or 1
+    if end < start:
+        raise SettingsError(f"frame range {start}-{end} ends before it starts")
+    count = (end - start) // step + 1
+    if count > MAX_FRAMES_PER_JOB:
+        raise SettingsError(f"{count} frames is more than the {MAX_FRAMES_PER_JOB} a job may have")
+    file_format = request.file_format or scene.file_format
+    if file_format not in IMAGE_FORMATS:
+        # A scene set to write a movie (or an unusual format) renders frames as PNG on the farm.
+        file_format = DEFAULT_FORMAT
+    percentage = request.percentage or scene.percentage
+    return RenderSettings(
+        frames=tuple(range(start, end + 1, step)),
+        chunk=request.chunk,
+        file_format=file_format,
+        samples=request.samples,
+        percentage=percentage,
+        fps=scene.fps,
+        resolution_x=max(1, scene.resolution_x * percentage // 100),
+        resolution_y=max(1, scene.resolution_y * percentage // 100),
+    )
+
+
+def validate_assignment(raw: dict[str, Any]) -> tuple[str, int | None, int | None]:
+    """Check the settings of an ASSIGN message on the client before applying them."""
+    file_format = raw.get("file_format")
+    if file_format not in IMAGE_FORMATS:
+        raise ProtocolError(f"assignment asks for unknown format {file_format!r}")
+    try:
+        samples = _int_or_none(raw, "samples", 1, MAX_SAMPLES)
+        percentage = _int_or_none(raw, "percentage", 1, MAX_PERCENTAGE)
+    except SettingsError as exc:
+        raise ProtocolError(str(exc)) from None
+    return file_format, samples, percentage

@@ -1,0 +1,141 @@
+"""A message stream over one asyncio connection, and bounded, verified bulk transfers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ConnectionClosed, TransferError
+from .framing import encode, read_frame
+from .limits import BULK_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from .messages import Chunk, End, Message, from_wire
+
+
+class MessageStream:
+    """Reads and writes whole messages; writes from several tasks never interleave bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.max_bytes = max_bytes
+        self._send_lock = asyncio.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def peer(self) -> str:
+        info = self.writer.get_extra_info("peername")
+        if isinstance(info, tuple) and len(info) >= 2:
+            return f"{info[0]}:{info[1]}"
+        return str(info or "?")
+
+    async def recv(self) -> Message:
+        payload = await read_frame(self.reader, self.max_bytes)
+        return from_wire(payload)
+
+    async def send(self, message: Message) -> None:
+        data = encode(message.to_wire(), self.max_bytes)
+        async with self._send_lock:
+            if self.writer.is_closing():
+                raise ConnectionClosed("connection is closing")
+            self.writer.write(data)
+            self.bytes_sent += len(data)
+            try:
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise ConnectionClosed(f"send failed: {exc}") from None
+
+    async def send_file(self, begin: Message | None, path: Path, *, counter: list[int] | None = None) -> str:
+        """Send BEGIN (if any), the file as CHUNK messages and END with its sha256; return the digest.
+
+        Other tasks may send their own (small) messages between our chunks; the receiver keeps
+        one transfer per direction open at a time, so bulk transfers themselves must not overlap:
+        callers serialise them.
+        """
+        digest = hashlib.sha256()
+        if begin is not None:
+            await self.send(begin)
+        with open(path, "rb") as handle:
+            while True:
+                # Read off the event loop so heartbeats keep flowing during big transfers.
+                data = await asyncio.to_thread(handle.read, BULK_CHUNK_BYTES)
+                if not data:
+                    break
+                digest.update(data)
+                await self.send(Chunk(data=data))
+                if counter is not None:
+                    counter[0] += len(data)
+        hexdigest = digest.hexdigest()
+        await self.send(End(sha256=hexdigest))
+        return hexdigest
+
+    def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), timeout=2.0)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+
+
+class FileSink:
+    """Receives one bulk transfer into a temporary file beside its destination.
+
+    Bytes are counted against the announced size as they arrive; the sha256 is checked at the
+    end; only then may the caller rename the file into place (commit). Abort removes it.
+    """
+
+    def __init__(self, directory: Path, size: int, expected_sha256: str | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".part")
+        self._file = os.fdopen(fd, "wb")
+        self.path = Path(name)
+        self.size = size
+        self.received = 0
+        self.expected = expected_sha256
+        self._digest = hashlib.sha256()
+        self.sha256: str | None = None
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.size:
+            raise TransferError(f"transfer exceeds its announced size of {self.size} bytes")
+        self._digest.update(data)
+        self._file.write(data)
+
+    def finish(self, sha256: str) -> str:
+        """Close the file and check size and digest; raises TransferError on mismatch."""
+        self._file.close()
+        if self.received != self.size:
+            raise TransferError(f"transfer ended after {self.received} of {self.size} bytes")
+        actual = self._digest.hexdigest()
+        if actual != sha256 or (self.expected is not None and actual != self.expected):
+            raise TransferError("sha256 mismatch: the transfer was corrupted")
+        self.sha256 = actual
+        return actual
+
+    def commit(self, destination: Path) -> None:
+        os.replace(self.path, destination)
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,63 @@
+"""Headless farm server: python -m server_addon --host 127.0.0.1 --port 9090 --output-dir DIR"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .core.server import FarmServer, ServerConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m server_addon", description="Run a MicroFarm server without Blender.")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=9090, help="TCP port for clients and tools (default: 9090; 0 picks a free one)")
+    parser.add_argument("--output-dir", type=Path, default=Path("render_output"), help="where job folders with frames are written")
+    parser.add_argument("--data-dir", type=Path, default=None, help="server state and .blend store (default: OUTPUT/.microfarm)")
+    parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"), help="farm secret (default: $MICROFARM_TOKEN)")
+    parser.add_argument("--farm-name", default=None, help="name shown to clients (default: host name)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    return parser.parse_args(argv)
+
+
+async def serve(config: ServerConfig) -> None:
+    server = FarmServer(config)
+    await server.start()
+    # A line a parent process can wait for (tests, the demo, the benchmark).
+    print(f"MicroFarm server listening on {config.host}:{server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 <= args.port <= 65535:
+        print(f"error: port {args.port} is not between 0 and 65535", file=sys.stderr)
+        return 2
+    config = ServerConfig(output_dir=args.output_dir, host=args.host, port=args.port, data_dir=args.data_dir,
+                          secret=args.token or None)
+    if args.farm_name:
+        config.farm_name = args.farm_name
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"error: cannot start the server on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""The server core: scheduler, storage and the asyncio server. Importable without bpy."""
+
+from .jobs import Farm, Job, JobState
+from .server import FarmServer, ServerConfig
+from .thread import ServerThread
+
+__all__ = ["Farm", "FarmServer", "Job", "JobState", "ServerConfig", "ServerThread"]

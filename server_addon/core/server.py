@@ -1,0 +1,480 @@
+"""The farm server: an asyncio TCP server that speaks the MicroFarm protocol.
+
+One task per connection reads messages; one writer task per render client sends what the
+scheduler decides, in order. Everything runs on the server's own event loop (its own thread
+inside Blender), so nothing here ever blocks a UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol import messages as m
+from protocol.errors import ConnectionClosed, ProtocolError
+from protocol.handshake import Peer, server_handshake
+from protocol.limits import (HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, MAX_BLEND_BYTES, MAX_FRAME_BYTES,
+                             MAX_NAME_CHARS)
+from protocol.messages import Role
+from protocol.settings import JobRequest, SceneInfo, SettingsError
+from protocol.stream import FileSink, MessageStream
+
+from .jobs import Farm, Job, JobState, Lease, LeaseKind
+from .storage import BlendStore, OutputStore, UnsafeName, new_job_id
+
+log = logging.getLogger(__name__)
+
+#: Lost clients kept in the status list for the user to see; older ones are forgotten.
+MAX_LOST_CLIENTS_SHOWN = 32
+
+
+@dataclass
+class ServerConfig:
+    output_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 9090
+    data_dir: Path | None = None
+    secret: str | None = None
+    farm_name: str = field(default_factory=socket.gethostname)
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else self.output_dir / ".microfarm"
+
+
+@dataclass
+class ServerStats:
+    blend_bytes_sent: int = 0
+    frames_stored: int = 0
+    duplicate_frames: int = 0
+    connections_refused: int = 0
+
+
+@dataclass
+class _Incoming:
+    """A frame upload in progress on one connection."""
+
+    begin: m.FrameBegin
+    sink: FileSink | None  # None: the frame is unwanted; its bytes are read and dropped
+    received: int = 0
+
+
+class _WorkerConnection:
+    def __init__(self, server: FarmServer, stream: MessageStream, client_id: str, peer: Peer) -> None:
+        self.server = server
+        self.stream = stream
+        self.client_id = client_id
+        self.peer = peer
+        self.last_seen = server.clock()
+        self.incoming: _Incoming | None = None
+        self.outbox: asyncio.Queue[m.Message | tuple[m.BlendBegin, Path]] = asyncio.Queue()
+        self.writer_task: asyncio.Task[None] | None = None
+
+    def post(self, message: m.Message | tuple[m.BlendBegin, Path]) -> None:
+        self.outbox.put_nowait(message)
+
+    async def write_loop(self) -> None:
+        counter = [0]
+        try:
+            while True:
+                item = await self.outbox.get()
+                if isinstance(item, tuple):
+                    begin, path = item
+                    counter[0] = 0
+                    try:
+                        await self.stream.send_file(begin, path, counter=counter)
+                    finally:
+                        self.server.stats.blend_bytes_sent += counter[0]
+                    log.info("client %s: sent .blend %s (%d bytes)", self.peer.name, begin.sha256[:12], counter[0])
+                else:
+                    await self.stream.send(item)
+        except (ProtocolError, OSError) as exc:
+            log.info("client %s: send failed: %s", self.peer.name, exc)
+            self.stream.close()
+
+
+class FarmServer:
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.farm = Farm(clock)
+        self.outputs = OutputStore(config.output_dir)
+        self.blends = BlendStore(config.resolved_data_dir / "blends")
+        self.stats = ServerStats()
+        self.port: int | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._workers: dict[str, _WorkerConnection] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ids = itertools.count(1)
+        self._version = 0
+        self._changed = asyncio.Event()
+        self.listeners: list[Callable[[], None]] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_connect, self.config.host, self.config.port,
+                                                  reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._spawn(self._watchdog())
+        log.info("farm %r listening on %s:%d, output in %s", self.config.farm_name, self.config.host,
+                 self.port, self.outputs.root)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._workers.values()):
+            conn.stream.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
+        log.info("farm %r stopped", self.config.farm_name)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- change notification ------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:  # a broken listener must not take the server down
+                log.exception("change listener failed")
+
+    async def wait_change(self, version: int, timeout: float) -> int:
+        """Wait until the state version moves past `version`; returns the current version."""
+        if self._version == version:
+            event = self._changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        return self._version
+
+    def snapshot(self) -> dict[str, Any]:
+        leases = self.farm.leases
+        return {
+            "farm": self.config.farm_name,
+            "jobs": [job.view() for job in self.farm.jobs.values()],
+            "clients": [c.view(leases) for c in self.farm.clients.values()],
+        }
+
+    # --- job operations (used by control connections and by the add-on) ------------------
+
+    def create_job(self, name: str, blend_sha256: str, blend_size: int, request: JobRequest) -> Job:
+        if not self.blends.has(blend_sha256):
+            raise ValueError("the .blend for this job is not on the server")
+        job = Job(id=new_job_id(name), name=name, blend_sha256=blend_sha256, blend_size=blend_size,
+                  request=request, created=time.time())
+        self.farm.add_job(job)
+        self._dispatch()
+        self._notify()
+        return job
+
+    def cancel_job(self, job_id: str) -> Job:
+        job = self.farm.cancel_job(job_id)
+        self._dispatch()
+        self._notify()
+        return job
+
+    # --- scheduling ---------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Push work to every idle client at once, and tell clients what is no longer wanted."""
+        for revocation in self.farm.drain_revocations():
+            conn = self._workers.get(revocation.client_id)
+            if conn is not None:
+                conn.post(m.Revoke(lease_id=revocation.lease_id, frames=list(revocation.frames)))
+        for client_id in self.farm.idle_clients():
+            conn = self._workers.get(client_id)
+            if conn is None:
+                continue
+            lease = self.farm.next_work(client_id)
+            if lease is not None:
+                conn.post(self._work_message(lease))
+
+    def _work_message(self, lease: Lease) -> m.Message:
+        job = self.farm.jobs[lease.job_id]
+        if lease.kind is LeaseKind.PROBE:
+            log.info("job %s: probing the scene on client %s", job.id, lease.client_id)
+            return m.Probe(lease_id=lease.id, job_id=job.id, blend_sha256=job.blend_sha256,
+                           blend_size=job.blend_size)
+        assert job.settings is not None
+        log.info("job %s: frames %s to client %s (lease %d)", job.id, ",".join(map(str, lease.frames)),
+                 lease.client_id, lease.id)
+        return m.Assign(lease_id=lease.id, job_id=job.id, blend_sha256=job.blend_sha256,
+                        blend_size=job.blend_size, frames=lease.frames, settings=job.settings.to_assignment())
+
+    async def _watchdog(self) -> None:
+        """Close the connections of clients that went silent for longer than the timeout."""
+        while True:
+            await asyncio.sleep(min(1.0, self.config.heartbeat_interval / 2))
+            now = self.clock()
+            for conn in list(self._workers.values()):
+                silent = now - conn.last_seen
+                if silent > self.config.heartbeat_timeout:
+                    log.warning("client %s: no heartbeat for %.1f s, taking its work back", conn.peer.name, silent)
+                    self._drop_worker(conn)
+
+    # --- connections ----------------------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        stream = MessageStream(reader, writer)
+        address = stream.peer
+        try:
+            peer, client_id = await server_handshake(
+                stream, farm=self.config.farm_name, secret=self.config.secret,
+                assign_id=self._new_client_id, heartbeat_s=self.config.heartbeat_interval)
+        except (ProtocolError, asyncio.TimeoutError, OSError) as exc:
+            self.stats.connections_refused += 1
+            reason = "handshake timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            log.warning("connection from %s refused: %s", address, reason)
+            await stream.aclose()
+            return
+        try:
+            if peer.role is Role.WORKER:
+                await self._serve_worker(stream, peer, client_id)
+            else:
+                await self._serve_control(stream, peer, client_id)
+        except ConnectionClosed as exc:
+            log.info("%s %s (%s) disconnected: %s", peer.role.value, peer.name, address, exc)
+        except (ProtocolError, UnsafeName) as exc:
+            log.warning("%s %s (%s): closing the connection: %s", peer.role.value, peer.name, address, exc)
+            with contextlib.suppress(ProtocolError, OSError):
+                await asyncio.wait_for(stream.send(m.Error(reason=str(exc))), timeout=1.0)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.info("%s %s (%s) connection error: %s", peer.role.value, peer.name, address, exc)
+        finally:
+            await stream.aclose()
+
+    def _new_client_id(self, peer: Peer) -> str:
+        prefix = "c" if peer.role is Role.WORKER else "t"
+        return f"{prefix}{next(self._ids)}"
+
+    # --- render clients -----------------------------------------------------------------
+
+    async def _serve_worker(self, stream: MessageStream, peer: Peer, client_id: str) -> None:
+        conn = _WorkerConnection(self, stream, client_id, peer)
+        self._forget_lost(peer)
+        self.farm.connect_client(client_id, peer.name, peer.host or stream.peer.rsplit(":", 1)[0])
+        self._workers[client_id] = conn
+        conn.writer_task = self._spawn(conn.write_loop())
+        log.info("client %s connected from %s as %s (Blender %s)", peer.name, stream.peer, client_id,
+                 peer.blender or "?")
+        self._dispatch()
+        self._notify()
+        try:
+            while True:
+                message = await stream.recv()
+                conn.last_seen = self.clock()
+                self._on_worker_message(conn, message)
+        finally:
+            self._drop_worker(conn)
+
+    def _drop_worker(self, conn: _WorkerConnection) -> None:
+        if self._workers.pop(conn.client_id, None) is None:
+            return
+        conn.stream.close()
+        if conn.writer_task is not None:
+            conn.writer_task.cancel()
+        if conn.incoming is not None and conn.incoming.sink is not None:
+            conn.incoming.sink.abort()
+        conn.incoming = None
+        self.farm.disconnect_client(conn.client_id)
+        self._dispatch()
+        self._notify()
+
+    def _forget_lost(self, peer: Peer) -> None:
+        lost = [c for c in self.farm.clients.values() if not c.connected]
+        for record in lost:
+            if record.name == peer.name and record.host == peer.host:
+                self.farm.forget_client(record.id)
+        lost = [c for c in self.farm.clients.values() if not c.connected]
+        for record in lost[:max(0, len(lost) - MAX_LOST_CLIENTS_SHOWN)]:
+            self.farm.forget_client(record.id)
+
+    def _on_worker_message(self, conn: _WorkerConnection, message: m.Message) -> None:
+        if isinstance(message, m.Heartbeat):
+            if self.farm.set_client_frame(conn.client_id, message.frame):
+                self._notify()
+            return
+        if isinstance(message, m.Chunk):
+            self._frame_chunk(conn, message)
+        elif isinstance(message, m.End):
+            self._frame_end(conn, message)
+        elif isinstance(message, m.FrameBegin):
+            self._frame_begin(conn, message)
+        elif isinstance(message, m.FrameFailed):
+            self.farm.frame_failed(message.lease_id, message.frame, conn.client_id,
+                                   m.clip(message.error), m.clip(message.log))
+        elif isinstance(message, m.LeaseDone):
+            self.farm.lease_done(message.lease_id)
+        elif isinstance(message, m.ProbeResult):
+            self._probe_result(conn, message)
+        elif isinstance(message, m.BlendRequest):
+            self._blend_request(conn, message)
+        else:
+            raise ProtocolError(f"a render client may not send {message.TYPE.value}")
+        self._dispatch()
+        self._notify()
+
+    def _probe_result(self, conn: _WorkerConnection, message: m.ProbeResult) -> None:
+        if message.ok:
+            scene = SceneInfo.from_wire(message.scene)
+            job = self.farm.probe_succeeded(message.lease_id, scene)
+        else:
+            log.warning("client %s could not open the .blend: %s", conn.peer.name, message.error)
+            job = self.farm.probe_failed(message.lease_id, m.clip(message.error))
+        if job is not None and job.state is JobState.RENDERING:
+            self.outputs.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+
+    def _blend_request(self, conn: _WorkerConnection, message: m.BlendRequest) -> None:
+        path = self.blends.path(message.sha256)
+        wanted = any(j.blend_sha256 == message.sha256 for j in self.farm.active_jobs())
+        if not wanted or not path.is_file():
+            raise ProtocolError(f"no active job uses the .blend {message.sha256[:12]}")
+        conn.post((m.BlendBegin(sha256=message.sha256, size=path.stat().st_size), path))
+
+    def _frame_begin(self, conn: _WorkerConnection, begin: m.FrameBegin) -> None:
+        if conn.incoming is not None:
+            raise ProtocolError("a frame upload began inside another")
+        job = self.farm.jobs.get(begin.job_id)
+        if job is None:
+            raise ProtocolError(f"frame for unknown job {begin.job_id!r}")
+        if job.settings is None or begin.frame not in job.frames:
+            raise ProtocolError(f"job {job.id} has no frame {begin.frame}")
+        if begin.ext != job.settings.ext:
+            raise ProtocolError(f"job {job.id} stores .{job.settings.ext} frames, not {begin.ext!r}")
+        if not 0 < begin.size <= MAX_FRAME_BYTES:
+            raise ProtocolError(f"frame size {begin.size} is out of bounds")
+        sink = self.outputs.frame_sink(job.id, begin.size) if self.farm.wants_frame(job.id, begin.frame) else None
+        conn.incoming = _Incoming(begin=begin, sink=sink)
+
+    def _frame_chunk(self, conn: _WorkerConnection, chunk: m.Chunk) -> None:
+        incoming = conn.incoming
+        if incoming is None:
+            raise ProtocolError("data chunk outside an upload")
+        incoming.received += len(chunk.data)
+        if incoming.received > incoming.begin.size:
+            raise ProtocolError("upload is larger than announced")
+        if incoming.sink is not None:
+            incoming.sink.write(chunk.data)
+
+    def _frame_end(self, conn: _WorkerConnection, end: m.End) -> None:
+        incoming = conn.incoming
+        if incoming is None:
+            raise ProtocolError("end of an upload that never began")
+        conn.incoming = None
+        begin, sink = incoming.begin, incoming.sink
+        if sink is None:
+            self.stats.duplicate_frames += 1
+            log.info("job %s: frame %d from %s was already stored; ignored", begin.job_id, begin.frame, conn.peer.name)
+            return
+        try:
+            sink.finish(end.sha256)
+        except ProtocolError:
+            sink.abort()
+            raise
+        if not self.farm.wants_frame(begin.job_id, begin.frame):
+            sink.abort()
+            self.stats.duplicate_frames += 1
+            return
+        path = self.outputs.commit_frame(sink, begin.job_id, begin.frame, begin.ext)
+        self.farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s)
+        self.stats.frames_stored += 1
+        log.info("job %s: frame %d stored from %s (%.2f s) -> %s", begin.job_id, begin.frame, conn.peer.name,
+                 begin.render_s, path.name)
+
+    # --- control tools ------------------------------------------------------------------
+
+    async def _serve_control(self, stream: MessageStream, peer: Peer, client_id: str) -> None:
+        watchers: list[asyncio.Task[None]] = []
+        try:
+            while True:
+                message = await stream.recv()
+                if isinstance(message, m.StatusRequest):
+                    snap = self.snapshot()
+                    await stream.send(m.Status(jobs=snap["jobs"], clients=snap["clients"]))
+                elif isinstance(message, m.Submit):
+                    await self._submit(stream, peer, message)
+                elif isinstance(message, m.Watch):
+                    if message.job_id not in self.farm.jobs:
+                        raise ProtocolError(f"no job {message.job_id!r}")
+                    watchers.append(self._spawn(self._watch(stream, message.job_id)))
+                else:
+                    raise ProtocolError(f"a control connection may not send {message.TYPE.value}")
+        finally:
+            for task in watchers:
+                task.cancel()
+
+    async def _submit(self, stream: MessageStream, peer: Peer, submit: m.Submit) -> None:
+        try:
+            request = JobRequest.from_wire(submit.settings)
+        except SettingsError as exc:
+            raise ProtocolError(f"invalid job settings: {exc}") from None
+        if not 0 < submit.blend_size <= MAX_BLEND_BYTES:
+            raise ProtocolError(f"a .blend of {submit.blend_size} bytes is out of bounds")
+        name = "".join(ch for ch in submit.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
+        sha = submit.blend_sha256
+        self.blends.path(sha)
+        need = not self.blends.has(sha)
+        await stream.send(m.UploadReady(need_bytes=need))
+        if need:
+            await self._receive_blend(stream, sha, submit.blend_size)
+        job = self.create_job(name, sha, submit.blend_size, request)
+        log.info("job %s: submitted by %s (%s)", job.id, peer.name, name)
+        await stream.send(m.Submitted(job_id=job.id))
+
+    async def _receive_blend(self, stream: MessageStream, sha: str, size: int) -> None:
+        sink = self.blends.sink(sha, size)
+        try:
+            while True:
+                message = await stream.recv()
+                if isinstance(message, m.Chunk):
+                    await asyncio.to_thread(sink.write, message.data)
+                elif isinstance(message, m.End):
+                    sink.finish(message.sha256)
+                    break
+                else:
+                    raise ProtocolError(f"{message.TYPE.value} inside a .blend upload")
+        except BaseException:
+            sink.abort()
+            raise
+        self.blends.commit(sink, sha)
+
+    async def _watch(self, stream: MessageStream, job_id: str) -> None:
+        try:
+            while True:
+                version = self._version
+                job = self.farm.jobs.get(job_id)
+                if job is None:
+                    await stream.send(m.Error(reason=f"job {job_id} was deleted"))
+                    return
+                await stream.send(m.JobUpdate(job=job.view()))
+                if job.state.finished:
+                    return
+                await self.wait_change(version, timeout=5.0)
+        except ProtocolError:
+            return

@@ -1,0 +1,104 @@
+"""Where files live on the server, and the rules that keep network input inside those places.
+
+No name that arrives from the network becomes a path directly: job ids are generated here and
+checked against a strict pattern, frame file names are built from an integer and an extension
+from a fixed list, and .blend files are stored under their own sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+from protocol.settings import IMAGE_FORMATS
+from protocol.stream import FileSink
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SLUG_DROP = re.compile(r"[^a-z0-9]+")
+_EXTENSIONS = frozenset(IMAGE_FORMATS.values())
+
+
+class UnsafeName(ValueError):
+    """A name from the network that must not become part of a path."""
+
+
+def is_job_id(text: str) -> bool:
+    return bool(_JOB_ID.match(text))
+
+
+def is_sha256(text: str) -> bool:
+    return bool(_SHA256.match(text))
+
+
+def new_job_id(name: str) -> str:
+    """A readable, unique, path-safe id: the job name's slug and a random suffix."""
+    stem = Path(name).stem if name else ""
+    slug = _SLUG_DROP.sub("-", stem.lower()).strip("-")[:40] or "job"
+    return f"{slug}-{secrets.token_hex(3)}"
+
+
+def frame_name(number: int, ext: str) -> str:
+    if ext not in _EXTENSIONS:
+        raise UnsafeName(f"unknown frame extension {ext!r}")
+    return f"frame_{number:04d}.{ext}"
+
+
+def _inside(root: Path, path: Path) -> Path:
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise UnsafeName(f"{path} is outside {root}")
+    return resolved
+
+
+class OutputStore:
+    """The output directory: one folder per job holding frame_NNNN.ext files."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+
+    def job_dir(self, job_id: str) -> Path:
+        if not is_job_id(job_id):
+            raise UnsafeName(f"invalid job id {job_id!r}")
+        return _inside(self.root, self.root / job_id)
+
+    def frame_path(self, job_id: str, number: int, ext: str) -> Path:
+        return _inside(self.root, self.job_dir(job_id) / frame_name(number, ext))
+
+    def frame_sink(self, job_id: str, size: int) -> FileSink:
+        """A temporary file inside the job's folder, so the final rename stays on one filesystem."""
+        return FileSink(self.job_dir(job_id), size)
+
+    def commit_frame(self, sink: FileSink, job_id: str, number: int, ext: str) -> Path:
+        destination = self.frame_path(job_id, number, ext)
+        sink.commit(destination)
+        return destination
+
+
+class BlendStore:
+    """Content-addressed .blend files: blends/<sha256>.blend, written once, shared by jobs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if not is_sha256(sha256):
+            raise UnsafeName(f"invalid sha256 {sha256!r}")
+        return self.root / f"{sha256}.blend"
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def sink(self, sha256: str, size: int) -> FileSink:
+        self.path(sha256)  # validates the name before anything is written
+        return FileSink(self.root, size, expected_sha256=sha256)
+
+    def commit(self, sink: FileSink, sha256: str) -> Path:
+        destination = self.path(sha256)
+        sink.commit(destination)
+        os.chmod(destination, 0o444)
+        return destination

@@ -1,0 +1,94 @@
+"""Run a FarmServer on its own event loop in a daemon thread (how the Blender add-on runs it)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .server import FarmServer, ServerConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: How long start() and stop() wait for the server thread before giving up.
+THREAD_START_TIMEOUT_S = 10.0
+THREAD_STOP_TIMEOUT_S = 10.0
+
+
+class ServerThread:
+    """Owns the loop thread. Calls from other threads go through call()/call_soon()."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server: FarmServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def port(self) -> int | None:
+        return self.server.port if self.server else None
+
+    def start(self) -> None:
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="microfarm-server", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(timeout=THREAD_START_TIMEOUT_S)
+        except BaseException:
+            self._thread.join(timeout=THREAD_STOP_TIMEOUT_S)
+            self._thread = None
+            raise
+
+    def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main(ready))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _main(self, ready: concurrent.futures.Future[None]) -> None:
+        self._stopped = asyncio.Event()
+        server = FarmServer(self.config)
+        try:
+            await server.start()
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        self.server = server
+        ready.set_result(None)
+        await self._stopped.wait()
+        await server.stop()
+
+    def call(self, fn: Callable[[FarmServer], T], timeout: float = 5.0) -> T:
+        """Run fn(server) on the loop thread and return its result."""
+        async def runner() -> T:
+            assert self.server is not None
+            return fn(self.server)
+        return self.submit(runner(), timeout)
+
+    def submit(self, coro: Any, timeout: float = 5.0) -> Any:
+        if self._loop is None or not self.running:
+            coro.close()
+            raise RuntimeError("the server is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None and self.running:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        if self._thread is not None:
+            self._thread.join(timeout=THREAD_STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.error("the server thread did not stop within %.0f s", THREAD_STOP_TIMEOUT_S)
+        self._thread = None
+        self.server = None

@@ -1,0 +1,1 @@
+"""MicroFarm command-line tools: submit, status, demo, benchmarks."""

@@ -1,0 +1,103 @@
+"""A control connection to a farm server, shared by the command-line tools."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from protocol import messages as m
+from protocol.errors import ProtocolError
+from protocol.handshake import client_handshake
+from protocol.messages import Role
+from protocol.stream import MessageStream, sha256_file
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class ToolError(Exception):
+    """A failure to report to the user as one line."""
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ToolError(f"--server wants HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def default_token() -> str | None:
+    return os.environ.get("MICROFARM_TOKEN") or None
+
+
+class Control:
+    def __init__(self, stream: MessageStream) -> None:
+        self.stream = stream
+
+    @classmethod
+    async def connect(cls, server: str, token: str | None, name: str = "") -> Control:
+        host, port = parse_server(server)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ToolError(f"cannot reach the farm at {host}:{port}: {exc or 'timed out'}") from None
+        stream = MessageStream(reader, writer)
+        try:
+            await client_handshake(stream, role=Role.CONTROL, name=name or f"tool@{socket.gethostname()}",
+                                   secret=token)
+        except (ProtocolError, asyncio.TimeoutError) as exc:
+            await stream.aclose()
+            raise ToolError(str(exc) or "handshake timed out") from None
+        return cls(stream)
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+
+    async def _reply(self, kind: type[m.Message]) -> m.Message:
+        try:
+            message = await self.stream.recv()
+        except ProtocolError as exc:
+            raise ToolError(f"the server closed the connection: {exc}") from None
+        if isinstance(message, m.Error):
+            raise ToolError(message.reason)
+        if not isinstance(message, kind):
+            raise ToolError(f"unexpected {message.TYPE.value} from the server")
+        return message
+
+    async def status(self) -> m.Status:
+        await self.stream.send(m.StatusRequest())
+        reply = await self._reply(m.Status)
+        assert isinstance(reply, m.Status)
+        return reply
+
+    async def submit(self, blend: Path, settings: dict[str, Any],
+                     progress: Callable[[int, int], None] | None = None) -> tuple[str, bool]:
+        """Send a job; returns its id and whether the .blend bytes had to be uploaded."""
+        size = blend.stat().st_size
+        sha = await asyncio.to_thread(sha256_file, blend)
+        await self.stream.send(m.Submit(name=blend.name, blend_sha256=sha, blend_size=size, settings=settings))
+        ready = await self._reply(m.UploadReady)
+        assert isinstance(ready, m.UploadReady)
+        if ready.need_bytes:
+            counter = [0]
+            task = asyncio.create_task(self.stream.send_file(None, blend, counter=counter))
+            while not task.done():
+                if progress:
+                    progress(counter[0], size)
+                await asyncio.wait({task}, timeout=0.2)
+            task.result()
+        submitted = await self._reply(m.Submitted)
+        assert isinstance(submitted, m.Submitted)
+        return submitted.job_id, ready.need_bytes
+
+    async def watch(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        await self.stream.send(m.Watch(job_id=job_id))
+        while True:
+            update = await self._reply(m.JobUpdate)
+            assert isinstance(update, m.JobUpdate)
+            yield update.job
+            if update.job.get("state") in ("done", "failed", "cancelled"):
+                return

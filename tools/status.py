@@ -1,0 +1,76 @@
+"""Show a MicroFarm server's jobs and clients.
+
+    python -m tools.status --server HOST:PORT [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from protocol.errors import ProtocolError
+
+from .control import Control, ToolError, default_token
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> str:
+    out = []
+    if jobs:
+        rows = [[j["id"], j["name"], j["state"], f"{j['frames_done']}/{j['frames_total']}",
+                 (j.get("error") or "").splitlines()[0][:80] if j.get("error") else ""] for j in jobs]
+        out.append(format_table(rows, ["JOB", "FILE", "STATE", "FRAMES", "ERROR"]))
+    else:
+        out.append("no jobs")
+    out.append("")
+    if clients:
+        def doing(c: dict[str, Any]) -> str:
+            if c["state"] == "rendering" and c.get("frame") is not None:
+                return f"rendering {c['job_id']} frame {c['frame']}"
+            return c["state"]
+        rows = [[c["name"], c["host"], doing(c), str(c["frames_rendered"]), str(c["failures"])] for c in clients]
+        out.append(format_table(rows, ["CLIENT", "HOST", "STATE", "FRAMES", "FAILURES"]))
+    else:
+        out.append("no clients")
+    return "\n".join(out)
+
+
+async def run(args: argparse.Namespace) -> int:
+    control = await Control.connect(args.server, args.token)
+    try:
+        status = await control.status()
+    finally:
+        await control.close()
+    if args.json:
+        print(json.dumps({"jobs": status.jobs, "clients": status.clients}, indent=2))
+    else:
+        print(render_text(status.jobs, status.clients))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.status", description="Show a MicroFarm server's jobs and clients.")
+    parser.add_argument("--server", required=True, help="farm server as HOST:PORT")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ProtocolError, OSError) as exc:
+        print(f"error: lost the connection to the farm: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Submit a .blend to a MicroFarm server.
+
+    python -m tools.submit FILE.blend --server HOST:PORT [--frames 1-24] [--step N] [--chunk 4]
+        [--format PNG|JPEG|OPEN_EXR] [--samples N] [--percentage P] [--wait]
+
+Prints the job id. With --wait, shows progress and exits 0 when the job is done, 1 with the
+reason when it failed or was cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ProtocolError
+from protocol.settings import IMAGE_FORMATS, JobRequest, SettingsError
+
+from .control import Control, ToolError, default_token
+
+_RANGE = re.compile(r"^\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+))?\s*$")
+
+
+def parse_frames(text: str) -> tuple[int, int]:
+    match = _RANGE.match(text)
+    if not match:
+        raise ToolError(f"--frames wants START-END or a single frame, not {text!r}")
+    start = int(match.group(1))
+    end = int(match.group(2)) if match.group(2) is not None else start
+    if end < start:
+        raise ToolError(f"--frames {text}: the range ends before it starts")
+    return start, end
+
+
+#: A .blend starts with "BLENDER", or with the zstd or gzip magic when saved compressed.
+_BLEND_MAGICS = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")
+
+
+def looks_like_blend(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(7)
+    return head.startswith(_BLEND_MAGICS)
+
+
+def build_settings(args: argparse.Namespace) -> dict[str, Any]:
+    start = end = None
+    if args.frames:
+        start, end = parse_frames(args.frames)
+    raw = {"frame_start": start, "frame_end": end, "frame_step": args.step, "chunk": args.chunk,
+           "file_format": args.format, "samples": args.samples, "percentage": args.percentage}
+    try:
+        return JobRequest.from_wire(raw).to_wire()
+    except SettingsError as exc:
+        raise ToolError(str(exc)) from None
+
+
+def progress_line(job: dict[str, Any], width: int = 30) -> str:
+    total = job.get("frames_total") or 0
+    done = job.get("frames_done") or 0
+    filled = int(width * done / total) if total else 0
+    bar = "#" * filled + "-" * (width - filled)
+    return f"[{bar}] {done}/{total} frames  {job.get('state')}"
+
+
+async def run(args: argparse.Namespace) -> int:
+    blend: Path = args.blend
+    if not blend.is_file():
+        raise ToolError(f"{blend} is not a file")
+    if not looks_like_blend(blend):
+        raise ToolError(f"{blend} is not a .blend file")
+    settings = build_settings(args)
+    control = await Control.connect(args.server, args.token)
+    try:
+        job_id, uploaded = await control.submit(blend, settings)
+        print(job_id, flush=True)
+        if not args.wait:
+            return 0
+        tty = sys.stderr.isatty()
+        last = ""
+        job: dict[str, Any] = {}
+        async for job in control.watch(job_id):
+            line = progress_line(job)
+            if line != last:
+                print(("\r" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
+                last = line
+        if tty:
+            print(file=sys.stderr)
+        if job.get("state") == "done":
+            return 0
+        reason = job.get("error") or job.get("state")
+        print(f"error: job {job_id} {job.get('state')}: {reason}", file=sys.stderr)
+        return 1
+    finally:
+        await control.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.submit", description="Submit a .blend to a MicroFarm server.")
+    parser.add_argument("blend", type=Path, help="the .blend file to render")
+    parser.add_argument("--server", required=True, help="farm server as HOST:PORT")
+    parser.add_argument("--frames", help="frame range START-END (default: the scene's)")
+    parser.add_argument("--step", type=int, help="render every Nth frame (default: the scene's step)")
+    parser.add_argument("--chunk", type=int, default=4, help="frames per chunk handed to a client (default: 4)")
+    parser.add_argument("--format", choices=sorted(IMAGE_FORMATS), help="image format (default: the scene's)")
+    parser.add_argument("--samples", type=int, help="render samples (default: the scene's)")
+    parser.add_argument("--percentage", type=int, help="resolution percentage (default: the scene's)")
+    parser.add_argument("--wait", action="store_true", help="show progress and wait until the job ends")
+    parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ProtocolError, OSError) as exc:
+        print(f"error: lost the connection to the farm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
