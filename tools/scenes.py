@@ -1,7 +1,7 @@
 """Generate small animated .blend scenes with bpy (for the demo, the tests and the benchmarks).
 
     python -m tools.scenes OUT.blend [--frames 12] [--size 64x36] [--samples 4] [--fps 24]
-        [--engine CYCLES] [--no-camera]
+        [--engine CYCLES] [--no-camera] [--fail]
 
 A cube slides across the view and spins, so neighbouring frames differ where it moves.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps: int, engine: str,
-          camera: bool, file_format: str) -> None:
+          camera: bool, file_format: str, fail: bool = False) -> None:
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -62,6 +62,11 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
     light.rotation_euler = (0.6, 0.2, 0.4)
     scene.collection.objects.link(light)
 
+    if fail:
+        # A render border of zero width: Blender refuses every frame with "Image too small".
+        render.use_border = True
+        render.border_min_x = render.border_max_x = 0.5
+
     if camera:
         cam_data = bpy.data.cameras.new("Camera")
         cam = bpy.data.objects.new("Camera", cam_data)
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int, default=24)
     parser.add_argument("--engine", default="CYCLES")
     parser.add_argument("--format", default="PNG")
-    parser.add_argument("--no-camera", action="store_true", help="leave the camera out (every render fails)")
+    parser.add_argument("--no-camera", action="store_true", help="leave the camera out")
+    parser.add_argument("--fail", action="store_true", help="make every render fail with a Blender error")
     args = parser.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --size wants WIDTHxHEIGHT, not {args.size!r}", file=sys.stderr)
         return 2
     build(args.out, frames=args.frames, width=width, height=height, samples=args.samples, fps=args.fps,
-          engine=args.engine, camera=not args.no_camera, file_format=args.format)
+          engine=args.engine, camera=not args.no_camera, file_format=args.format, fail=args.fail)
     print(args.out)
     return 0
 

@@ -1,0 +1,34 @@
+# MicroFarm: `make demo` renders a demo animation on a local farm; `make test` runs the test suite.
+# Both set up what they need: a .venv with Python 3.11 (bpy 5.0.1 exists for CPython 3.11 only).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "MicroFarm needs Python 3.11 (PyPI bpy 5.0.1 is built for it); set PYTHON=/path/to/python3.11")'
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { echo "python3.11-venv is missing: sudo apt-get install python3.11-venv"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m tools.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: $(STAMP)
+	$(PY) -m tools.bench overhead
+
+clean:
+	rm -rf $(VENV) demo_output

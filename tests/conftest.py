@@ -1,0 +1,161 @@
+"""Shared fixtures: generated scenes, an in-process farm server, and real client processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server_addon.core.server import FarmServer, ServerConfig
+from server_addon.core.thread import ServerThread
+from tools import localfarm
+from tools.localfarm import REPO, start_client
+
+#: Short heartbeats so that tests of lost clients finish in seconds.
+TEST_HEARTBEAT_S = 0.3
+TEST_HEARTBEAT_TIMEOUT_S = 2.0
+
+
+def repo_env() -> dict[str, str]:
+    env = localfarm.repo_env()
+    env.pop("MICROFARM_TOKEN", None)
+    return env
+
+
+def make_scene(out: Path, *args: str) -> Path:
+    """Generate a scene with tools.scenes in a separate bpy process."""
+    subprocess.run([sys.executable, "-m", "tools.scenes", str(out), *args], cwd=REPO, env=repo_env(),
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """scenes("name", *args) -> path of a generated .blend, made once per session."""
+    root = tmp_path_factory.mktemp("scenes")
+    made: dict[tuple[str, ...], Path] = {}
+
+    def get(name: str, *args: str) -> Path:
+        key = (name, *args)
+        if key not in made:
+            made[key] = make_scene(root / f"{name}.blend", *args)
+        return made[key]
+    return get
+
+
+@pytest.fixture
+def animation(scenes: Callable[..., Path]) -> Path:
+    """12 frames, 64x36, a cube moving across the view."""
+    return scenes("anim12", "--frames", "12", "--size", "64x36", "--samples", "4")
+
+
+class Farm:
+    """A farm server running in this process on its own thread, plus helpers to watch it."""
+
+    def __init__(self, output: Path, secret: str | None = None, port: int = 0) -> None:
+        self.output = output
+        self.thread = ServerThread(ServerConfig(
+            output_dir=output, host="127.0.0.1", port=port, secret=secret, farm_name="test-farm",
+            heartbeat_interval=TEST_HEARTBEAT_S, heartbeat_timeout=TEST_HEARTBEAT_TIMEOUT_S))
+        self.thread.start()
+        self.port = self.thread.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def server(self) -> FarmServer:
+        assert self.thread.server is not None
+        return self.thread.server
+
+    def call(self, fn: Callable[[FarmServer], Any]) -> Any:
+        return self.thread.call(fn)
+
+    def wait_until(self, predicate: Callable[[FarmServer], Any], timeout: float = 60.0, what: str = "") -> Any:
+        """Wait (on the server's change events, not by sleeping) until predicate(server) is truthy."""
+        async def waiter() -> Any:
+            server = self.server
+            async with asyncio.timeout(timeout):
+                while True:
+                    version = server._version
+                    result = predicate(server)
+                    if result:
+                        return result
+                    await server.wait_change(version, timeout=1.0)
+        try:
+            return self.thread.submit(waiter(), timeout=timeout + 5)
+        except (TimeoutError, asyncio.TimeoutError):
+            snapshot = self.call(lambda s: s.snapshot())
+            raise AssertionError(f"timed out waiting for {what or predicate}: {snapshot}") from None
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.call(lambda s: s.farm.jobs[job_id].view())
+
+    def stop(self) -> None:
+        self.thread.stop()
+
+
+@pytest.fixture
+def farm(tmp_path: Path) -> Iterator[Farm]:
+    f = Farm(tmp_path / "output")
+    yield f
+    f.stop()
+
+
+class Clients:
+    """Real render client processes (python -m client with PyPI's bpy)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, server: str, *extra: str, cache: str | None = None,
+              as_script: bool = False) -> subprocess.Popen[bytes]:
+        proc = start_client(server, name, self.root / f"cache-{cache or name}", self.root / f"client-{name}.log",
+                            *extra, as_script=as_script)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"client-{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.procs[name].send_signal(sig)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def clients(tmp_path: Path) -> Iterator[Clients]:
+    c = Clients(tmp_path)
+    yield c
+    c.stop_all()
+
+
+def connected(count: int) -> Callable[[FarmServer], bool]:
+    return lambda s: sum(1 for c in s.farm.clients.values() if c.connected) >= count
+
+
+def submit(farm: Farm, blend: Path, *args: str, wait: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run the real submit tool against the farm."""
+    cmd = [sys.executable, "-m", "tools.submit", str(blend), "--server", farm.address, *args]
+    if wait:
+        cmd.append("--wait")
+    return subprocess.run(cmd, cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,100 @@
+"""Start a farm on this machine: a headless server and render clients as subprocesses on 127.0.0.1.
+
+Used by the demo and the benchmarks (and the tests start their clients the same way).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_START_TIMEOUT_S = 30.0
+_LISTENING = re.compile(rb"listening on \S+:(\d+)")
+
+
+def repo_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def start_client(server: str, name: str, cache_dir: Path, log_path: Path, *extra: str,
+                 as_script: bool = False) -> subprocess.Popen[bytes]:
+    """A render client process; as_script runs client/__main__.py by path, as Blender's --python does."""
+    entry = [str(REPO / "client" / "__main__.py"), "--"] if as_script else ["-m", "client"]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, *entry, "--server", server, "--name", name, "--cache-dir", str(cache_dir), *extra],
+            cwd=REPO, env=repo_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+class LocalFarm:
+    """A headless server subprocess plus N clients, all on 127.0.0.1; stopped on exit."""
+
+    def __init__(self, root: Path, clients: int = 2, *, token: str | None = None) -> None:
+        self.root = root
+        self.output = root / "frames"
+        self.client_count = clients
+        self.token = token
+        self.server: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None
+        self.clients: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalFarm:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "server_addon", "--host", "127.0.0.1", "--port", "0",
+               "--output-dir", str(self.output), "--farm-name", "local"]
+        env = repo_env()
+        if self.token:
+            env["MICROFARM_TOKEN"] = self.token
+        log = open(self.root / "server.log", "wb")
+        self.server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log)
+        log.close()
+        self.port = self._read_port()
+        for i in range(1, self.client_count + 1):
+            self.add_client(f"client-{i}")
+        return self
+
+    def _read_port(self) -> int:
+        assert self.server is not None and self.server.stdout is not None
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = self.server.stdout.readline()
+            if not line:
+                break
+            match = _LISTENING.search(line)
+            if match:
+                return int(match.group(1))
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"the server did not start; see {self.root / 'server.log'}")
+
+    def add_client(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
+        if self.token:
+            extra = (*extra, "--token", self.token)
+        proc = start_client(self.address, name, self.root / "cache" / name, self.root / f"{name}.log", *extra)
+        self.clients.append(proc)
+        return proc
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        procs = [*self.clients, *([self.server] if self.server else [])]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
