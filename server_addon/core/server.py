@@ -266,6 +266,9 @@ class FarmServer:
                 await asyncio.wait_for(stream.send(m.Error(reason=str(exc))), timeout=1.0)
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.info("%s %s (%s) connection error: %s", peer.role.value, peer.name, address, exc)
+        except Exception:
+            # A bug must cost this one connection only, never the server.
+            log.exception("%s %s (%s): internal error; closing the connection", peer.role.value, peer.name, address)
         finally:
             await stream.aclose()
 

@@ -1,0 +1,126 @@
+"""Benchmarks that print their numbers.
+
+    python -m tools.bench overhead [--blend FILE] [--frames A-B] [--clients N] [--keep DIR]
+
+`overhead` renders the same frames once through a farm on 127.0.0.1 (a headless server and N
+clients, connected and idle before the clock starts, with empty .blend caches) and once in a
+single plain bpy process, and prints a JSON object on its last line with farm_s, local_s and
+ratio (farm/local). The farm time runs from submitting the job to the last frame on disk and so
+includes the upload, the probe, the download to each client and every frame's transfer; the
+local time runs from opening the file to the last frame written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .control import Control, ToolError
+from .localfarm import REPO, LocalFarm, repo_env
+from .submit import parse_frames
+
+#: The generated scene: 320x180 at 12 samples takes about half a second a frame on one core pair.
+BENCH_SCENE = ("--size", "320x180", "--samples", "12")
+CLIENTS_READY_TIMEOUT_S = 60.0
+
+
+async def _wait_clients(address: str, count: int) -> None:
+    control = await Control.connect(address, None)
+    try:
+        deadline = time.monotonic() + CLIENTS_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            status = await control.status()
+            if sum(1 for c in status.clients if c["state"] == "idle") >= count:
+                return
+            await asyncio.sleep(0.2)
+        raise ToolError(f"{count} clients did not connect within {CLIENTS_READY_TIMEOUT_S:.0f} s")
+    finally:
+        await control.close()
+
+
+async def _farm_run(address: str, blend: Path, start: int, end: int) -> tuple[float, dict[str, Any]]:
+    control = await Control.connect(address, None)
+    try:
+        started = time.monotonic()
+        job_id, _ = await control.submit(blend, {"frame_start": start, "frame_end": end, "chunk": 4,
+                                                 "file_format": "PNG"})
+        job: dict[str, Any] = {}
+        async for job in control.watch(job_id):
+            pass
+        return time.monotonic() - started, job
+    finally:
+        await control.close()
+
+
+def overhead(args: argparse.Namespace) -> dict[str, Any]:
+    if args.keep:
+        root = Path(args.keep)
+        root.mkdir(parents=True, exist_ok=True)
+        return _overhead(args, root)
+    with tempfile.TemporaryDirectory(prefix="microfarm-bench-") as scratch:
+        return _overhead(args, Path(scratch))
+
+
+def _overhead(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    blend = args.blend
+    if blend is None:  # the result names the scene; a generated one is gone afterwards unless --keep
+
+        blend = root / "bench.blend"
+        subprocess.run([sys.executable, "-m", "tools.scenes", str(blend), "--frames", "100", *BENCH_SCENE],
+                       cwd=REPO, env=repo_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start, end = parse_frames(args.frames)
+
+    print(f"local: rendering frames {start}-{end} of {blend.name} in one bpy process", file=sys.stderr)
+    local = subprocess.run([sys.executable, "-m", "tools.render_local", str(blend), str(start), str(end),
+                            str(root / "local")], cwd=REPO, env=repo_env(), check=True, capture_output=True,
+                           text=True)
+    local_result = json.loads(local.stdout.strip().splitlines()[-1])
+    local_s = local_result["local_s"]
+    print(f"local: {local_s:.2f} s", file=sys.stderr)
+
+    print(f"farm: server + {args.clients} client(s) on 127.0.0.1", file=sys.stderr)
+    with LocalFarm(root / "farm", clients=args.clients) as farm:
+        asyncio.run(_wait_clients(farm.address, args.clients))
+        farm_s, job = asyncio.run(_farm_run(farm.address, blend, start, end))
+    if job.get("state") != "done":
+        raise ToolError(f"the farm job ended {job.get('state')}: {job.get('error')}")
+    print(f"farm: {farm_s:.2f} s", file=sys.stderr)
+    frames = end - start + 1
+    return {
+        "benchmark": "overhead", "blend": str(blend), "frames": frames, "clients": args.clients,
+        "farm_s": round(farm_s, 3), "local_s": round(local_s, 3), "ratio": round(farm_s / local_s, 3),
+        "local_frame_s": round(sum(local_result["frame_s"]) / frames, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description="MicroFarm benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    over = sub.add_parser("overhead", help="farm time versus one plain bpy process for the same frames")
+    over.add_argument("--blend", type=Path, default=None, help="scene to render (default: a generated one)")
+    over.add_argument("--frames", default="1-20", help="frame range (default: 1-20)")
+    over.add_argument("--clients", type=int, default=1, help="render clients in the farm (default: 1)")
+    over.add_argument("--keep", default=None, help="keep frames and logs in this folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.clients < 1:
+            raise ToolError("--clients must be at least 1")
+        if args.blend is not None and not args.blend.is_file():
+            raise ToolError(f"{args.blend} is not a file")
+        result = overhead(args)
+    except (ToolError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Render frames of a .blend in one plain bpy process: the baseline the farm is measured against.
+
+    python -m tools.render_local FILE.blend START END OUT_DIR [--format PNG]
+
+Uses the client's own render code (open once, render frame by frame), and prints one JSON line
+with the time from opening the file to the last frame written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.render_local")
+    parser.add_argument("blend", type=Path)
+    parser.add_argument("start", type=int)
+    parser.add_argument("end", type=int)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--format", default="PNG")
+    args = parser.parse_args(argv)
+
+    from client.render import Renderer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    renderer = Renderer()
+    started = time.monotonic()
+    renderer.open(args.blend, "local")
+    renderer.apply(args.format, None, None)
+    frames = []
+    for frame in range(args.start, args.end + 1):
+        frame_started = time.monotonic()
+        renderer.render_frame(frame, args.out)
+        frames.append(time.monotonic() - frame_started)
+    total = time.monotonic() - started
+    print(json.dumps({"local_s": total, "frames": len(frames), "frame_s": frames}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
