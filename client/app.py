@@ -40,7 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--name", default=socket.gethostname(), help="name shown on the farm (default: host name)")
     parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"),
                         help="farm secret (default: $MICROFARM_TOKEN)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where .blend files are cached (default: ~/.cache/microfarm)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where .blend files are cached (default: ~/.cache/microfarm)")
     parser.add_argument("--allow-scripts", action="store_true",
                         help="run Python scripts stored in .blend files (drivers, handlers); off by default")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")

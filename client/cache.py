@@ -22,7 +22,7 @@ class BlendCache:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
-        if not _SHA256.match(sha256):
+        if not _SHA256.fullmatch(sha256):
             raise ValueError(f"invalid sha256 {sha256!r}")
         return self.root / f"{sha256}.blend"
 

@@ -195,7 +195,7 @@ class Link:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
                                                         CONNECT_TIMEOUT_S)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 log.info("cannot reach %s:%d (%s); retrying in %.1f s", self.host, self.port, exc, delay)
             else:
                 stream = MessageStream(reader, writer)
@@ -206,7 +206,7 @@ class Link:
                     self.fatal = str(exc)
                     log.error("%s", exc)
                     return
-                except (ProtocolError, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, ProtocolError, OSError) as exc:
                     log.warning("connection to %s:%d lost: %s", self.host, self.port, exc)
                 finally:
                     self._end_session()

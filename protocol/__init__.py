@@ -3,8 +3,7 @@
 Shared by the server, the render clients and the command-line tools. No bpy here.
 """
 
-from .errors import (AuthError, ConnectionClosed, MessageTooLarge, ProtocolError, TransferError,
-                     VersionMismatch)
+from .errors import AuthError, ConnectionClosed, MessageTooLarge, ProtocolError, TransferError, VersionMismatch
 from .limits import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from .messages import MessageType, Role
 from .stream import FileSink, MessageStream, sha256_file

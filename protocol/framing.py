@@ -36,6 +36,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise ProtocolError(f"undecodable message: {type(exc).__name__}") from None
     if not isinstance(payload, dict):
         raise ProtocolError(f"message is a {type(payload).__name__}, not a map")
+    if not all(isinstance(key, str) for key in payload):
+        raise ProtocolError("message map has keys that are not strings")
     return payload
 
 

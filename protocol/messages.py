@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar, Union
 
 from .errors import ProtocolError
 from .limits import MAX_ERROR_CHARS
 
 
-class MessageType(str, Enum):
+class MessageType(StrEnum):
     # handshake
     HELLO = "hello"
     WELCOME = "welcome"
@@ -46,9 +46,13 @@ class MessageType(str, Enum):
     STATUS = "status"
     WATCH = "watch"
     JOB_UPDATE = "job_update"
+    JOB_CONTROL = "job_control"
+    JOB_CONTROL_DONE = "job_control_done"
+    FRAME_LOG_REQUEST = "frame_log_request"
+    FRAME_LOG = "frame_log"
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     WORKER = "worker"
     CONTROL = "control"
 
@@ -246,6 +250,8 @@ class FrameBegin(Message):
 
 @_message
 class FrameFailed(Message):
+    """A frame could not be rendered: Blender's error, and the tail of what it printed."""
+
     TYPE = MessageType.FRAME_FAILED
     lease_id: int
     job_id: str
@@ -290,6 +296,9 @@ class Submit(Message):
     blend_sha256: str
     blend_size: int
     settings: dict
+    priority: int = 0
+    start: bool = True
+    video: dict | None = None
 
 
 @_message
@@ -326,6 +335,41 @@ class Watch(Message):
 class JobUpdate(Message):
     TYPE = MessageType.JOB_UPDATE
     job: dict
+
+
+@_message
+class JobControl(Message):
+    """cancel, pause, resume, force_complete, delete, clear_completed, priority or video."""
+
+    TYPE = MessageType.JOB_CONTROL
+    action: str
+    job_id: str = ""
+    args: dict = dataclasses.field(default_factory=dict)
+
+
+@_message
+class JobControlDone(Message):
+    TYPE = MessageType.JOB_CONTROL_DONE
+    message: str
+    jobs: list[dict] = dataclasses.field(default_factory=list)
+
+
+@_message
+class FrameLogRequest(Message):
+    TYPE = MessageType.FRAME_LOG_REQUEST
+    job_id: str
+    frame: int
+
+
+@_message
+class FrameLog(Message):
+    TYPE = MessageType.FRAME_LOG
+    job_id: str
+    frame: int
+    failures: int
+    error: str
+    log: str
+    clients: list[str]
 
 
 def message_types() -> dict[str, type[Message]]:

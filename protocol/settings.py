@@ -75,7 +75,8 @@ class JobRequest:
             samples=_int_or_none(raw, "samples", 1, MAX_SAMPLES),
             percentage=_int_or_none(raw, "percentage", 1, MAX_PERCENTAGE),
         )
-        if request.frame_start is not None and request.frame_end is not None and request.frame_end < request.frame_start:
+        start, end = request.frame_start, request.frame_end
+        if start is not None and end is not None and end < start:
             raise SettingsError(f"frame range {request.frame_start}-{request.frame_end} ends before it starts")
         return request
 
@@ -110,6 +111,12 @@ class SceneInfo:
             expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(field.type)]
             if not isinstance(value, expected) or (field.type == "int" and isinstance(value, bool)):
                 raise ProtocolError(f"probe result has a bad {field.name!r}")
+        if info.frame_step < 1 or info.frame_end < info.frame_start:
+            raise ProtocolError(f"probe result has an impossible frame range {info.frame_start}-{info.frame_end}"
+                                f" step {info.frame_step}")
+        if not (info.fps > 0 and info.resolution_x > 0 and info.resolution_y > 0
+                and 1 <= info.percentage <= MAX_PERCENTAGE):
+            raise ProtocolError("probe result has an impossible frame rate, resolution or percentage")
         return info
 
 

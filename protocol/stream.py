@@ -81,7 +81,7 @@ class MessageStream:
         self.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), timeout=2.0)
-        except (asyncio.TimeoutError, ConnectionError, OSError):
+        except (TimeoutError, ConnectionError, OSError):
             pass
 
 

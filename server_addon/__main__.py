@@ -15,12 +15,17 @@ from .core.server import FarmServer, ServerConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m server_addon", description="Run a MicroFarm server without Blender.")
+    parser = argparse.ArgumentParser(prog="python -m server_addon",
+                                     description="Run a MicroFarm server without Blender.")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-    parser.add_argument("--port", type=int, default=9090, help="TCP port for clients and tools (default: 9090; 0 picks a free one)")
-    parser.add_argument("--output-dir", type=Path, default=Path("render_output"), help="where job folders with frames are written")
-    parser.add_argument("--data-dir", type=Path, default=None, help="server state and .blend store (default: OUTPUT/.microfarm)")
-    parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"), help="farm secret (default: $MICROFARM_TOKEN)")
+    parser.add_argument("--port", type=int, default=9090,
+                        help="TCP port for clients and tools (default: 9090; 0 picks a free one)")
+    parser.add_argument("--output-dir", type=Path, default=Path("render_output"),
+                        help="where job folders with frames are written")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="server state and .blend store (default: OUTPUT/.microfarm)")
+    parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"),
+                        help="farm secret (default: $MICROFARM_TOKEN)")
     parser.add_argument("--farm-name", default=None, help="name shown to clients (default: host name)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     return parser.parse_args(argv)

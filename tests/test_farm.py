@@ -74,11 +74,10 @@ def test_killed_client_work_is_reassigned(farm: Farm, clients: Clients, scenes) 
     assert len(frame_files(farm, job_id)) == 24
     stats = farm.call(lambda s: (s.stats.frames_stored, s.stats.duplicate_frames))
     assert stats == (24, 0), "every frame is stored exactly once"
-    rendered_by = farm.call(lambda s: {n: s.farm.clients[f.rendered_by].name
+    rendered_by = farm.call(lambda s: {n: f.rendered_by
                                        for n, f in s.farm.jobs[job_id].frames.items()})
     assert all(rendered_by[n] == "survivor" for n in held), "the victim's unfinished frames went to the survivor"
-    victim_state = farm.call(lambda s: [c.view(s.farm.leases)["state"] for c in s.farm.clients.values()
-                                        if c.name == "victim"])
+    victim_state = farm.call(lambda s: [c["state"] for c in s.farm.client_views() if c["name"] == "victim"])
     assert victim_state == ["lost"]
 
 
@@ -141,7 +140,7 @@ def test_failing_frames_fail_the_job_with_blenders_error(farm: Farm, clients: Cl
     job = farm.job(job_id)
     assert job["state"] == "failed"
     assert "Image too small" in job["error"]
-    failed = farm.call(lambda s: {n: (f.failures, sorted(s.farm.clients[c].name for c in f.failed_on))
+    failed = farm.call(lambda s: {n: (f.failures, sorted(f.failed_on))
                                   for n, f in s.farm.jobs[job_id].frames.items() if f.failures})
     # The frame that failed the job was tried on both clients before the job gave up.
     assert any(count == 3 and names == ["one", "two"] for count, names in failed.values()), failed

@@ -52,8 +52,8 @@ async def _farm_run(address: str, blend: Path, start: int, end: int) -> tuple[fl
         job_id, _ = await control.submit(blend, {"frame_start": start, "frame_end": end, "chunk": 4,
                                                  "file_format": "PNG"})
         job: dict[str, Any] = {}
-        async for job in control.watch(job_id):
-            pass
+        async for update in control.watch(job_id):
+            job = update
         return time.monotonic() - started, job
     finally:
         await control.close()

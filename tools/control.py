@@ -42,13 +42,13 @@ class Control:
         host, port = parse_server(server)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise ToolError(f"cannot reach the farm at {host}:{port}: {exc or 'timed out'}") from None
         stream = MessageStream(reader, writer)
         try:
             await client_handshake(stream, role=Role.CONTROL, name=name or f"tool@{socket.gethostname()}",
                                    secret=token)
-        except (ProtocolError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ProtocolError) as exc:
             await stream.aclose()
             raise ToolError(str(exc) or "handshake timed out") from None
         return cls(stream)

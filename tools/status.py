@@ -17,8 +17,8 @@ from .control import Control, ToolError, default_token
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -57,7 +57,8 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.status", description="Show a MicroFarm server's jobs and clients.")
+    parser = argparse.ArgumentParser(prog="python -m tools.status",
+                                     description="Show a MicroFarm server's jobs and clients.")
     parser.add_argument("--server", required=True, help="farm server as HOST:PORT")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")

@@ -98,7 +98,8 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tools.submit", description="Submit a .blend to a MicroFarm server.")
+    parser = argparse.ArgumentParser(prog="python -m tools.submit",
+                                     description="Submit a .blend to a MicroFarm server.")
     parser.add_argument("blend", type=Path, help="the .blend file to render")
     parser.add_argument("--server", required=True, help="farm server as HOST:PORT")
     parser.add_argument("--frames", help="frame range START-END (default: the scene's)")

@@ -1,6 +1,7 @@
 """The server core: scheduler, storage and the asyncio server. Importable without bpy."""
 
-from .jobs import Farm, Job, JobState
+from .jobs import Job, JobState
+from .scheduler import Farm
 from .server import FarmServer, ServerConfig
 from .thread import ServerThread
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -21,19 +22,27 @@ from typing import Any
 from protocol import messages as m
 from protocol.errors import ConnectionClosed, ProtocolError
 from protocol.handshake import Peer, server_handshake
-from protocol.limits import (HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, MAX_BLEND_BYTES, MAX_FRAME_BYTES,
-                             MAX_NAME_CHARS)
+from protocol.limits import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, MAX_BLEND_BYTES, MAX_FRAME_BYTES, MAX_NAME_CHARS
 from protocol.messages import Role
 from protocol.settings import JobRequest, SceneInfo, SettingsError
 from protocol.stream import FileSink, MessageStream
 
-from .jobs import Farm, Job, JobState, Lease, LeaseKind
+from .database import Database
+from .jobs import Job, JobState, Lease, LeaseKind
+from .scheduler import Farm, JobActionError
 from .storage import BlendStore, OutputStore, UnsafeName, new_job_id
 
 log = logging.getLogger(__name__)
 
 #: Lost clients kept in the status list for the user to see; older ones are forgotten.
 MAX_LOST_CLIENTS_SHOWN = 32
+#: A client on one frame for longer than FACTOR times the job's median frame time (and at least
+#: MIN_S, and only once MIN_SAMPLES frames were measured) is treated as lost.
+HANG_FACTOR = 10.0
+HANG_MIN_S = 120.0
+HANG_MIN_SAMPLES = 3
+#: The job actions a control connection (or the add-on) may ask for.
+JOB_ACTIONS = ("cancel", "pause", "resume", "force_complete", "delete", "clear_completed", "priority")
 
 
 @dataclass
@@ -46,6 +55,8 @@ class ServerConfig:
     farm_name: str = field(default_factory=socket.gethostname)
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S
+    hang_factor: float = HANG_FACTOR
+    hang_min_s: float = HANG_MIN_S
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -107,9 +118,15 @@ class FarmServer:
     def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self.farm = Farm(clock)
         self.outputs = OutputStore(config.output_dir)
         self.blends = BlendStore(config.resolved_data_dir / "blends")
+        self.db = Database(config.resolved_data_dir / "jobs.sqlite3")
+        self.farm = Farm(clock, store=self.db)
+        for job in self.db.load(self.outputs):
+            self.farm.restore_job(job)
+        if self.farm.jobs:
+            running = sum(1 for j in self.farm.jobs.values() if j.state.running)
+            log.info("restored %d jobs (%d to continue) from %s", len(self.farm.jobs), running, self.db.path)
         self.stats = ServerStats()
         self.port: int | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -141,6 +158,7 @@ class FarmServer:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
+        self.db.close()
         log.info("farm %r stopped", self.config.farm_name)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -170,30 +188,83 @@ class FarmServer:
         return self._version
 
     def snapshot(self) -> dict[str, Any]:
-        leases = self.farm.leases
+        jobs = sorted(self.farm.jobs.values(), key=lambda j: (j.state.finished, -j.priority, j.seq))
         return {
             "farm": self.config.farm_name,
-            "jobs": [job.view() for job in self.farm.jobs.values()],
-            "clients": [c.view(leases) for c in self.farm.clients.values()],
+            "jobs": [job.view() for job in jobs],
+            "clients": self.farm.client_views(),
         }
 
     # --- job operations (used by control connections and by the add-on) ------------------
 
-    def create_job(self, name: str, blend_sha256: str, blend_size: int, request: JobRequest) -> Job:
+    def create_job(self, name: str, blend_sha256: str, blend_size: int, request: JobRequest, *,
+                   start: bool = True, priority: int = 0, video: dict[str, Any] | None = None) -> Job:
         if not self.blends.has(blend_sha256):
             raise ValueError("the .blend for this job is not on the server")
-        job = Job(id=new_job_id(name), name=name, blend_sha256=blend_sha256, blend_size=blend_size,
-                  request=request, created=time.time())
-        self.farm.add_job(job)
+        job_id = new_job_id(name)
+        while job_id in self.farm.jobs:
+            job_id = new_job_id(name)
+        job = Job(id=job_id, name=name, blend_sha256=blend_sha256, blend_size=blend_size,
+                  request=request, created=time.time(), priority=priority, video=video)
+        self.farm.add_job(job, start=start)
         self._dispatch()
         self._notify()
         return job
 
-    def cancel_job(self, job_id: str) -> Job:
-        job = self.farm.cancel_job(job_id)
+    async def job_action(self, action: str, job_id: str = "", args: dict[str, Any] | None = None) -> str:
+        """Carry out a job action; returns a sentence for the user. Raises JobActionError."""
+        args = args or {}
+        farm = self.farm
+        if action == "cancel":
+            farm.cancel_job(job_id)
+            message = f"job {job_id} cancelled"
+        elif action == "pause":
+            farm.pause_job(job_id)
+            message = f"job {job_id} paused"
+        elif action == "resume":
+            job = farm.resume_job(job_id)
+            message = f"job {job_id} {job.state.value}"
+        elif action == "force_complete":
+            job = farm.force_complete(job_id)
+            message = f"job {job_id} completed with {job.frames_done} of {len(job.frames)} frames"
+        elif action == "priority":
+            priority = args.get("priority")
+            if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 1_000_000:
+                raise JobActionError("priority must be a whole number between -1000000 and 1000000")
+            farm.set_priority(job_id, priority)
+            message = f"job {job_id} priority {priority}"
+        elif action == "delete":
+            job = farm.delete_job(job_id)
+            message = f"job {job_id} deleted"
+            if args.get("files"):
+                await asyncio.to_thread(self._delete_files, job)
+                message += " with its files"
+            self._forget_blend(job.blend_sha256)
+        elif action == "clear_completed":
+            cleared = farm.clear_finished()
+            for job in cleared:
+                self._forget_blend(job.blend_sha256)
+            message = f"cleared {len(cleared)} finished jobs"
+        else:
+            raise JobActionError(f"unknown job action {action!r}; known: {', '.join(JOB_ACTIONS)}")
         self._dispatch()
         self._notify()
-        return job
+        return message
+
+    def _delete_files(self, job: Job) -> None:
+        job_dir = self.outputs.job_dir(job.id)
+        if job_dir.is_dir():
+            shutil.rmtree(job_dir)
+        if job.video_path:
+            with contextlib.suppress(OSError):
+                Path(job.video_path).unlink()
+
+    def _forget_blend(self, sha256: str) -> None:
+        """Remove a .blend from the store once no job uses it."""
+        if any(j.blend_sha256 == sha256 for j in self.farm.jobs.values()):
+            return
+        with contextlib.suppress(OSError, UnsafeName):
+            self.blends.path(sha256).unlink()
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -233,6 +304,13 @@ class FarmServer:
                 if silent > self.config.heartbeat_timeout:
                     log.warning("client %s: no heartbeat for %.1f s, taking its work back", conn.peer.name, silent)
                     self._drop_worker(conn)
+            for client_id, elapsed, limit in self.farm.hung_clients(self.config.hang_factor, self.config.hang_min_s,
+                                                                     HANG_MIN_SAMPLES):
+                conn = self._workers.get(client_id)
+                if conn is not None:
+                    log.warning("client %s: on one frame for %.0f s (limit %.0f s); treating it as lost",
+                                conn.peer.name, elapsed, limit)
+                    self._drop_worker(conn)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -247,7 +325,7 @@ class FarmServer:
             peer, client_id = await server_handshake(
                 stream, farm=self.config.farm_name, secret=self.config.secret,
                 assign_id=self._new_client_id, heartbeat_s=self.config.heartbeat_interval)
-        except (ProtocolError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, ProtocolError, OSError) as exc:
             self.stats.connections_refused += 1
             reason = "handshake timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             log.warning("connection from %s refused: %s", address, reason)
@@ -344,18 +422,24 @@ class FarmServer:
         self._notify()
 
     def _probe_result(self, conn: _WorkerConnection, message: m.ProbeResult) -> None:
+        scene: SceneInfo | None = None
+        error = message.error
         if message.ok:
-            scene = SceneInfo.from_wire(message.scene)
+            try:
+                scene = SceneInfo.from_wire(message.scene)
+            except ProtocolError as exc:
+                error = str(exc)
+        if scene is not None:
             job = self.farm.probe_succeeded(message.lease_id, scene)
         else:
-            log.warning("client %s could not open the .blend: %s", conn.peer.name, message.error)
-            job = self.farm.probe_failed(message.lease_id, m.clip(message.error))
+            log.warning("client %s could not read the .blend: %s", conn.peer.name, error)
+            job = self.farm.probe_failed(message.lease_id, m.clip(error))
         if job is not None and job.state is JobState.RENDERING:
             self.outputs.job_dir(job.id).mkdir(parents=True, exist_ok=True)
 
     def _blend_request(self, conn: _WorkerConnection, message: m.BlendRequest) -> None:
         path = self.blends.path(message.sha256)
-        wanted = any(j.blend_sha256 == message.sha256 for j in self.farm.active_jobs())
+        wanted = any(j.blend_sha256 == message.sha256 and j.state.running for j in self.farm.jobs.values())
         if not wanted or not path.is_file():
             raise ProtocolError(f"no active job uses the .blend {message.sha256[:12]}")
         conn.post((m.BlendBegin(sha256=message.sha256, size=path.stat().st_size), path))
@@ -363,6 +447,7 @@ class FarmServer:
     def _frame_begin(self, conn: _WorkerConnection, begin: m.FrameBegin) -> None:
         if conn.incoming is not None:
             raise ProtocolError("a frame upload began inside another")
+        self.outputs.job_dir(begin.job_id)  # refuses an id that could never name a folder of ours
         job = self.farm.jobs.get(begin.job_id)
         if job is None:
             raise ProtocolError(f"frame for unknown job {begin.job_id!r}")
@@ -422,6 +507,15 @@ class FarmServer:
                     await stream.send(m.Status(jobs=snap["jobs"], clients=snap["clients"]))
                 elif isinstance(message, m.Submit):
                     await self._submit(stream, peer, message)
+                elif isinstance(message, m.JobControl):
+                    try:
+                        text = await self.job_action(message.action, message.job_id, message.args)
+                    except (JobActionError, UnsafeName) as exc:
+                        await stream.send(m.Error(reason=str(exc)))
+                        continue
+                    await stream.send(m.JobControlDone(message=text, jobs=self.snapshot()["jobs"]))
+                elif isinstance(message, m.FrameLogRequest):
+                    await stream.send(self._frame_log(message))
                 elif isinstance(message, m.Watch):
                     if message.job_id not in self.farm.jobs:
                         raise ProtocolError(f"no job {message.job_id!r}")
@@ -446,9 +540,18 @@ class FarmServer:
         await stream.send(m.UploadReady(need_bytes=need))
         if need:
             await self._receive_blend(stream, sha, submit.blend_size)
-        job = self.create_job(name, sha, submit.blend_size, request)
+        job = self.create_job(name, sha, submit.blend_size, request, start=submit.start, priority=submit.priority,
+                              video=submit.video)
         log.info("job %s: submitted by %s (%s)", job.id, peer.name, name)
         await stream.send(m.Submitted(job_id=job.id))
+
+    def _frame_log(self, request: m.FrameLogRequest) -> m.Message:
+        job = self.farm.jobs.get(request.job_id)
+        frame = job.frames.get(request.frame) if job else None
+        if frame is None:
+            return m.Error(reason=f"there is no frame {request.frame} in job {request.job_id!r}")
+        return m.FrameLog(job_id=request.job_id, frame=request.frame, failures=frame.failures, error=frame.error,
+                          log=frame.log, clients=sorted(frame.failed_on))
 
     async def _receive_blend(self, stream: MessageStream, sha: str, size: int) -> None:
         sink = self.blends.sink(sha, size)

@@ -26,11 +26,11 @@ class UnsafeName(ValueError):
 
 
 def is_job_id(text: str) -> bool:
-    return bool(_JOB_ID.match(text))
+    return bool(_JOB_ID.fullmatch(text))
 
 
 def is_sha256(text: str) -> bool:
-    return bool(_SHA256.match(text))
+    return bool(_SHA256.fullmatch(text))
 
 
 def new_job_id(name: str) -> str:

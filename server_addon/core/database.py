@@ -1,0 +1,169 @@
+"""Jobs kept in SQLite under the server's data directory, written as they change.
+
+The frames on disk are the truth about which frames are done: a frame file only appears by an
+atomic rename after its sha256 was checked, so on start-up a frame counts as done exactly when
+its file is there. The database keeps everything else: jobs, settings, failures and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+from protocol.settings import JobRequest, SceneInfo, SettingsError, resolve
+
+from .jobs import FrameRecord, FrameState, Job, JobState
+from .storage import OutputStore, UnsafeName, frame_name
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    blend_sha256 TEXT NOT NULL,
+    blend_size INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    scene TEXT,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    forced INTEGER NOT NULL,
+    probe_failures INTEGER NOT NULL,
+    client_failures TEXT NOT NULL,
+    created REAL NOT NULL,
+    finished_at REAL,
+    video TEXT,
+    video_state TEXT NOT NULL,
+    video_path TEXT NOT NULL,
+    video_error TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS frames (
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    number INTEGER NOT NULL,
+    done INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    failed_on TEXT NOT NULL,
+    error TEXT NOT NULL,
+    log TEXT NOT NULL,
+    rendered_by TEXT NOT NULL,
+    render_s REAL,
+    PRIMARY KEY (job_id, number)
+);
+"""
+
+
+class DatabaseError(Exception):
+    """The job database cannot be opened or is from a newer MicroFarm."""
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        try:
+            # The server's event loop thread creates and uses the connection; nothing else does.
+            self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process; only a power cut may lose the last commits.
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError(f"cannot open the job database {path}: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(f"the job database {path} was written by a newer MicroFarm (schema {version})")
+        self.conn.executescript(_SCHEMA)
+        self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # --- JobStore --------------------------------------------------------------------------
+
+    def save_job(self, job: Job) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (job.id, job.seq, job.name, job.blend_sha256, job.blend_size, json.dumps(job.request.to_wire()),
+             json.dumps(job.scene.to_wire()) if job.scene else None, job.state.value, job.priority, job.error,
+             int(job.forced), job.probe_failures, json.dumps(job.client_failures), job.created, job.finished_at,
+             json.dumps(job.video) if job.video is not None else None, job.video_state, job.video_path,
+             job.video_error))
+
+    def save_frame(self, job: Job, frame: FrameRecord) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)",
+            (job.id, frame.number, int(frame.state is FrameState.DONE), frame.failures,
+             json.dumps(sorted(frame.failed_on)), frame.error, frame.log, frame.rendered_by, frame.render_s))
+
+    def delete_job(self, job_id: str) -> None:
+        self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load(self, outputs: OutputStore) -> list[Job]:
+        """Every stored job, with its frames checked against the files in the output folder."""
+        jobs = []
+        rows = self.conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+        names = [d[0] for d in self.conn.execute("SELECT * FROM jobs LIMIT 0").description]
+        for row in rows:
+            record = dict(zip(names, row, strict=True))
+            try:
+                job = self._job(record)
+            except (ValueError, KeyError, TypeError, SettingsError) as exc:
+                log.error("job %s: cannot be restored (%s); it stays in the database untouched", record["id"], exc)
+                continue
+            self._frames(job, outputs)
+            jobs.append(job)
+        return jobs
+
+    def _job(self, r: dict) -> Job:
+        request = JobRequest.from_wire(json.loads(r["request"]))
+        scene = SceneInfo.from_wire(json.loads(r["scene"])) if r["scene"] else None
+        job = Job(id=r["id"], name=r["name"], blend_sha256=r["blend_sha256"], blend_size=r["blend_size"],
+                  request=request, created=r["created"], seq=r["seq"], priority=r["priority"],
+                  state=JobState(r["state"]), scene=scene, error=r["error"], forced=bool(r["forced"]),
+                  probe_failures=r["probe_failures"], client_failures=json.loads(r["client_failures"]),
+                  finished_at=r["finished_at"], video=json.loads(r["video"]) if r["video"] else None,
+                  video_state=r["video_state"], video_path=r["video_path"], video_error=r["video_error"])
+        if scene is not None:
+            job.settings = resolve(request, scene)
+            job.frames = {n: FrameRecord(n) for n in job.settings.frames}
+        elif job.state is JobState.RENDERING:
+            job.state = JobState.PROBING
+        return job
+
+    def _frames(self, job: Job, outputs: OutputStore) -> None:
+        rows = self.conn.execute(
+            "SELECT number, done, failures, failed_on, error, log, rendered_by, render_s FROM frames WHERE job_id = ?",
+            (job.id,)).fetchall()
+        for number, done, failures, failed_on, error, render_log, rendered_by, render_s in rows:
+            frame = job.frames.get(number)
+            if frame is None:
+                continue
+            frame.state = FrameState.DONE if done else FrameState.PENDING
+            frame.failures, frame.error, frame.log = failures, error, render_log
+            frame.failed_on = set(json.loads(failed_on))
+            frame.rendered_by, frame.render_s = rendered_by, render_s
+        if job.settings is None or job.state.finished:
+            return
+        # For unfinished jobs the files decide: a frame is done exactly when its file exists.
+        try:
+            present = set(os.listdir(outputs.job_dir(job.id)))
+        except (FileNotFoundError, UnsafeName):
+            present = set()
+        ext = job.settings.ext
+        for frame in job.frames.values():
+            on_disk = frame_name(frame.number, ext) in present
+            if on_disk and frame.state is not FrameState.DONE:
+                frame.state = FrameState.DONE
+                self.save_frame(job, frame)
+            elif not on_disk and frame.state is FrameState.DONE:
+                log.warning("job %s: frame %d is missing from disk; it will be rendered again", job.id, frame.number)
+                frame.state = FrameState.PENDING
+                self.save_frame(job, frame)

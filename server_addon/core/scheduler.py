@@ -1,0 +1,415 @@
+"""The scheduler: which client renders which frames of which job, and what happens on failure.
+
+Pure logic: the server layer feeds events in (a client connected, a frame arrived, a client went
+silent) and carries out what comes back (assignments, revocations). Every change worth keeping
+goes to a JobStore, which the server backs with SQLite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from protocol.settings import SceneInfo, SettingsError, resolve
+
+from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation
+
+log = logging.getLogger(__name__)
+
+#: A frame that fails this many times (on different clients where there are any) fails its job.
+MAX_FRAME_ATTEMPTS = 3
+#: A .blend that no client could open this many times fails its job.
+MAX_PROBE_ATTEMPTS = 2
+#: A client that fails this many frames of one job gets no more of that job's frames.
+MAX_CLIENT_JOB_FAILURES = 3
+
+
+class JobActionError(ValueError):
+    """A job action that does not apply (unknown job, or the job's state forbids it)."""
+
+
+class JobStore(Protocol):
+    def save_job(self, job: Job) -> None: ...
+    def save_frame(self, job: Job, frame: FrameRecord) -> None: ...
+    def delete_job(self, job_id: str) -> None: ...
+
+
+class NullStore:
+    def save_job(self, job: Job) -> None:
+        pass
+
+    def save_frame(self, job: Job, frame: FrameRecord) -> None:
+        pass
+
+    def delete_job(self, job_id: str) -> None:
+        pass
+
+
+class Farm:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, store: JobStore | None = None) -> None:
+        self.clock = clock
+        self.store: JobStore = store or NullStore()
+        self.jobs: dict[str, Job] = {}
+        self.clients: dict[str, ClientRecord] = {}
+        self.leases: dict[int, Lease] = {}
+        self._lease_ids = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._revocations: list[Revocation] = []
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def add_job(self, job: Job, start: bool = True) -> None:
+        job.seq = next(self._seq)
+        job.state = JobState.PROBING if start else JobState.QUEUED
+        self.jobs[job.id] = job
+        self.store.save_job(job)
+        log.info("job %s: added (%s), %s", job.id, job.name, job.state.value)
+
+    def restore_job(self, job: Job) -> None:
+        """Take back a job loaded from the store, as it was."""
+        self.jobs[job.id] = job
+        self._seq = itertools.count(max(job.seq + 1, next(self._seq)))
+
+    def job(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise JobActionError(f"there is no job {job_id!r}") from None
+
+    def running_jobs(self) -> list[Job]:
+        """Jobs that may get work, highest priority first, then in submission order."""
+        return sorted((j for j in self.jobs.values() if j.state.running), key=lambda j: (-j.priority, j.seq))
+
+    def _finish(self, job: Job, state: JobState, error: str = "") -> None:
+        job.state = state
+        job.error = error
+        job.finished_at = time.time()
+        self._end_leases_of(job)
+        self.store.save_job(job)
+
+    def fail_job(self, job: Job, error: str) -> None:
+        if job.state.finished:
+            return
+        log.warning("job %s: failed: %s", job.id, error.splitlines()[0] if error else "")
+        self._finish(job, JobState.FAILED, error)
+
+    def cancel_job(self, job_id: str) -> Job:
+        job = self.job(job_id)
+        if job.state.finished:
+            raise JobActionError(f"job {job_id} is already {job.state.value}")
+        log.info("job %s: cancelled", job.id)
+        self._finish(job, JobState.CANCELLED)
+        return job
+
+    def pause_job(self, job_id: str) -> Job:
+        job = self.job(job_id)
+        if not job.state.running:
+            raise JobActionError(f"job {job_id} is {job.state.value}; only a running job can be paused")
+        log.info("job %s: paused", job.id)
+        job.state = JobState.PAUSED
+        self._end_leases_of(job)
+        self.store.save_job(job)
+        return job
+
+    def resume_job(self, job_id: str) -> Job:
+        """Start a queued or paused job, or give a failed or cancelled one another go."""
+        job = self.job(job_id)
+        if job.state.running:
+            raise JobActionError(f"job {job_id} is already {job.state.value}")
+        if job.state is JobState.DONE and not job.forced:
+            raise JobActionError(f"job {job_id} is done; every frame is on disk")
+        if job.state is JobState.FAILED:
+            for frame in job.frames.values():
+                frame.failures = 0
+                frame.failed_on.clear()
+            job.client_failures.clear()
+            job.probe_failures = 0
+        job.state = JobState.RENDERING if job.settings is not None else JobState.PROBING
+        job.error = ""
+        job.forced = False
+        job.finished_at = None
+        if job.settings is not None and all(f.state is FrameState.DONE for f in job.frames.values()):
+            job.state = JobState.DONE
+            job.finished_at = time.time()
+        log.info("job %s: resumed (%s)", job.id, job.state.value)
+        self.store.save_job(job)
+        return job
+
+    def force_complete(self, job_id: str) -> Job:
+        """Stop rendering and call the job done with the frames that exist."""
+        job = self.job(job_id)
+        if job.state.finished:
+            raise JobActionError(f"job {job_id} is already {job.state.value}")
+        job.forced = job.settings is None or job.frames_done < len(job.frames)
+        log.info("job %s: force-completed with %d of %d frames", job.id, job.frames_done, len(job.frames))
+        self._finish(job, JobState.DONE)
+        return job
+
+    def delete_job(self, job_id: str) -> Job:
+        job = self.job(job_id)
+        self._end_leases_of(job)
+        del self.jobs[job_id]
+        self.store.delete_job(job_id)
+        log.info("job %s: deleted", job.id)
+        return job
+
+    def clear_finished(self) -> list[Job]:
+        finished = [j for j in self.jobs.values() if j.state.finished]
+        for job in finished:
+            self.delete_job(job.id)
+        return finished
+
+    def set_priority(self, job_id: str, priority: int) -> Job:
+        job = self.job(job_id)
+        job.priority = priority
+        self.store.save_job(job)
+        return job
+
+    def _end_leases_of(self, job: Job) -> None:
+        for lease in [lease for lease in self.leases.values() if lease.job_id == job.id]:
+            self._revocations.append(Revocation(lease.client_id, lease.id, ()))
+            self._drop_lease(lease)
+
+    # --- clients --------------------------------------------------------------------------
+
+    def connect_client(self, client_id: str, name: str, host: str) -> ClientRecord:
+        record = ClientRecord(id=client_id, name=name, host=host)
+        self.clients[client_id] = record
+        return record
+
+    def disconnect_client(self, client_id: str) -> list[Lease]:
+        """The client is gone: its leases are taken back and its frames become pending again."""
+        record = self.clients.get(client_id)
+        if record is None:
+            return []
+        record.connected = False
+        working_on = record.frame
+        taken = [lease for lease in self.leases.values() if lease.client_id == client_id]
+        for lease in taken:
+            log.info("job %s: lease %d of client %s taken back (%s)", lease.job_id, lease.id,
+                     record.name, ",".join(map(str, lease.frames)) or "probe")
+            # Blender crashing on a file or a frame looks like a lost client: it counts as a failure,
+            # so a file that kills every client ends its job instead of looping forever.
+            if lease.kind is LeaseKind.PROBE:
+                self.probe_failed(lease.id, f"client {record.name} was lost while opening the .blend")
+            elif working_on in lease.frames:
+                self.frame_failed(lease.id, working_on, client_id,
+                                  f"client {record.name} was lost while rendering this frame")
+            self._drop_lease(lease)
+        record.frame = None
+        return taken
+
+    def forget_client(self, client_id: str) -> None:
+        self.disconnect_client(client_id)
+        self.clients.pop(client_id, None)
+
+    def idle_clients(self) -> list[str]:
+        return [c.id for c in self.clients.values() if c.connected and c.lease_id is None]
+
+    def client_views(self) -> list[dict]:
+        return [c.view(self.leases, [j.id for j in self.jobs.values()
+                                     if not j.state.finished and c.name in j.excluded_clients(MAX_CLIENT_JOB_FAILURES)])
+                for c in self.clients.values()]
+
+    def _drop_lease(self, lease: Lease) -> None:
+        self.leases.pop(lease.id, None)
+        job = self.jobs.get(lease.job_id)
+        if job is not None:
+            if job.probe_lease == lease.id:
+                job.probe_lease = None
+            for number in lease.frames:
+                frame = job.frames.get(number)
+                if frame is not None and frame.state is FrameState.LEASED and frame.lease_id == lease.id:
+                    frame.state = FrameState.PENDING
+                    frame.lease_id = None
+        client = self.clients.get(lease.client_id)
+        if client is not None and client.lease_id == lease.id:
+            client.lease_id = None
+            client.frame = None
+            client.frame_started = None
+
+    def drain_revocations(self) -> list[Revocation]:
+        out, self._revocations = self._revocations, []
+        return out
+
+    # --- handing out work -----------------------------------------------------------------
+
+    def next_work(self, client_id: str) -> Lease | None:
+        """Give an idle client its next piece of work, or None if there is nothing it may do."""
+        client = self.clients[client_id]
+        if not client.connected or client.lease_id is not None:
+            return None
+        connected = {c.name for c in self.clients.values() if c.connected}
+        for job in self.running_jobs():
+            excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
+            # A client that failed too many of this job's frames gets none, while others can take them.
+            if client.name in excluded and not connected <= excluded:
+                continue
+            if job.state is JobState.PROBING:
+                if job.probe_lease is None:
+                    return self._lease(job, client, LeaseKind.PROBE, [])
+                continue
+            frames = self._eligible_frames(job, client.name, connected)
+            if frames:
+                return self._lease(job, client, LeaseKind.RENDER, frames)
+        return None
+
+    def _eligible_frames(self, job: Job, name: str, connected: set[str]) -> list[int]:
+        assert job.settings is not None
+        picked: list[int] = []
+        for frame in job.frames.values():
+            if frame.state is not FrameState.PENDING:
+                continue
+            # A frame that failed on this client goes elsewhere, unless every client failed it.
+            if name in frame.failed_on and not connected <= frame.failed_on:
+                continue
+            picked.append(frame.number)
+            if len(picked) >= job.settings.chunk:
+                break
+        return picked
+
+    def _lease(self, job: Job, client: ClientRecord, kind: LeaseKind, frames: list[int]) -> Lease:
+        lease = Lease(id=next(self._lease_ids), job_id=job.id, client_id=client.id, kind=kind,
+                      frames=frames, started=self.clock())
+        self.leases[lease.id] = lease
+        client.lease_id = lease.id
+        if kind is LeaseKind.PROBE:
+            job.probe_lease = lease.id
+        for number in frames:
+            record = job.frames[number]
+            record.state = FrameState.LEASED
+            record.lease_id = lease.id
+        return lease
+
+    # --- results --------------------------------------------------------------------------
+
+    def probe_succeeded(self, lease_id: int, scene: SceneInfo) -> Job | None:
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.kind is not LeaseKind.PROBE:
+            return None
+        job = self.jobs[lease.job_id]
+        self._drop_lease(lease)
+        if job.state is not JobState.PROBING:
+            return job
+        try:
+            settings = resolve(job.request, scene)
+        except SettingsError as exc:
+            self.fail_job(job, f"the job's settings do not fit the scene: {exc}")
+            return job
+        if not scene.has_camera:
+            self.fail_job(job, f"scene {scene.scene!r} has no camera to render from")
+            return job
+        job.scene = scene
+        job.settings = settings
+        job.frames = {n: FrameRecord(n) for n in settings.frames}
+        job.state = JobState.RENDERING
+        self.store.save_job(job)
+        log.info("job %s: %d frames, %s, %dx%d at %g fps", job.id, len(job.frames), settings.file_format,
+                 settings.resolution_x, settings.resolution_y, settings.fps)
+        return job
+
+    def probe_failed(self, lease_id: int, error: str) -> Job | None:
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.kind is not LeaseKind.PROBE:
+            return None
+        job = self.jobs[lease.job_id]
+        self._drop_lease(lease)
+        job.probe_failures += 1
+        if job.probe_failures >= MAX_PROBE_ATTEMPTS:
+            self.fail_job(job, f"the .blend could not be opened: {error}")
+        return job
+
+    def wants_frame(self, job_id: str, number: int) -> bool:
+        """Is a result for this frame still wanted? (Not stored yet; the job rendering or paused.)"""
+        job = self.jobs.get(job_id)
+        if job is None or job.state not in (JobState.RENDERING, JobState.PAUSED):
+            return False
+        frame = job.frames.get(number)
+        return frame is not None and frame.state is not FrameState.DONE
+
+    def frame_stored(self, job_id: str, number: int, client_id: str, render_s: float | None = None) -> bool:
+        """Record that a frame's file is on disk. Returns False if it was already stored."""
+        if not self.wants_frame(job_id, number):
+            return False
+        job = self.jobs[job_id]
+        frame = job.frames[number]
+        holder = self.leases.get(frame.lease_id) if frame.lease_id is not None else None
+        if holder is not None and holder.client_id != client_id:
+            # Another client holds this frame (it was reassigned); it need not render it now.
+            self._revocations.append(Revocation(holder.client_id, holder.id, (number,)))
+        client = self.clients.get(client_id)
+        frame.state = FrameState.DONE
+        frame.lease_id = None
+        frame.rendered_by = client.name if client else client_id
+        frame.render_s = render_s
+        if client is not None:
+            client.frames_rendered += 1
+        self.store.save_frame(job, frame)
+        if job.state is JobState.RENDERING and all(f.state is FrameState.DONE for f in job.frames.values()):
+            log.info("job %s: done, %d frames", job.id, len(job.frames))
+            self._finish(job, JobState.DONE)
+        return True
+
+    def frame_failed(self, lease_id: int, number: int, client_id: str, error: str, render_log: str = "") -> None:
+        lease = self.leases.get(lease_id)
+        client = self.clients.get(client_id)
+        if client is not None:
+            client.failures += 1
+        if lease is None or number not in lease.frames:
+            return
+        job = self.jobs[lease.job_id]
+        frame = job.frames[number]
+        if frame.state is FrameState.DONE:
+            return
+        name = client.name if client else client_id
+        frame.failures += 1
+        frame.failed_on.add(name)
+        frame.error = error
+        frame.log = render_log
+        frame.state = FrameState.PENDING
+        frame.lease_id = None
+        job.client_failures[name] = job.client_failures.get(name, 0) + 1
+        self.store.save_frame(job, frame)
+        log.warning("job %s: frame %d failed on %s (%d/%d): %s", job.id, number, name, frame.failures,
+                    MAX_FRAME_ATTEMPTS, error)
+        if job.client_failures[name] == MAX_CLIENT_JOB_FAILURES:
+            log.warning("job %s: client %s failed %d frames; it gets no more of this job", job.id, name,
+                        MAX_CLIENT_JOB_FAILURES)
+            self.store.save_job(job)
+        if frame.failures >= MAX_FRAME_ATTEMPTS:
+            self.fail_job(job, f"frame {number} failed {frame.failures} times: {error}")
+
+    def lease_done(self, lease_id: int) -> None:
+        lease = self.leases.get(lease_id)
+        if lease is not None:
+            self._drop_lease(lease)
+
+    def set_client_frame(self, client_id: str, frame: int | None) -> bool:
+        """Note the frame a client reports working on; True if that changed."""
+        client = self.clients.get(client_id)
+        if client is None or client.frame == frame:
+            return False
+        client.frame = frame
+        client.frame_started = self.clock() if frame is not None else None
+        return True
+
+    def hung_clients(self, factor: float, min_s: float, min_samples: int) -> list[tuple[str, float, float]]:
+        """Clients on one frame far longer than the job's typical frame: (client id, seconds, limit)."""
+        now = self.clock()
+        hung = []
+        for client in self.clients.values():
+            if not client.connected or client.frame_started is None or client.lease_id is None:
+                continue
+            lease = self.leases.get(client.lease_id)
+            job = self.jobs.get(lease.job_id) if lease else None
+            typical = job.typical_frame_s(min_samples) if job else None
+            if typical is None:
+                continue
+            limit = max(min_s, factor * typical)
+            elapsed = now - client.frame_started
+            if elapsed > limit:
+                hung.append((client.id, elapsed, limit))
+        return hung
