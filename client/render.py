@@ -14,11 +14,17 @@ import bpy
 
 from protocol.settings import SceneInfo
 
+from .capture import capture_output
+
 log = logging.getLogger(__name__)
 
 
 class RenderError(Exception):
     """Blender could not open a file or render a frame; the text is Blender's own."""
+
+    def __init__(self, message: str, render_log: str = "") -> None:
+        super().__init__(message)
+        self.render_log = render_log
 
 
 def blender_version() -> str:
@@ -82,13 +88,17 @@ class Renderer:
         scene = bpy.context.scene
         scene.frame_set(frame)
         scene.render.filepath = str(directory / f"frame_{frame:04d}")
-        try:
-            bpy.ops.render.render(write_still=True, scene=scene.name)
-        except RuntimeError as exc:
-            raise RenderError(_clean(exc)) from None
+        error = None
+        with capture_output() as output:
+            try:
+                bpy.ops.render.render(write_still=True, scene=scene.name)
+            except RuntimeError as exc:
+                error = _clean(exc)
+        if error is not None:
+            raise RenderError(error, output.text)
         path = Path(scene.render.filepath + scene.render.file_extension)
         if not path.is_file():
-            raise RenderError(f"Blender reported no error but wrote no file for frame {frame}")
+            raise RenderError(f"Blender reported no error but wrote no file for frame {frame}", output.text)
         return path
 
 

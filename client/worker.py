@@ -97,7 +97,7 @@ class Worker:
             except RenderError as exc:
                 log.warning("job %s: frame %d failed: %s", assign.job_id, frame, exc)
                 self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame,
-                                                    error=m.clip(str(exc))))
+                                                    error=m.clip(str(exc)), log=m.clip(exc.render_log)))
                 continue
             elapsed = time.monotonic() - started
             log.info("job %s: frame %d rendered in %.2f s", assign.job_id, frame, elapsed)

@@ -91,7 +91,7 @@ class Farm:
                     await server.wait_change(version, timeout=1.0)
         try:
             return self.thread.submit(waiter(), timeout=timeout + 5)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             snapshot = self.call(lambda s: s.snapshot())
             raise AssertionError(f"timed out waiting for {what or predicate}: {snapshot}") from None
 
@@ -153,7 +153,8 @@ def connected(count: int) -> Callable[[FarmServer], bool]:
     return lambda s: sum(1 for c in s.farm.clients.values() if c.connected) >= count
 
 
-def submit(farm: Farm, blend: Path, *args: str, wait: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def submit(farm: Farm, blend: Path, *args: str, wait: bool = True,
+           timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run the real submit tool against the farm."""
     cmd = [sys.executable, "-m", "tools.submit", str(blend), "--server", farm.address, *args]
     if wait:

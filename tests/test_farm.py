@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+from conftest import REPO, Clients, Farm, connected, repo_env, submit
 from PIL import Image, ImageChops
-
-from conftest import Clients, Farm, connected, submit
 
 
 def frame_files(farm: Farm, job_id: str) -> list[Path]:
@@ -27,7 +28,7 @@ def test_two_clients_render_an_animation(farm: Farm, clients: Clients, animation
     assert [f.name for f in files] == [f"frame_{n:04d}.png" for n in range(1, 13)]
     images = [Image.open(f).convert("RGB") for f in files]
     assert all(im.size == (64, 36) for im in images)
-    for before, after in zip(images, images[1:]):
+    for before, after in zip(images, images[1:], strict=False):
         diff = ImageChops.difference(before, after).convert("L").point(lambda v: 255 if v > 8 else 0)
         box = diff.getbbox()
         assert box is not None, "neighbouring frames are identical, but the cube moves"
@@ -158,3 +159,20 @@ def test_step_and_format_options(farm: Farm, clients: Clients, animation: Path) 
     assert names == ["frame_0002.jpg", "frame_0005.jpg", "frame_0008.jpg", "frame_0011.jpg"]
     with Image.open(job_dir / "frame_0005.jpg") as im:
         assert im.format == "JPEG" and im.size == (32, 18)
+
+
+def test_failed_frame_keeps_blenders_output(farm: Farm, clients: Clients, scenes) -> None:
+    blend = scenes("broken", "--frames", "6", "--fail")
+    clients.start("only", farm.address)
+    farm.wait_until(connected(1), what="client")
+    result = submit(farm, blend, timeout=120)
+    job_id = result.stdout.strip()
+    assert result.returncode == 1
+    frame = farm.call(lambda s: next(n for n, f in s.farm.jobs[job_id].frames.items() if f.failures))
+    shown = subprocess.run([sys.executable, "-m", "tools.jobs", "--server", farm.address, "log", job_id, str(frame)],
+                           cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    error, _, render_log = shown.stdout.partition("--- render log (tail) ---")
+    assert "Image too small" in error
+    assert "Image too small" in render_log, "the tail of what Blender printed is kept"
+    assert "3 failure(s) on only" in shown.stdout

@@ -73,12 +73,14 @@ class Control:
         assert isinstance(reply, m.Status)
         return reply
 
-    async def submit(self, blend: Path, settings: dict[str, Any],
+    async def submit(self, blend: Path, settings: dict[str, Any], *, priority: int = 0, start: bool = True,
+                     video: dict[str, Any] | None = None,
                      progress: Callable[[int, int], None] | None = None) -> tuple[str, bool]:
         """Send a job; returns its id and whether the .blend bytes had to be uploaded."""
         size = blend.stat().st_size
         sha = await asyncio.to_thread(sha256_file, blend)
-        await self.stream.send(m.Submit(name=blend.name, blend_sha256=sha, blend_size=size, settings=settings))
+        await self.stream.send(m.Submit(name=blend.name, blend_sha256=sha, blend_size=size, settings=settings,
+                                        priority=priority, start=start, video=video))
         ready = await self._reply(m.UploadReady)
         assert isinstance(ready, m.UploadReady)
         if ready.need_bytes:
@@ -92,6 +94,18 @@ class Control:
         submitted = await self._reply(m.Submitted)
         assert isinstance(submitted, m.Submitted)
         return submitted.job_id, ready.need_bytes
+
+    async def job_action(self, action: str, job_id: str = "", **args: Any) -> m.JobControlDone:
+        await self.stream.send(m.JobControl(action=action, job_id=job_id, args=args))
+        reply = await self._reply(m.JobControlDone)
+        assert isinstance(reply, m.JobControlDone)
+        return reply
+
+    async def frame_log(self, job_id: str, frame: int) -> m.FrameLog:
+        await self.stream.send(m.FrameLogRequest(job_id=job_id, frame=frame))
+        reply = await self._reply(m.FrameLog)
+        assert isinstance(reply, m.FrameLog)
+        return reply
 
     async def watch(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         await self.stream.send(m.Watch(job_id=job_id))

@@ -74,7 +74,10 @@ async def run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     control = await Control.connect(args.server, args.token)
     try:
-        job_id, uploaded = await control.submit(blend, settings)
+        video = ({"codec": args.video, "quality": args.quality, "location": args.video_location}
+                 if args.video else None)
+        job_id, uploaded = await control.submit(blend, settings, priority=args.priority, start=not args.queue,
+                                                video=video)
         print(job_id, flush=True)
         if not args.wait:
             return 0
@@ -108,6 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--format", choices=sorted(IMAGE_FORMATS), help="image format (default: the scene's)")
     parser.add_argument("--samples", type=int, help="render samples (default: the scene's)")
     parser.add_argument("--percentage", type=int, help="resolution percentage (default: the scene's)")
+    parser.add_argument("--priority", type=int, default=0, help="higher renders first (default: 0)")
+    parser.add_argument("--queue", action="store_true", help="queue the job without starting it (tools.jobs resume)")
+    parser.add_argument("--video", choices=["h264", "h265", "prores"], help="build a video when the frames are done")
+    parser.add_argument("--quality", choices=["high", "medium", "low"], default="high", help="video quality")
+    parser.add_argument("--video-location", choices=["frames", "parent", "root"], default="frames",
+                        help="where the video goes: beside the frames, the job folder's parent, the output root")
     parser.add_argument("--wait", action="store_true", help="show progress and wait until the job ends")
     parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
     return parser.parse_args(argv)

@@ -1,0 +1,65 @@
+"""Capture what Blender prints while it renders a frame, to keep the tail as the frame's log.
+
+Blender's C code writes straight to file descriptors 1 and 2, so sys.stdout cannot catch it:
+the descriptors are pointed at a file for the duration of the render and restored afterwards,
+and what was captured is echoed to the real output so the client's own log stays complete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+#: How much of the end of a frame's output is kept and sent with a failure.
+LOG_TAIL_BYTES = 8 * 1024
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library handle on this platform: Python's flush must do
+        pass
+
+
+class Tail:
+    text: str = ""
+
+
+@contextmanager
+def capture_output() -> Iterator[Tail]:
+    tail = Tail()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _flush_c_stdio()
+    try:
+        saved = os.dup(1), os.dup(2)
+    except OSError as exc:  # no usable descriptors (an embedded interpreter): render without a log
+        log.debug("output capture unavailable: %s", exc)
+        yield tail
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield tail
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _flush_c_stdio()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            size = sink.seek(0, os.SEEK_END)
+            sink.seek(0)
+            for block in iter(lambda: sink.read(1024 * 1024), b""):
+                os.write(1, block)
+            sink.seek(max(0, size - LOG_TAIL_BYTES))
+            tail.text = sink.read().decode("utf-8", errors="replace")
