@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
+
+from protocol.errors import DiscoveryError
 
 from .cache import BlendCache, default_cache_dir
 
@@ -32,11 +35,40 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, number
 
 
+def check_discovery_args(args: argparse.Namespace, server: tuple[str, int] | None) -> list[str] | None:
+    """The interfaces to browse on; raises UsageError for options that do not go together."""
+    if server is not None:
+        if args.farm:
+            raise UsageError("--farm chooses among the farms found on the LAN; leave out --server to use it")
+        return None
+    if not args.discovery:
+        raise UsageError("with --no-discovery, --server HOST:PORT is required")
+    try:
+        # Imported here: a client given --server runs without the zeroconf package.
+        from protocol.discovery import interface_addresses
+    except ImportError as exc:
+        raise UsageError(f"finding the farm needs the zeroconf package ({exc}); install it or pass --server") from None
+    if not args.interfaces:
+        return None
+    try:
+        return interface_addresses(args.interfaces)
+    except DiscoveryError as exc:
+        raise UsageError(f"--interface: {exc}") from None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="microfarm-client",
         description="MicroFarm render client: renders frames for a farm server in this Blender.")
-    parser.add_argument("--server", required=True, help="the farm server as HOST:PORT")
+    parser.add_argument("--server", default=None,
+                        help="the farm server as HOST:PORT (default: find a farm on the LAN over zeroconf)")
+    parser.add_argument("--farm", default=None, metavar="NAME",
+                        help="with discovery: the farm to join (default: the first by name of those found)")
+    parser.add_argument("--interface", dest="interfaces", action="append", default=None, metavar="ADDR",
+                        help="look for farms only on this interface (an address or a name like eth0; repeatable; "
+                             "default: all)")
+    parser.add_argument("--no-discovery", dest="discovery", action="store_false",
+                        help="do not look for farms on the LAN; --server is then required")
     parser.add_argument("--name", default=socket.gethostname(), help="name shown on the farm (default: host name)")
     parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"),
                         help="farm secret (default: $MICROFARM_TOKEN)")
@@ -54,7 +86,8 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s [" + args.name + "] %(name)s: %(message)s")
     log = logging.getLogger("client")
     try:
-        host, port = parse_server(args.server)
+        server = parse_server(args.server) if args.server else None
+        interfaces = check_discovery_args(args, server)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,26 +96,38 @@ def main(argv: list[str]) -> int:
     except ImportError as exc:
         print(f"error: this Python has no bpy ({exc}); run inside Blender or pip install bpy", file=sys.stderr)
         return 2
-    from .link import Link
+    from .link import Link, fixed_target
     from .worker import Worker
 
-    cache = BlendCache(args.cache_dir or default_cache_dir())
-    link = Link(host, port, name=args.name, secret=args.token or None, cache=cache, blender=blender_version())
-    worker = Worker(link, Renderer(allow_scripts=args.allow_scripts))
+    with contextlib.ExitStack() as resources:
+        if server is not None:
+            resolve, where = fixed_target(*server), f"{server[0]}:{server[1]}"
+        else:
+            from protocol.discovery import Browser
+            try:
+                browser = resources.enter_context(Browser(args.farm, interfaces))
+            except DiscoveryError as exc:
+                print(f"error: {exc}; pass --server HOST:PORT", file=sys.stderr)
+                return 1
+            resolve = browser.target
+            where = f"farm {args.farm!r}" if args.farm else "the farm found on the LAN"
+        cache = BlendCache(args.cache_dir or default_cache_dir())
+        link = Link(resolve, name=args.name, secret=args.token or None, cache=cache, blender=blender_version())
+        worker = Worker(link, Renderer(allow_scripts=args.allow_scripts))
 
-    def stop(signum: int, _frame: object) -> None:
-        log.info("stopping (signal %d)", signum)
-        worker.stopping = True
+        def stop(signum: int, _frame: object) -> None:
+            log.info("stopping (signal %d)", signum)
+            worker.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    log.info("render client %r for %s:%d (Blender %s, scripts %s)", args.name, host, port, blender_version(),
-             "allowed" if args.allow_scripts else "disabled")
-    link.start()
-    try:
-        code = worker.run()
-    finally:
-        link.stop()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info("render client %r for %s (Blender %s, scripts %s)", args.name, where, blender_version(),
+                 "allowed" if args.allow_scripts else "disabled")
+        link.start()
+        try:
+            code = worker.run()
+        finally:
+            link.stop()
     if link.fatal:
         print(f"error: {link.fatal}", file=sys.stderr)
     return code

@@ -15,6 +15,7 @@ import logging
 import queue
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,16 @@ CONNECT_TIMEOUT_S = 5.0
 MAX_PENDING_UPLOADS = 4
 
 
+#: Gives the address to connect to, asked anew before every connection attempt; None: no server
+#: known yet (discovery found none), try again later. It may block (it runs on a worker thread).
+Resolver = Callable[[], tuple[str, int] | None]
+
+
+def fixed_target(host: str, port: int) -> Resolver:
+    """The resolver of a client given --server: always the same address."""
+    return lambda: (host, port)
+
+
 class LinkLost(Exception):
     """The connection dropped; work from that session is void."""
 
@@ -53,10 +64,11 @@ class _Upload:
 
 
 class Link:
-    def __init__(self, host: str, port: int, *, name: str, secret: str | None, cache: BlendCache,
+    def __init__(self, resolve: Resolver, *, name: str, secret: str | None, cache: BlendCache,
                  blender: str = "") -> None:
-        self.host = host
-        self.port = port
+        self.resolve = resolve
+        self.host = ""  # the address of the current (or last) connection attempt
+        self.port = 0
         self.name = name
         self.secret = secret
         self.cache = cache
@@ -192,6 +204,13 @@ class Link:
     async def _connect_forever(self) -> None:
         delay = RECONNECT_MIN_S
         while not self._stopping:
+            target = await self._resolve()
+            if target is None:
+                # The resolver already waited for a server to appear; no backoff on top of that.
+                log.info("no farm server found yet; still looking")
+                await asyncio.sleep(RECONNECT_MIN_S)
+                continue
+            self.host, self.port = target
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
                                                         CONNECT_TIMEOUT_S)
@@ -209,10 +228,19 @@ class Link:
                 except (TimeoutError, ProtocolError, OSError) as exc:
                     log.warning("connection to %s:%d lost: %s", self.host, self.port, exc)
                 finally:
+                    if self.connected.is_set():
+                        delay = RECONNECT_MIN_S  # a session that got going starts the backoff afresh
                     self._end_session()
                     await stream.aclose()
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _resolve(self) -> tuple[str, int] | None:
+        try:
+            return await asyncio.to_thread(self.resolve)
+        except Exception as exc:  # a failing look-up is retried like an unreachable server
+            log.warning("looking for the farm server failed: %s", exc)
+            return None
 
     def _end_session(self) -> None:
         self._epoch += 1

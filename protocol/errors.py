@@ -25,3 +25,7 @@ class VersionMismatch(ProtocolError):
 
 class TransferError(ProtocolError):
     """A bulk transfer was out of order, too large, or failed its sha256 check."""
+
+
+class DiscoveryError(ProtocolError):
+    """Zeroconf discovery cannot run as asked: an unknown interface, or sockets that cannot open."""

@@ -9,9 +9,15 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from protocol.discovery import Advertiser, interface_addresses
+from protocol.errors import DiscoveryError
+
 from .core.server import FarmServer, ServerConfig
+
+log = logging.getLogger("server_addon")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,11 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"),
                         help="farm secret (default: $MICROFARM_TOKEN)")
     parser.add_argument("--farm-name", default=None, help="name shown to clients (default: host name)")
+    parser.add_argument("--interface", dest="interfaces", action="append", default=None, metavar="ADDR",
+                        help="answer discovery only on this interface (an address or a name like eth0; repeatable; "
+                             "default: the --host address, or all interfaces for 0.0.0.0)")
+    parser.add_argument("--no-discovery", dest="discovery", action="store_false",
+                        help="do not advertise the farm on the LAN (zeroconf); clients then need --server")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     return parser.parse_args(argv)
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, discovery: bool = True, interfaces: Sequence[str] | None = None) -> None:
     server = FarmServer(config)
     await server.start()
     # A line a parent process can wait for (tests, the demo, the benchmark).
@@ -41,8 +52,25 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    try:
+        async with contextlib.AsyncExitStack() as advertising:
+            if discovery:
+                await _advertise(advertising, config, server, interfaces)
+            await stop.wait()
+        # Leaving the stack withdrew the advertisement: no client finds a server that is going away.
+    finally:
+        await server.stop()
+
+
+async def _advertise(stack: contextlib.AsyncExitStack, config: ServerConfig, server: FarmServer,
+                     interfaces: Sequence[str] | None) -> None:
+    assert server.port is not None
+    try:
+        await stack.enter_async_context(Advertiser(config.farm_name, server.port, config.host,
+                                                   auth_required=bool(config.secret), interfaces=interfaces))
+    except DiscoveryError as exc:
+        # The farm still works for clients given its address; only finding it is lost.
+        log.error("%s; clients must be started with --server", exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                           secret=args.token or None)
     if args.farm_name:
         config.farm_name = args.farm_name
+    interfaces = None
+    if args.discovery and args.interfaces:
+        try:
+            interfaces = interface_addresses(args.interfaces)
+        except DiscoveryError as exc:
+            print(f"error: --interface: {exc}", file=sys.stderr)
+            return 2
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, args.discovery, interfaces))
     except OSError as exc:
         print(f"error: cannot start the server on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

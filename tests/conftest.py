@@ -20,6 +20,8 @@ from tools.localfarm import REPO, start_client
 #: Short heartbeats so that tests of lost clients finish in seconds.
 TEST_HEARTBEAT_S = 0.3
 TEST_HEARTBEAT_TIMEOUT_S = 2.0
+#: The only interface zeroconf may use in tests.
+LOOPBACK = "127.0.0.1"
 
 
 def repo_env() -> dict[str, str]:
@@ -58,11 +60,13 @@ def animation(scenes: Callable[..., Path]) -> Path:
 class Farm:
     """A farm server running in this process on its own thread, plus helpers to watch it."""
 
-    def __init__(self, output: Path, secret: str | None = None, port: int = 0) -> None:
+    def __init__(self, output: Path, secret: str | None = None, port: int = 0, *, name: str = "test-farm",
+                 discovery: bool = False) -> None:
         self.output = output
         self.thread = ServerThread(ServerConfig(
-            output_dir=output, host="127.0.0.1", port=port, secret=secret, farm_name="test-farm",
-            heartbeat_interval=TEST_HEARTBEAT_S, heartbeat_timeout=TEST_HEARTBEAT_TIMEOUT_S))
+            output_dir=output, host="127.0.0.1", port=port, secret=secret, farm_name=name,
+            heartbeat_interval=TEST_HEARTBEAT_S, heartbeat_timeout=TEST_HEARTBEAT_TIMEOUT_S),
+            discovery=discovery, interfaces=[LOOPBACK])  # zeroconf in tests: loopback only
         self.thread.start()
         self.port = self.thread.port
 
@@ -116,8 +120,9 @@ class Clients:
         self.root = root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, server: str, *extra: str, cache: str | None = None,
+    def start(self, name: str, server: str | None, *extra: str, cache: str | None = None,
               as_script: bool = False) -> subprocess.Popen[bytes]:
+        """server None: the client finds the farm by discovery (pass --interface 127.0.0.1 in extra)."""
         proc = start_client(server, name, self.root / f"cache-{cache or name}", self.root / f"client-{name}.log",
                             *extra, as_script=as_script)
         self.procs[name] = proc
@@ -156,7 +161,47 @@ def connected(count: int) -> Callable[[FarmServer], bool]:
 def submit(farm: Farm, blend: Path, *args: str, wait: bool = True,
            timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run the real submit tool against the farm."""
-    cmd = [sys.executable, "-m", "tools.submit", str(blend), "--server", farm.address, *args]
+    return submit_to(farm.address, blend, *args, wait=wait, timeout=timeout)
+
+
+def submit_to(address: str, blend: Path, *args: str, wait: bool = True,
+              timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "tools.submit", str(blend), "--server", address, *args]
     if wait:
         cmd.append("--wait")
     return subprocess.run(cmd, cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=timeout)
+
+
+async def _watch_until(address: str, job_id: str, predicate: Callable[[dict[str, Any]], bool],
+                       timeout: float) -> dict[str, Any] | None:
+    from tools.control import Control
+    control = await Control.connect(address, None)
+    try:
+        async with asyncio.timeout(timeout):
+            async for job in control.watch(job_id):
+                if predicate(job):
+                    return job
+    finally:
+        await control.close()
+    return None
+
+
+def watch_until(address: str, job_id: str, predicate: Callable[[dict[str, Any]], bool],
+                timeout: float = 120) -> dict[str, Any]:
+    """Follow a job through the real control protocol until predicate(job view) holds."""
+    job = asyncio.run(_watch_until(address, job_id, predicate, timeout))
+    assert job is not None, f"job {job_id} ended before the condition held"
+    return job
+
+
+def jobs_tool(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tools.jobs", "--server", address, *args], cwd=REPO,
+                          env=repo_env(), capture_output=True, text=True, timeout=60)
+
+
+def status_json(address: str) -> dict[str, Any]:
+    import json
+    result = subprocess.run([sys.executable, "-m", "tools.status", "--server", address, "--json"], cwd=REPO,
+                            env=repo_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

@@ -113,5 +113,5 @@ class Control:
             update = await self._reply(m.JobUpdate)
             assert isinstance(update, m.JobUpdate)
             yield update.job
-            if update.job.get("state") in ("done", "failed", "cancelled"):
+            if update.job.get("settled"):
                 return

@@ -52,6 +52,14 @@ async def run(args: argparse.Namespace) -> int:
         elif args.command == "video":
             reply = await control.job_action("video", args.job, codec=args.codec, quality=args.quality,
                                              location=args.location)
+            print(reply.message, flush=True)
+            job: dict = {}
+            async for update in control.watch(args.job):
+                job = update
+            if job.get("video_state") != "done":
+                raise ToolError(f"the video of job {args.job} failed: {job.get('video_error')}")
+            print(job["video_path"])
+            return 0
         else:  # argparse only lets the commands above through
             raise ToolError(f"unknown command {args.command}")
         print(reply.message)

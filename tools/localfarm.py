@@ -25,14 +25,41 @@ def repo_env() -> dict[str, str]:
     return env
 
 
-def start_client(server: str, name: str, cache_dir: Path, log_path: Path, *extra: str,
+def start_client(server: str | None, name: str, cache_dir: Path, log_path: Path, *extra: str,
                  as_script: bool = False) -> subprocess.Popen[bytes]:
-    """A render client process; as_script runs client/__main__.py by path, as Blender's --python does."""
+    """A render client process; as_script runs client/__main__.py by path, as Blender's --python does.
+    With server None the client finds its farm by discovery (pass --interface in extra)."""
     entry = [str(REPO / "client" / "__main__.py"), "--"] if as_script else ["-m", "client"]
+    target = ["--server", server] if server is not None else []
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, *entry, "--server", server, "--name", name, "--cache-dir", str(cache_dir), *extra],
+            [sys.executable, *entry, *target, "--name", name, "--cache-dir", str(cache_dir), *extra],
             cwd=REPO, env=repo_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_server(output: Path, log_path: Path, *, port: int = 0, token: str | None = None,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], int]:
+    """A headless server on 127.0.0.1; returns the process and the port it listens on."""
+    # Discovery (zeroconf) stays on loopback: a local farm is nothing to announce to the LAN.
+    cmd = [sys.executable, "-m", "server_addon", "--host", "127.0.0.1", "--port", str(port), "--interface", "127.0.0.1",
+           "--output-dir", str(output), "--farm-name", "local", *extra]
+    env = repo_env()
+    if token:
+        env["MICROFARM_TOKEN"] = token
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = _LISTENING.search(line)
+        if match:
+            return proc, int(match.group(1))
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"the server did not start; see {log_path}")
 
 
 class LocalFarm:
@@ -53,31 +80,10 @@ class LocalFarm:
 
     def __enter__(self) -> LocalFarm:
         self.root.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "server_addon", "--host", "127.0.0.1", "--port", "0",
-               "--output-dir", str(self.output), "--farm-name", "local"]
-        env = repo_env()
-        if self.token:
-            env["MICROFARM_TOKEN"] = self.token
-        log = open(self.root / "server.log", "wb")
-        self.server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log)
-        log.close()
-        self.port = self._read_port()
+        self.server, self.port = start_server(self.output, self.root / "server.log", token=self.token)
         for i in range(1, self.client_count + 1):
             self.add_client(f"client-{i}")
         return self
-
-    def _read_port(self) -> int:
-        assert self.server is not None and self.server.stdout is not None
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = self.server.stdout.readline()
-            if not line:
-                break
-            match = _LISTENING.search(line)
-            if match:
-                return int(match.group(1))
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"the server did not start; see {self.root / 'server.log'}")
 
     def add_client(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
         if self.token:

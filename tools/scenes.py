@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps: int, engine: str,
-          camera: bool, file_format: str, fail: bool = False) -> None:
+          camera: bool, file_format: str, fail: bool = False, view_transform: str | None = None) -> None:
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -25,6 +25,8 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
     render.resolution_x, render.resolution_y, render.resolution_percentage = width, height, 100
     render.fps, render.fps_base = fps, 1.0
     render.image_settings.file_format = file_format
+    if view_transform:
+        scene.view_settings.view_transform = view_transform
     scene.frame_start, scene.frame_end = 1, frames
     if engine == "CYCLES":
         scene.cycles.device = "CPU"
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="PNG")
     parser.add_argument("--no-camera", action="store_true", help="leave the camera out")
     parser.add_argument("--fail", action="store_true", help="make every render fail with a Blender error")
+    parser.add_argument("--view-transform", help="colour view transform, e.g. Standard (default: Blender's)")
     args = parser.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --size wants WIDTHxHEIGHT, not {args.size!r}", file=sys.stderr)
         return 2
     build(args.out, frames=args.frames, width=width, height=height, samples=args.samples, fps=args.fps,
-          engine=args.engine, camera=not args.no_camera, file_format=args.format, fail=args.fail)
+          engine=args.engine, camera=not args.no_camera, file_format=args.format, fail=args.fail,
+          view_transform=args.view_transform)
     print(args.out)
     return 0
 

@@ -91,11 +91,17 @@ async def run(args: argparse.Namespace) -> int:
                 last = line
         if tty:
             print(file=sys.stderr)
-        if job.get("state") == "done":
-            return 0
-        reason = job.get("error") or job.get("state")
-        print(f"error: job {job_id} {job.get('state')}: {reason}", file=sys.stderr)
-        return 1
+        if job.get("state") != "done":
+            reason = job.get("error") or job.get("state")
+            print(f"error: job {job_id} {job.get('state')}: {reason}", file=sys.stderr)
+            return 1
+        if job.get("video_state") == "failed":
+            print(f"error: job {job_id}: the frames are done but the video failed: {job.get('video_error')}",
+                  file=sys.stderr)
+            return 1
+        if job.get("video_path"):
+            print(f"video: {job['video_path']}", file=sys.stderr)
+        return 0
     finally:
         await control.close()
 

@@ -78,6 +78,13 @@ class Job:
     video_error: str = ""
 
     @property
+    def settled(self) -> bool:
+        """Finished, and no video on the way: nothing about this job will change by itself."""
+        if not self.state.finished or self.video_state == "building":
+            return False
+        return not (self.state is JobState.DONE and self.video is not None and self.video_state == "")
+
+    @property
     def frames_done(self) -> int:
         return sum(1 for f in self.frames.values() if f.state is FrameState.DONE)
 
@@ -93,6 +100,7 @@ class Job:
             "id": self.id,
             "name": self.name,
             "state": self.state.value,
+            "settled": self.settled,
             "priority": self.priority,
             "created": self.created,
             "frames_done": self.frames_done,

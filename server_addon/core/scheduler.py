@@ -72,6 +72,8 @@ class Farm:
         """Take back a job loaded from the store, as it was."""
         self.jobs[job.id] = job
         self._seq = itertools.count(max(job.seq + 1, next(self._seq)))
+        if job.state is JobState.RENDERING and all(f.state is FrameState.DONE for f in job.frames.values()):
+            self._finish(job, JobState.DONE)  # the server stopped between the last frame and saving the job
 
     def job(self, job_id: str) -> Job:
         try:

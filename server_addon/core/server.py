@@ -31,6 +31,7 @@ from .database import Database
 from .jobs import Job, JobState, Lease, LeaseKind
 from .scheduler import Farm, JobActionError
 from .storage import BlendStore, OutputStore, UnsafeName, new_job_id
+from .video import VideoError, VideoSettings, build_video, check_sequence, video_path
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ HANG_FACTOR = 10.0
 HANG_MIN_S = 120.0
 HANG_MIN_SAMPLES = 3
 #: The job actions a control connection (or the add-on) may ask for.
-JOB_ACTIONS = ("cancel", "pause", "resume", "force_complete", "delete", "clear_completed", "priority")
+JOB_ACTIONS = ("cancel", "pause", "resume", "force_complete", "delete", "clear_completed", "priority", "video")
 
 
 @dataclass
@@ -122,8 +123,11 @@ class FarmServer:
         self.blends = BlendStore(config.resolved_data_dir / "blends")
         self.db = Database(config.resolved_data_dir / "jobs.sqlite3")
         self.farm = Farm(clock, store=self.db)
+        self.blends.remove_partials()
         for job in self.db.load(self.outputs):
             self.farm.restore_job(job)
+            if not job.state.finished:
+                self.outputs.remove_partials(job.id)
         if self.farm.jobs:
             running = sum(1 for j in self.farm.jobs.values() if j.state.running)
             log.info("restored %d jobs (%d to continue) from %s", len(self.farm.jobs), running, self.db.path)
@@ -132,6 +136,7 @@ class FarmServer:
         self._server: asyncio.base_events.Server | None = None
         self._workers: dict[str, _WorkerConnection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._videos: dict[str, asyncio.Task[None]] = {}
         self._ids = itertools.count(1)
         self._version = 0
         self._changed = asyncio.Event()
@@ -144,6 +149,7 @@ class FarmServer:
                                                   reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         self._spawn(self._watchdog())
+        self._dispatch()  # restored jobs: hand out their work, build the videos a stop interrupted
         log.info("farm %r listening on %s:%d, output in %s", self.config.farm_name, self.config.host,
                  self.port, self.outputs.root)
 
@@ -235,11 +241,28 @@ class FarmServer:
             message = f"job {job_id} priority {priority}"
         elif action == "delete":
             job = farm.delete_job(job_id)
+            building = self._videos.pop(job_id, None)
+            if building is not None:
+                building.cancel()
             message = f"job {job_id} deleted"
             if args.get("files"):
                 await asyncio.to_thread(self._delete_files, job)
                 message += " with its files"
             self._forget_blend(job.blend_sha256)
+        elif action == "video":
+            job = farm.job(job_id)
+            if job.state is not JobState.DONE:
+                raise JobActionError(f"job {job_id} is {job.state.value}; a video is built from a finished job")
+            try:
+                settings = VideoSettings.from_wire(args)
+            except ValueError as exc:
+                raise JobActionError(str(exc)) from None
+            previous = self._videos.pop(job.id, None)
+            if previous is not None:
+                previous.cancel()
+            job.video, job.video_state, job.video_error = settings.to_wire(), "", ""
+            farm.store.save_job(job)
+            message = f"building a {settings.codec} video of job {job_id}"
         elif action == "clear_completed":
             cleared = farm.clear_finished()
             for job in cleared:
@@ -270,6 +293,7 @@ class FarmServer:
 
     def _dispatch(self) -> None:
         """Push work to every idle client at once, and tell clients what is no longer wanted."""
+        self._start_videos()
         for revocation in self.farm.drain_revocations():
             conn = self._workers.get(revocation.client_id)
             if conn is not None:
@@ -281,6 +305,45 @@ class FarmServer:
             lease = self.farm.next_work(client_id)
             if lease is not None:
                 conn.post(self._work_message(lease))
+
+    def _start_videos(self) -> None:
+        for job in self.farm.jobs.values():
+            if (job.state is JobState.DONE and job.video is not None and job.video_state in ("", "building")
+                    and job.id not in self._videos):
+                self._videos[job.id] = self._spawn(self._build_video(job))
+
+    async def _build_video(self, job: Job) -> None:
+        """Build a finished job's video with ffmpeg, off the loop; the outcome lands on the job."""
+        task = asyncio.current_task()
+        job.video_state, job.video_error = "building", ""
+        self.farm.store.save_job(job)
+        self._notify()
+        state, error, path = "failed", "", ""
+        try:
+            assert job.settings is not None and job.video is not None
+            settings = VideoSettings.from_wire(job.video)
+            job_dir = self.outputs.job_dir(job.id)
+            frames = await asyncio.to_thread(check_sequence, job_dir, list(job.settings.frames), job.settings.ext)
+            log.info("job %s: building a %s video from %d frames", job.id, settings.codec, len(frames))
+            built = await build_video(frames, job.settings.fps, settings,
+                                      video_path(self.outputs.root, job_dir, job.id, settings))
+            state, path = "done", str(built)
+            log.info("job %s: video ready: %s", job.id, built)
+        except (VideoError, ValueError, UnsafeName) as exc:
+            error = str(exc)
+            log.warning("job %s: no video: %s", job.id, error)
+        except asyncio.CancelledError:
+            state = ""  # stopped with the server or replaced: the next start builds it again
+            raise
+        finally:
+            if self._videos.get(job.id) is task:
+                del self._videos[job.id]
+            if self.farm.jobs.get(job.id) is job:
+                job.video_state, job.video_error = state, error
+                if path:
+                    job.video_path = path
+                self.farm.store.save_job(job)
+                self._notify()
 
     def _work_message(self, lease: Lease) -> m.Message:
         job = self.farm.jobs[lease.job_id]
@@ -531,6 +594,11 @@ class FarmServer:
             request = JobRequest.from_wire(submit.settings)
         except SettingsError as exc:
             raise ProtocolError(f"invalid job settings: {exc}") from None
+        if submit.video is not None:
+            try:
+                VideoSettings.from_wire(submit.video)
+            except ValueError as exc:
+                raise ProtocolError(f"invalid video settings: {exc}") from None
         if not 0 < submit.blend_size <= MAX_BLEND_BYTES:
             raise ProtocolError(f"a .blend of {submit.blend_size} bytes is out of bounds")
         name = "".join(ch for ch in submit.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
@@ -579,7 +647,7 @@ class FarmServer:
                     await stream.send(m.Error(reason=f"job {job_id} was deleted"))
                     return
                 await stream.send(m.JobUpdate(job=job.view()))
-                if job.state.finished:
+                if job.settled:
                     return
                 await self.wait_change(version, timeout=5.0)
         except ProtocolError:

@@ -19,6 +19,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SLUG_DROP = re.compile(r"[^a-z0-9]+")
 _EXTENSIONS = frozenset(IMAGE_FORMATS.values())
+#: Temporary files of uploads in progress start with this (see protocol.stream.FileSink).
+PARTIAL_PREFIX = ".incoming-"
 
 
 class UnsafeName(ValueError):
@@ -72,6 +74,14 @@ class OutputStore:
         """A temporary file inside the job's folder, so the final rename stays on one filesystem."""
         return FileSink(self.job_dir(job_id), size)
 
+    def remove_partials(self, job_id: str) -> int:
+        """Delete uploads that a stopped server left half-written in a job's folder."""
+        removed = 0
+        for partial in self.job_dir(job_id).glob(f"{PARTIAL_PREFIX}*"):
+            partial.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def commit_frame(self, sink: FileSink, job_id: str, number: int, ext: str) -> Path:
         destination = self.frame_path(job_id, number, ext)
         sink.commit(destination)
@@ -96,6 +106,10 @@ class BlendStore:
     def sink(self, sha256: str, size: int) -> FileSink:
         self.path(sha256)  # validates the name before anything is written
         return FileSink(self.root, size, expected_sha256=sha256)
+
+    def remove_partials(self) -> None:
+        for partial in self.root.glob(f"{PARTIAL_PREFIX}*"):
+            partial.unlink(missing_ok=True)
 
     def commit(self, sink: FileSink, sha256: str) -> Path:
         destination = self.path(sha256)

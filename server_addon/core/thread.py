@@ -6,8 +6,11 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+
+from protocol.discovery import Advertiser, interface_addresses
+from protocol.errors import DiscoveryError
 
 from .server import FarmServer, ServerConfig
 
@@ -20,11 +23,21 @@ THREAD_STOP_TIMEOUT_S = 10.0
 
 
 class ServerThread:
-    """Owns the loop thread. Calls from other threads go through call()/call_soon()."""
+    """Owns the loop thread. Calls from other threads go through call()/call_soon().
 
-    def __init__(self, config: ServerConfig) -> None:
+    With `discovery`, the farm is advertised over zeroconf once it listens (on `interfaces`,
+    addresses or names; by default the interface of `config.host`, or all for 0.0.0.0) and
+    withdrawn in stop(). Advertising runs on the server's loop, so start() does not wait for it.
+    """
+
+    def __init__(self, config: ServerConfig, *, discovery: bool = False,
+                 interfaces: Sequence[str] | None = None) -> None:
         self.config = config
+        self.discovery = discovery
+        # Checked here, so that a wrong interface is an error of the caller, not a log line.
+        self.interfaces = interface_addresses(interfaces) if discovery and interfaces else None
         self.server: FarmServer | None = None
+        self.advertiser: Advertiser | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
@@ -67,8 +80,25 @@ class ServerThread:
             return
         self.server = server
         ready.set_result(None)
+        advertising = asyncio.create_task(self._advertise(server)) if self.discovery else None
         await self._stopped.wait()
+        if advertising is not None:
+            advertising.cancel()
+            await asyncio.gather(advertising, return_exceptions=True)
+        if self.advertiser is not None:
+            await self.advertiser.close()  # withdrawn first: clients must not find a server that is going away
         await server.stop()
+
+    async def _advertise(self, server: FarmServer) -> None:
+        assert server.port is not None
+        try:
+            self.advertiser = Advertiser(self.config.farm_name, server.port, self.config.host,
+                                         auth_required=bool(self.config.secret), interfaces=self.interfaces)
+            await self.advertiser.start()
+        except DiscoveryError as exc:
+            self.advertiser = None
+            # The farm still works for clients given its address; only finding it is lost.
+            log.error("%s; clients must be given the server's address", exc)
 
     def call(self, fn: Callable[[FarmServer], T], timeout: float = 5.0) -> T:
         """Run fn(server) on the loop thread and return its result."""
@@ -92,3 +122,4 @@ class ServerThread:
                 log.error("the server thread did not stop within %.0f s", THREAD_STOP_TIMEOUT_S)
         self._thread = None
         self.server = None
+        self.advertiser = None
