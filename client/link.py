@@ -78,7 +78,7 @@ class Link:
         self.connected = threading.Event()
         self._epoch = 0
         self._revoked: dict[int, set[int] | None] = {}  # lease -> frames, None for all
-        self._state = ("idle", None, None)
+        self._state: tuple[str, str | None, int | None, int | None, int | None] = ("idle", None, None, None, None)
         self._upload_slots = threading.Semaphore(MAX_PENDING_UPLOADS)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -138,9 +138,17 @@ class Link:
             frames = self._revoked[lease_id]
             return frames is not None and frame is not None and frame not in frames
 
-    def set_state(self, state: str, job_id: str | None = None, frame: int | None = None) -> None:
-        self._state = (state, job_id, frame)
+    def set_state(self, state: str, job_id: str | None = None, frame: int | None = None, *,
+                  epoch: int | None = None, lease_id: int | None = None) -> None:
+        """What the renderer is doing, for the heartbeats; epoch and lease tie it to one session's work."""
+        self._state = (state, job_id, frame, epoch, lease_id)
         self._call_soon(self._heartbeat_now)
+
+    def frame_revoked(self, lease_id: int, frame: int) -> bool:
+        """Was this very frame taken back (stored by another client)? Then its upload is pointless."""
+        with self._lock:
+            frames = self._revoked.get(lease_id)
+            return frames is not None and frame in frames
 
     def send(self, epoch: int, message: m.Message) -> None:
         self._call_soon(self._post, epoch, message)
@@ -184,8 +192,12 @@ class Link:
 
     def _heartbeat_now(self) -> None:
         if self._outbox is not None:
-            state, job_id, frame = self._state
-            self._outbox.put_nowait(m.Heartbeat(state=state, job_id=job_id, frame=frame))
+            state, job_id, frame, epoch, lease_id = self._state
+            if epoch is not None and epoch != self._epoch:
+                # Still finishing work of an earlier connection, which the server took back: busy, not idle.
+                self._outbox.put_nowait(m.Heartbeat(state="busy"))
+            else:
+                self._outbox.put_nowait(m.Heartbeat(state=state, job_id=job_id, frame=frame, lease_id=lease_id))
 
     async def _fetch(self, epoch: int, sha256: str, size: int) -> Path:
         if epoch != self._epoch or self._outbox is None:
@@ -289,10 +301,12 @@ class Link:
             item = await outbox.get()
             if isinstance(item, _Upload):
                 try:
-                    if self.wanted(self._epoch, item.begin.lease_id, item.begin.frame):
+                    # A frame of a paused or cancelled lease is still sent (the server keeps it if it
+                    # wants it); one that another client already delivered is not.
+                    if not self.frame_revoked(item.begin.lease_id, item.begin.frame):
                         await stream.send_file(item.begin, item.path)
                     else:
-                        log.info("frame %d is no longer wanted; not sent", item.begin.frame)
+                        log.info("frame %d was delivered by another client; not sent", item.begin.frame)
                 finally:
                     self._drop_upload(item)
             else:

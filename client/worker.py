@@ -53,9 +53,9 @@ class Worker:
     def _open(self, epoch: int, job_id: str, sha256: str, size: int) -> None:
         if self.renderer.current_sha == sha256:
             return
-        self.link.set_state("downloading", job_id)
+        self.link.set_state("downloading", job_id, epoch=epoch)
         path = self.link.fetch_blend(epoch, sha256, size)
-        self.link.set_state("opening", job_id)
+        self.link.set_state("opening", job_id, epoch=epoch)
         self.renderer.open(path, sha256)
 
     def _probe(self, epoch: int, probe: m.Probe) -> None:
@@ -90,7 +90,7 @@ class Worker:
         for frame in assign.frames:
             if not self.link.wanted(epoch, lease, frame):
                 continue
-            self.link.set_state("rendering", assign.job_id, frame)
+            self.link.set_state("rendering", assign.job_id, frame, epoch=epoch, lease_id=lease)
             started = time.monotonic()
             try:
                 path = self.renderer.render_frame(frame, self.scratch)

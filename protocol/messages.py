@@ -181,9 +181,10 @@ class Error(Message):
 @_message
 class Heartbeat(Message):
     TYPE = MessageType.HEARTBEAT
-    state: str = "idle"
+    state: str = "idle"  # idle, downloading, opening, rendering, busy (finishing work the server took back)
     job_id: str | None = None
     frame: int | None = None
+    lease_id: int | None = None
 
 
 @_message

@@ -61,11 +61,11 @@ class Farm:
     """A farm server running in this process on its own thread, plus helpers to watch it."""
 
     def __init__(self, output: Path, secret: str | None = None, port: int = 0, *, name: str = "test-farm",
-                 discovery: bool = False) -> None:
+                 discovery: bool = False, **config: Any) -> None:
         self.output = output
         self.thread = ServerThread(ServerConfig(
             output_dir=output, host="127.0.0.1", port=port, secret=secret, farm_name=name,
-            heartbeat_interval=TEST_HEARTBEAT_S, heartbeat_timeout=TEST_HEARTBEAT_TIMEOUT_S),
+            heartbeat_interval=TEST_HEARTBEAT_S, heartbeat_timeout=TEST_HEARTBEAT_TIMEOUT_S, **config),
             discovery=discovery, interfaces=[LOOPBACK])  # zeroconf in tests: loopback only
         self.thread.start()
         self.port = self.thread.port

@@ -176,3 +176,20 @@ def test_failed_frame_keeps_blenders_output(farm: Farm, clients: Clients, scenes
     assert "Image too small" in error
     assert "Image too small" in render_log, "the tail of what Blender printed is kept"
     assert "3 failure(s) on only" in shown.stdout
+
+
+def test_scripts_in_blend_files_stay_off_unless_allowed(farm: Farm, clients: Clients, scenes,
+                                                        tmp_path: Path) -> None:
+    marker = tmp_path / "script-ran.txt"
+    blend = scenes("scripted", "--frames", "2", "--script-marker", str(marker))
+    clients.start("careful", farm.address)
+    farm.wait_until(connected(1), what="client")
+    assert submit(farm, blend).returncode == 0
+    assert not marker.exists(), "a script embedded in the .blend ran on a client without --allow-scripts"
+
+    clients.kill("careful", signal.SIGTERM)
+    clients.procs["careful"].wait(timeout=30)
+    clients.start("trusting", farm.address, "--allow-scripts")
+    farm.wait_until(connected(1), what="client with scripts allowed")
+    assert submit(farm, blend, "--samples", "2").returncode == 0
+    assert marker.read_text() == "ran"

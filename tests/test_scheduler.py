@@ -35,6 +35,7 @@ def farm_with_job(*clients: str, request: JobRequest = CHUNK_2) -> tuple[Farm, J
     farm.add_job(job)
     for client in clients:
         farm.connect_client(client, f"name-{client}", "host")
+        farm.client_reported(client, "idle", None, None)  # the first heartbeat makes a client ready
     return farm, job, clock
 
 
@@ -246,3 +247,57 @@ def test_a_valid_job_request_round_trips():
                          samples=16, percentage=50)
     assert JobRequest.from_wire(request.to_wire()) == request
     assert JobRequest.from_wire({}) == JobRequest()
+
+
+def test_a_client_is_given_work_only_once_ready_and_not_busy():
+    farm, _, _ = farm_with_job()
+    farm.connect_client("a", "name-a", "host")
+    assert farm.idle_clients() == [], "no work before the client's first heartbeat"
+    assert farm.client_reported("a", "busy", None, None) is True
+    assert farm.idle_clients() == [], "a client finishing work from an earlier connection is busy"
+    assert farm.client_reported("a", "idle", None, None) is True
+    assert farm.idle_clients() == ["a"]
+    assert farm.client_reported("a", "idle", None, None) is False
+
+
+def test_a_report_about_another_lease_does_not_start_the_hang_clock():
+    farm, job, clock = rendering("a")
+    lease = farm.next_work("a")
+    assert farm.client_reported("a", "rendering", lease.id + 99, lease.frames[0]) is False
+    assert farm.clients["a"].frame is None and farm.clients["a"].frame_started is None
+    clock.now += 5
+    assert farm.client_reported("a", "rendering", lease.id, lease.frames[0]) is True
+    assert farm.clients["a"].frame_started == clock.now
+
+
+def test_a_client_far_slower_than_the_jobs_frames_is_hung():
+    farm, job, clock = rendering("a", "b")
+    for _ in range(2):  # finish four frames at 1 s each
+        lease = farm.next_work("a")
+        for n in lease.frames:
+            farm.client_reported("a", "rendering", lease.id, n)
+            clock.now += 1.0
+            farm.frame_stored(job.id, n, "a", render_s=1.0)
+        farm.lease_done(lease.id)
+    lease = farm.next_work("b")
+    farm.client_reported("b", "rendering", lease.id, lease.frames[0])
+    clock.now += 9.0
+    assert farm.hung_clients(factor=10, min_s=2, min_samples=3) == []
+    clock.now += 2.0
+    assert [c for c, _, _ in farm.hung_clients(factor=10, min_s=2, min_samples=3)] == ["b"]
+    farm.disconnect_client("b")
+    frame = job.frames[lease.frames[0]]
+    assert frame.failures == 1 and "lost while rendering" in frame.error and frame.failed_on == {"name-b"}
+
+
+def test_a_client_that_fails_several_frames_of_a_job_gets_no_more_of_it():
+    farm, job, _ = rendering("a", "b", request=JobRequest(chunk=1))
+    for _ in range(3):
+        lease = farm.next_work("a")
+        farm.frame_failed(lease.id, lease.frames[0], "a", "boom")
+        farm.lease_done(lease.id)
+    assert job.excluded_clients() == {"name-a"}
+    assert farm.next_work("a") is None
+    assert farm.next_work("b") is not None
+    view = {c["id"]: c for c in farm.client_views()}
+    assert view["a"]["excluded_from"] == [job.id] and view["b"]["excluded_from"] == []

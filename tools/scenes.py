@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps: int, engine: str,
-          camera: bool, file_format: str, fail: bool = False, view_transform: str | None = None) -> None:
+          camera: bool, file_format: str, fail: bool = False, view_transform: str | None = None,
+          script_marker: Path | None = None, slow_frame: int | None = None) -> None:
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -64,6 +65,13 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
     light.rotation_euler = (0.6, 0.2, 0.4)
     scene.collection.objects.link(light)
 
+    if slow_frame is not None and engine == "CYCLES":
+        # One frame with a thousand times the samples: it looks like a client that hangs.
+        scene.cycles.use_adaptive_sampling = False
+        for frame, count in ((slow_frame - 1, samples), (slow_frame, samples * 1000), (slow_frame + 1, samples)):
+            scene.cycles.samples = count
+            scene.keyframe_insert("cycles.samples", frame=frame)
+
     if fail:
         # A render border of zero width: Blender refuses every frame with "Image too small".
         render.use_border = True
@@ -76,6 +84,12 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
         cam.rotation_euler = (1.1, 0, 0)
         scene.collection.objects.link(cam)
         scene.camera = cam
+
+    if script_marker is not None:
+        # A registered text block runs when the file is opened with scripts allowed, and leaves a mark.
+        text = bpy.data.texts.new("marker.py")
+        text.write(f"import pathlib\npathlib.Path({str(script_marker)!r}).write_text('ran')\n")
+        text.use_module = True
 
     out.parent.mkdir(parents=True, exist_ok=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(out.resolve()), compress=False)
@@ -92,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="PNG")
     parser.add_argument("--no-camera", action="store_true", help="leave the camera out")
     parser.add_argument("--fail", action="store_true", help="make every render fail with a Blender error")
+    parser.add_argument("--slow-frame", type=int, help="give this frame a thousand times the samples")
+    parser.add_argument("--script-marker", type=Path, help="embed a script that writes this file when it runs")
     parser.add_argument("--view-transform", help="colour view transform, e.g. Standard (default: Blender's)")
     args = parser.parse_args(argv)
     try:
@@ -101,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     build(args.out, frames=args.frames, width=width, height=height, samples=args.samples, fps=args.fps,
           engine=args.engine, camera=not args.no_camera, file_format=args.format, fail=args.fail,
-          view_transform=args.view_transform)
+          view_transform=args.view_transform, script_marker=args.script_marker,
+          slow_frame=args.slow_frame)
     print(args.out)
     return 0
 

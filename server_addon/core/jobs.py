@@ -93,6 +93,11 @@ class Job:
         times = [f.render_s for f in self.frames.values() if f.state is FrameState.DONE and f.render_s]
         return statistics.median(times) if len(times) >= min_samples else None
 
+    def mean_frame_s(self) -> float | None:
+        """Mean render time of this job's finished frames (None before the first); the web page's ETA."""
+        times = [f.render_s for f in self.frames.values() if f.state is FrameState.DONE and f.render_s]
+        return statistics.fmean(times) if times else None
+
     def view(self) -> dict[str, Any]:
         s = self.settings
         failed = [f for f in self.frames.values() if f.failures]
@@ -106,6 +111,7 @@ class Job:
             "frames_done": self.frames_done,
             "frames_total": len(self.frames),
             "frames_failed": len(failed),
+            "mean_frame_s": self.mean_frame_s(),
             "forced": self.forced,
             "error": self.error,
             "file_format": s.file_format if s else None,
@@ -148,11 +154,15 @@ class ClientRecord:
     frames_rendered: int = 0
     failures: int = 0
     connected: bool = True
+    ready: bool = False  # has reported its state since it connected
+    busy: bool = False  # still finishing work from before a reconnect
 
     def view(self, leases: dict[int, Lease], excluded_from: list[str]) -> dict[str, Any]:
         lease = leases.get(self.lease_id) if self.lease_id is not None else None
         if not self.connected:
             state = "lost"
+        elif self.busy:
+            state = "busy"
         elif lease is None:
             state = "idle"
         elif lease.kind is LeaseKind.PROBE:

@@ -209,7 +209,7 @@ class Farm:
         self.clients.pop(client_id, None)
 
     def idle_clients(self) -> list[str]:
-        return [c.id for c in self.clients.values() if c.connected and c.lease_id is None]
+        return [c.id for c in self.clients.values() if c.connected and c.ready and not c.busy and c.lease_id is None]
 
     def client_views(self) -> list[dict]:
         return [c.view(self.leases, [j.id for j in self.jobs.values()
@@ -389,14 +389,20 @@ class Farm:
         if lease is not None:
             self._drop_lease(lease)
 
-    def set_client_frame(self, client_id: str, frame: int | None) -> bool:
-        """Note the frame a client reports working on; True if that changed."""
+    def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None) -> bool:
+        """Take in a client's heartbeat; True if something the scheduler or a viewer cares about changed."""
         client = self.clients.get(client_id)
-        if client is None or client.frame == frame:
+        if client is None:
             return False
-        client.frame = frame
-        client.frame_started = self.clock() if frame is not None else None
-        return True
+        if lease_id is None or lease_id != client.lease_id:
+            frame = None  # a report about other work than the lease we gave it
+        changed = not client.ready or client.busy != (state == "busy") or client.frame != frame
+        client.ready = True
+        client.busy = state == "busy"
+        if client.frame != frame:
+            client.frame = frame
+            client.frame_started = self.clock() if frame is not None else None
+        return changed
 
     def hung_clients(self, factor: float, min_s: float, min_samples: int) -> list[tuple[str, float, float]]:
         """Clients on one frame far longer than the job's typical frame: (client id, seconds, limit)."""

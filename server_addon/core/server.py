@@ -185,6 +185,11 @@ class FarmServer:
             except Exception:  # a broken listener must not take the server down
                 log.exception("change listener failed")
 
+    @property
+    def version(self) -> int:
+        """The state version: it moves on every change (see wait_change)."""
+        return self._version
+
     async def wait_change(self, version: int, timeout: float) -> int:
         """Wait until the state version moves past `version`; returns the current version."""
         if self._version == version:
@@ -461,7 +466,8 @@ class FarmServer:
 
     def _on_worker_message(self, conn: _WorkerConnection, message: m.Message) -> None:
         if isinstance(message, m.Heartbeat):
-            if self.farm.set_client_frame(conn.client_id, message.frame):
+            if self.farm.client_reported(conn.client_id, message.state, message.lease_id, message.frame):
+                self._dispatch()
                 self._notify()
             return
         if isinstance(message, m.Chunk):
