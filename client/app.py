@@ -76,6 +76,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where .blend files are cached (default: ~/.cache/microfarm)")
     parser.add_argument("--allow-scripts", action="store_true",
                         help="run Python scripts stored in .blend files (drivers, handlers); off by default")
+    parser.add_argument("--device", default="auto",
+                        help="Cycles device: auto (best GPU, else CPU), CPU, OPTIX, CUDA, HIP, METAL or ONEAPI")
+    parser.add_argument("--gpu-index", type=int, default=None, metavar="N",
+                        help="use only the Nth GPU of the backend (one client per GPU on a multi-GPU machine)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="limit CPU render threads")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     return parser.parse_args(argv)
 
@@ -88,6 +93,10 @@ def main(argv: list[str]) -> int:
     try:
         server = parse_server(args.server) if args.server else None
         interfaces = check_discovery_args(args, server)
+        if args.threads is not None and args.threads < 1:
+            raise UsageError("--threads must be at least 1")
+        if args.gpu_index is not None and args.gpu_index < 0:
+            raise UsageError("--gpu-index must be 0 or more")
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -96,6 +105,8 @@ def main(argv: list[str]) -> int:
     except ImportError as exc:
         print(f"error: this Python has no bpy ({exc}); run inside Blender or pip install bpy", file=sys.stderr)
         return 2
+    from .devices import DeviceError, inventory
+    from .devices import choose as choose_device
     from .link import Link, fixed_target
     from .worker import Worker
 
@@ -112,8 +123,14 @@ def main(argv: list[str]) -> int:
             resolve = browser.target
             where = f"farm {args.farm!r}" if args.farm else "the farm found on the LAN"
         cache = BlendCache(args.cache_dir or default_cache_dir())
-        link = Link(resolve, name=args.name, secret=args.token or None, cache=cache, blender=blender_version())
-        worker = Worker(link, Renderer(allow_scripts=args.allow_scripts))
+        try:
+            device = choose_device(args.device, args.gpu_index)
+        except DeviceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        link = Link(resolve, name=args.name, secret=args.token or None, cache=cache, blender=blender_version(),
+                    device=device.backend, devices=inventory())
+        worker = Worker(link, Renderer(allow_scripts=args.allow_scripts, device=device, threads=args.threads))
 
         def stop(signum: int, _frame: object) -> None:
             log.info("stopping (signal %d)", signum)
@@ -121,8 +138,8 @@ def main(argv: list[str]) -> int:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        log.info("render client %r for %s (Blender %s, scripts %s)", args.name, where, blender_version(),
-                 "allowed" if args.allow_scripts else "disabled")
+        log.info("render client %r for %s (Blender %s, %s, scripts %s)", args.name, where, blender_version(),
+                 device.describe(), "allowed" if args.allow_scripts else "disabled")
         link.start()
         try:
             code = worker.run()

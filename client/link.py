@@ -65,8 +65,10 @@ class _Upload:
 
 class Link:
     def __init__(self, resolve: Resolver, *, name: str, secret: str | None, cache: BlendCache,
-                 blender: str = "") -> None:
+                 blender: str = "", device: str = "CPU", devices: list[str] | None = None) -> None:
         self.resolve = resolve
+        self.device = device  # reported with every heartbeat: a GPU that failed turns into "CPU"
+        self.devices = devices or [device]
         self.host = ""  # the address of the current (or last) connection attempt
         self.port = 0
         self.name = name
@@ -195,9 +197,10 @@ class Link:
             state, job_id, frame, epoch, lease_id = self._state
             if epoch is not None and epoch != self._epoch:
                 # Still finishing work of an earlier connection, which the server took back: busy, not idle.
-                self._outbox.put_nowait(m.Heartbeat(state="busy"))
+                self._outbox.put_nowait(m.Heartbeat(state="busy", device=self.device))
             else:
-                self._outbox.put_nowait(m.Heartbeat(state=state, job_id=job_id, frame=frame, lease_id=lease_id))
+                self._outbox.put_nowait(m.Heartbeat(state=state, job_id=job_id, frame=frame, lease_id=lease_id,
+                                                    device=self.device))
 
     async def _fetch(self, epoch: int, sha256: str, size: int) -> Path:
         if epoch != self._epoch or self._outbox is None:
@@ -273,7 +276,8 @@ class Link:
 
     async def _session(self, stream: MessageStream) -> None:
         welcome, accepted = await client_handshake(stream, role=Role.WORKER, name=self.name,
-                                                   secret=self.secret, blender=self.blender)
+                                                   secret=self.secret, blender=self.blender,
+                                                   device=self.device, devices=self.devices)
         log.info("connected to farm %r at %s:%d as %s", welcome.farm, self.host, self.port, accepted.client_id)
         self._outbox = asyncio.Queue()
         self._stream = stream

@@ -12,9 +12,11 @@ from typing import Any
 
 import bpy
 
-from protocol.settings import SceneInfo
+from protocol.settings import Assignment, SceneInfo
 
+from . import devices
 from .capture import capture_output
+from .devices import Device
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,14 @@ def blender_version() -> str:
 
 
 class Renderer:
-    def __init__(self, *, allow_scripts: bool = False) -> None:
+    def __init__(self, *, allow_scripts: bool = False, device: Device = devices.CPU,
+                 threads: int | None = None) -> None:
         self.allow_scripts = allow_scripts
+        self.device = device  # the client's device; CPU after a GPU failed
+        self.threads = threads
         self.current_sha: str | None = None
         self._original: dict[str, Any] = {}
+        self._job_device = device  # the device of the current assignment
 
     def open(self, path: Path, sha256: str) -> None:
         """Open the .blend unless it is already the open one (warm: one open per job file)."""
@@ -70,21 +76,36 @@ class Renderer:
             has_camera=scene.camera is not None,
         )
 
-    def apply(self, file_format: str, samples: int | None, percentage: int | None) -> None:
+    def apply(self, job: Assignment) -> None:
         """Apply a job's settings; None restores the value the file was saved with."""
         scene = bpy.context.scene
         render = scene.render
         settings = render.image_settings
         if hasattr(settings, "media_type"):
-            settings.media_type = "MULTI_LAYER_IMAGE" if file_format == "OPEN_EXR_MULTILAYER" else "IMAGE"
-        settings.file_format = file_format
-        render.resolution_percentage = percentage or self._original["percentage"]
-        _set_samples(scene, samples if samples is not None else self._original["samples"])
+            settings.media_type = "MULTI_LAYER_IMAGE" if job.file_format == "OPEN_EXR_MULTILAYER" else "IMAGE"
+        settings.file_format = job.file_format
+        render.resolution_percentage = job.percentage or self._original["percentage"]
+        _set_samples(scene, job.samples if job.samples is not None else self._original["samples"])
+        # A job that requires the CPU renders on it even on a GPU client.
+        self._job_device = devices.CPU if job.device == "CPU" else self.device
+        devices.apply(scene, self._job_device, self.threads)
         render.use_file_extension = True
         render.use_overwrite = True
         render.use_placeholder = False
 
     def render_frame(self, frame: int, directory: Path) -> Path:
+        try:
+            return self._render_frame(frame, directory)
+        except RenderError as exc:
+            if not self._job_device.is_gpu:
+                raise
+            # The GPU failed: fall back to the CPU for good, with the reason in the log.
+            log.warning("rendering on %s failed (%s); falling back to the CPU", self._job_device.describe(), exc)
+            self.device = self._job_device = devices.CPU
+            devices.apply(bpy.context.scene, devices.CPU, self.threads)
+            return self._render_frame(frame, directory)
+
+    def _render_frame(self, frame: int, directory: Path) -> Path:
         scene = bpy.context.scene
         scene.frame_set(frame)
         scene.render.filepath = str(directory / f"frame_{frame:04d}")

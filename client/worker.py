@@ -72,7 +72,7 @@ class Worker:
     def _render(self, epoch: int, assign: m.Assign) -> None:
         lease = assign.lease_id
         try:
-            file_format, samples, percentage = validate_assignment(assign.settings)
+            job = validate_assignment(assign.settings)
         except ProtocolError as exc:
             for frame in assign.frames:
                 self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame, error=str(exc)))
@@ -80,7 +80,7 @@ class Worker:
             return
         try:
             self._open(epoch, assign.job_id, assign.blend_sha256, assign.blend_size)
-            self.renderer.apply(file_format, samples, percentage)
+            self.renderer.apply(job)
         except RenderError as exc:
             for frame in assign.frames:
                 self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame,
@@ -100,6 +100,7 @@ class Worker:
                                                     error=m.clip(str(exc)), log=m.clip(exc.render_log)))
                 continue
             elapsed = time.monotonic() - started
+            self.link.device = self.renderer.device.backend
             log.info("job %s: frame %d rendered in %.2f s", assign.job_id, frame, elapsed)
             begin = m.FrameBegin(lease_id=lease, job_id=assign.job_id, frame=frame, ext=path.suffix.lstrip("."),
                                  size=path.stat().st_size, render_s=elapsed)

@@ -31,6 +31,8 @@ class Peer:
     name: str
     host: str
     blender: str
+    device: str = ""
+    devices: tuple[str, ...] = ()
 
 
 async def _expect(stream: MessageStream, kind: type[Message]) -> Message:
@@ -78,19 +80,22 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
         if secret and not matches(client_proof(secret, our_nonce, hello.nonce), auth.proof):
             await _refuse(stream, "wrong or missing farm secret")
             raise AuthError(f"client {name!r} failed the farm secret check")
-        peer = Peer(role=role, name=name, host=_clean_name(hello.host), blender=_clean_name(hello.blender))
+        peer = Peer(role=role, name=name, host=_clean_name(hello.host), blender=_clean_name(hello.blender),
+                    device=_clean_name(hello.device), devices=tuple(_clean_name(d) for d in hello.devices[:16]))
         client_id = assign_id(peer)
         await stream.send(Accepted(client_id=client_id, heartbeat_s=heartbeat_s))
         return peer, client_id
 
 
 async def client_handshake(stream: MessageStream, *, role: Role, name: str, secret: str | None,
-                           blender: str = "", timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple[Welcome, Accepted]:
+                           blender: str = "", device: str = "", devices: list[str] | None = None,
+                           timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple[Welcome, Accepted]:
     """Run the client side; raises AuthError if the server cannot prove the secret."""
     async with asyncio.timeout(timeout):
         nonce = new_nonce()
         await stream.send(Hello(version=PROTOCOL_VERSION, role=role.value, name=name, nonce=nonce,
-                                host=socket.gethostname(), blender=blender))
+                                host=socket.gethostname(), blender=blender, device=device,
+                                devices=list(devices or [])))
         welcome = await _expect(stream, Welcome)
         assert isinstance(welcome, Welcome)
         if welcome.version != PROTOCOL_VERSION:

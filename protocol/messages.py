@@ -145,6 +145,8 @@ class Hello(Message):
     nonce: bytes
     host: str = ""
     blender: str = ""
+    device: str = ""  # what a render client renders on: "CPU", "OPTIX", "CUDA", ...
+    devices: list[str] = dataclasses.field(default_factory=list)  # everything it could use
 
 
 @_message
@@ -185,6 +187,7 @@ class Heartbeat(Message):
     job_id: str | None = None
     frame: int | None = None
     lease_id: int | None = None
+    device: str = ""  # changes when a failing GPU made the client fall back to the CPU
 
 
 @_message

@@ -24,6 +24,8 @@ IMAGE_FORMATS: dict[str, str] = {
     "WEBP": "webp",
 }
 DEFAULT_FORMAT = "PNG"
+#: What a job may require of the clients that render it (None: any device).
+DEVICE_KINDS = ("CPU", "GPU")
 DEFAULT_CHUNK = 4
 MAX_CHUNK = 10_000
 MAX_SAMPLES = 1 << 20
@@ -56,6 +58,7 @@ class JobRequest:
     file_format: str | None = None
     samples: int | None = None
     percentage: int | None = None
+    device: str | None = None  # "CPU" or "GPU": only clients rendering on that kind of device
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,6 +69,9 @@ class JobRequest:
         file_format = raw.get("file_format")
         if file_format is not None and file_format not in IMAGE_FORMATS:
             raise SettingsError(f"format must be one of {', '.join(IMAGE_FORMATS)}, not {file_format!r}")
+        device = raw.get("device")
+        if device is not None and device not in DEVICE_KINDS:
+            raise SettingsError(f"device must be one of {', '.join(DEVICE_KINDS)}, not {device!r}")
         request = cls(
             frame_start=_int_or_none(raw, "frame_start", -limit, limit),
             frame_end=_int_or_none(raw, "frame_end", -limit, limit),
@@ -74,6 +80,7 @@ class JobRequest:
             file_format=file_format,
             samples=_int_or_none(raw, "samples", 1, MAX_SAMPLES),
             percentage=_int_or_none(raw, "percentage", 1, MAX_PERCENTAGE),
+            device=device,
         )
         start, end = request.frame_start, request.frame_end
         if start is not None and end is not None and end < start:
@@ -132,13 +139,15 @@ class RenderSettings:
     fps: float
     resolution_x: int
     resolution_y: int
+    device: str | None = None
 
     @property
     def ext(self) -> str:
         return IMAGE_FORMATS[self.file_format]
 
     def to_assignment(self) -> dict[str, Any]:
-        return {"file_format": self.file_format, "samples": self.samples, "percentage": self.percentage}
+        return {"file_format": self.file_format, "samples": self.samples, "percentage": self.percentage,
+                "device": self.device}
 
 
 def resolve(request: JobRequest, scene: SceneInfo) -> RenderSettings:
@@ -165,17 +174,30 @@ def resolve(request: JobRequest, scene: SceneInfo) -> RenderSettings:
         fps=scene.fps,
         resolution_x=max(1, scene.resolution_x * percentage // 100),
         resolution_y=max(1, scene.resolution_y * percentage // 100),
+        device=request.device,
     )
 
 
-def validate_assignment(raw: dict[str, Any]) -> tuple[str, int | None, int | None]:
-    """Check the settings of an ASSIGN message on the client before applying them."""
+@dataclass(frozen=True)
+class Assignment:
+    """The settings of an ASSIGN message, checked on the client before they are applied."""
+
+    file_format: str
+    samples: int | None
+    percentage: int | None
+    device: str | None
+
+
+def validate_assignment(raw: dict[str, Any]) -> Assignment:
     file_format = raw.get("file_format")
     if file_format not in IMAGE_FORMATS:
         raise ProtocolError(f"assignment asks for unknown format {file_format!r}")
+    device = raw.get("device")
+    if device is not None and device not in DEVICE_KINDS:
+        raise ProtocolError(f"assignment asks for unknown device kind {device!r}")
     try:
         samples = _int_or_none(raw, "samples", 1, MAX_SAMPLES)
         percentage = _int_or_none(raw, "percentage", 1, MAX_PERCENTAGE)
     except SettingsError as exc:
         raise ProtocolError(str(exc)) from None
-    return file_format, samples, percentage
+    return Assignment(file_format, samples, percentage, device)

@@ -11,11 +11,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocol.discovery import Advertiser, interface_addresses
 from protocol.errors import DiscoveryError
 
 from .core.server import FarmServer, ServerConfig
+
+if TYPE_CHECKING:
+    from .web import WebServer
 
 log = logging.getLogger("server_addon")
 
@@ -38,11 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: the --host address, or all interfaces for 0.0.0.0)")
     parser.add_argument("--no-discovery", dest="discovery", action="store_false",
                         help="do not advertise the farm on the LAN (zeroconf); clients then need --server")
+    parser.add_argument("--web-port", type=int, default=None, metavar="PORT",
+                        help="serve the web interface on this port (0 picks a free one; default: no web interface)")
+    parser.add_argument("--web-host", default="127.0.0.1", metavar="ADDR",
+                        help="address of the web interface (default: 127.0.0.1, this machine only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     return parser.parse_args(argv)
 
 
-async def serve(config: ServerConfig, discovery: bool = True, interfaces: Sequence[str] | None = None) -> None:
+class WebStartError(Exception):
+    """The web interface could not start; the message is one line for the user."""
+
+
+async def serve(config: ServerConfig, discovery: bool = True, interfaces: Sequence[str] | None = None,
+                web_port: int | None = None, web_host: str = "127.0.0.1") -> None:
     server = FarmServer(config)
     await server.start()
     # A line a parent process can wait for (tests, the demo, the benchmark).
@@ -52,14 +65,31 @@ async def serve(config: ServerConfig, discovery: bool = True, interfaces: Sequen
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    web: WebServer | None = None
     try:
+        if web_port is not None:
+            web = await _start_web(server, web_host, web_port, config.secret)
         async with contextlib.AsyncExitStack() as advertising:
             if discovery:
                 await _advertise(advertising, config, server, interfaces)
             await stop.wait()
         # Leaving the stack withdrew the advertisement: no client finds a server that is going away.
     finally:
+        if web is not None:
+            await web.stop()
         await server.stop()
+
+
+async def _start_web(server: FarmServer, host: str, port: int, secret: str | None) -> WebServer:
+    from .web import start_web  # aiohttp is needed only with --web-port
+
+    try:
+        web = await start_web(server, host, port, secret)
+    except OSError as exc:
+        raise WebStartError(f"cannot start the web interface on {host}:{port}: {exc.strerror or exc}") from None
+    # A line a parent process can wait for, after the "listening on" line.
+    print(f"MicroFarm web interface on {web.url}", flush=True)
+    return web
 
 
 async def _advertise(stack: contextlib.AsyncExitStack, config: ServerConfig, server: FarmServer,
@@ -80,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: port {args.port} is not between 0 and 65535", file=sys.stderr)
         return 2
+    if args.web_port is not None and not 0 <= args.web_port <= 65535:
+        print(f"error: web port {args.web_port} is not between 0 and 65535", file=sys.stderr)
+        return 2
     config = ServerConfig(output_dir=args.output_dir, host=args.host, port=args.port, data_dir=args.data_dir,
                           secret=args.token or None)
     if args.farm_name:
@@ -92,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --interface: {exc}", file=sys.stderr)
             return 2
     try:
-        asyncio.run(serve(config, args.discovery, interfaces))
+        asyncio.run(serve(config, args.discovery, interfaces, args.web_port, args.web_host))
+    except WebStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"error: cannot start the server on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

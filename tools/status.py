@@ -25,9 +25,11 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> str:
     out = []
     if jobs:
-        rows = [[j["id"], j["name"], j["state"], f"{j['frames_done']}/{j['frames_total']}",
-                 (j.get("error") or "").splitlines()[0][:80] if j.get("error") else ""] for j in jobs]
-        out.append(format_table(rows, ["JOB", "FILE", "STATE", "FRAMES", "ERROR"]))
+        def note(j: dict[str, Any]) -> str:
+            text = j.get("error") or j.get("waiting") or j.get("video_error") or ""
+            return text.splitlines()[0][:80] if text else ""
+        rows = [[j["id"], j["name"], j["state"], f"{j['frames_done']}/{j['frames_total']}", note(j)] for j in jobs]
+        out.append(format_table(rows, ["JOB", "FILE", "STATE", "FRAMES", "NOTE"]))
     else:
         out.append("no jobs")
     out.append("")
@@ -36,8 +38,9 @@ def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> st
             if c["state"] == "rendering" and c.get("frame") is not None:
                 return f"rendering {c['job_id']} frame {c['frame']}"
             return c["state"]
-        rows = [[c["name"], c["host"], doing(c), str(c["frames_rendered"]), str(c["failures"])] for c in clients]
-        out.append(format_table(rows, ["CLIENT", "HOST", "STATE", "FRAMES", "FAILURES"]))
+        rows = [[c["name"], c["host"], c.get("device") or "?", doing(c), str(c["frames_rendered"]),
+                 str(c["failures"])] for c in clients]
+        out.append(format_table(rows, ["CLIENT", "HOST", "DEVICE", "STATE", "FRAMES", "FAILURES"]))
     else:
         out.append("no clients")
     return "\n".join(out)

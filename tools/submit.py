@@ -50,7 +50,8 @@ def build_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.frames:
         start, end = parse_frames(args.frames)
     raw = {"frame_start": start, "frame_end": end, "frame_step": args.step, "chunk": args.chunk,
-           "file_format": args.format, "samples": args.samples, "percentage": args.percentage}
+           "file_format": args.format, "samples": args.samples, "percentage": args.percentage,
+           "device": args.device.upper() if args.device else None}
     try:
         return JobRequest.from_wire(raw).to_wire()
     except SettingsError as exc:
@@ -117,6 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--format", choices=sorted(IMAGE_FORMATS), help="image format (default: the scene's)")
     parser.add_argument("--samples", type=int, help="render samples (default: the scene's)")
     parser.add_argument("--percentage", type=int, help="resolution percentage (default: the scene's)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], help="only clients rendering on this kind of device")
     parser.add_argument("--priority", type=int, default=0, help="higher renders first (default: 0)")
     parser.add_argument("--queue", action="store_true", help="queue the job without starting it (tools.jobs resume)")
     parser.add_argument("--video", choices=["h264", "h265", "prores"], help="build a video when the frames are done")

@@ -76,6 +76,7 @@ class Job:
     video_state: str = ""  # "", "building", "done", "failed"
     video_path: str = ""
     video_error: str = ""
+    waiting: str = ""  # why no client can take the job's frames now, for the user
 
     @property
     def settled(self) -> bool:
@@ -113,6 +114,8 @@ class Job:
             "frames_failed": len(failed),
             "mean_frame_s": self.mean_frame_s(),
             "forced": self.forced,
+            "device": self.request.device,
+            "waiting": self.waiting,
             "error": self.error,
             "file_format": s.file_format if s else None,
             "fps": s.fps if s else None,
@@ -154,6 +157,8 @@ class ClientRecord:
     frames_rendered: int = 0
     failures: int = 0
     connected: bool = True
+    device: str = "CPU"  # what it renders on: CPU, OPTIX, CUDA, ...
+    devices: tuple[str, ...] = ()
     ready: bool = False  # has reported its state since it connected
     busy: bool = False  # still finishing work from before a reconnect
 
@@ -173,7 +178,7 @@ class ClientRecord:
             "id": self.id, "name": self.name, "host": self.host, "state": state,
             "job_id": lease.job_id if lease else None, "frame": self.frame,
             "frames_rendered": self.frames_rendered, "failures": self.failures,
-            "excluded_from": excluded_from,
+            "excluded_from": excluded_from, "device": self.device, "devices": list(self.devices),
         }
 
 

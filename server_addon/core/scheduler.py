@@ -177,8 +177,9 @@ class Farm:
 
     # --- clients --------------------------------------------------------------------------
 
-    def connect_client(self, client_id: str, name: str, host: str) -> ClientRecord:
-        record = ClientRecord(id=client_id, name=name, host=host)
+    def connect_client(self, client_id: str, name: str, host: str, device: str = "CPU",
+                       devices: tuple[str, ...] = ()) -> ClientRecord:
+        record = ClientRecord(id=client_id, name=name, host=host, device=device or "CPU", devices=devices)
         self.clients[client_id] = record
         return record
 
@@ -239,6 +240,13 @@ class Farm:
 
     # --- handing out work -----------------------------------------------------------------
 
+    def note_waiting(self) -> None:
+        """Say on each GPU-only job whether any connected client could render it."""
+        gpu_client = any(c.connected and c.device != "CPU" for c in self.clients.values())
+        for job in self.jobs.values():
+            needs_gpu = job.request.device == "GPU" and job.state.running
+            job.waiting = "waiting for a client that renders on a GPU" if needs_gpu and not gpu_client else ""
+
     def next_work(self, client_id: str) -> Lease | None:
         """Give an idle client its next piece of work, or None if there is nothing it may do."""
         client = self.clients[client_id]
@@ -252,8 +260,10 @@ class Farm:
                 continue
             if job.state is JobState.PROBING:
                 if job.probe_lease is None:
-                    return self._lease(job, client, LeaseKind.PROBE, [])
+                    return self._lease(job, client, LeaseKind.PROBE, [])  # reading a scene: any device
                 continue
+            if job.request.device == "GPU" and client.device == "CPU":
+                continue  # a job that requires a GPU never renders on a CPU, silently or otherwise
             frames = self._eligible_frames(job, client.name, connected)
             if frames:
                 return self._lease(job, client, LeaseKind.RENDER, frames)
@@ -389,11 +399,16 @@ class Farm:
         if lease is not None:
             self._drop_lease(lease)
 
-    def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None) -> bool:
+    def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None,
+                        device: str = "") -> bool:
         """Take in a client's heartbeat; True if something the scheduler or a viewer cares about changed."""
         client = self.clients.get(client_id)
         if client is None:
             return False
+        if device and device != client.device:
+            log.warning("client %s now renders on %s (was %s)", client.name, device, client.device)
+            client.device = device
+            client.ready = False  # counts as a change below
         if lease_id is None or lease_id != client.lease_id:
             frame = None  # a report about other work than the lease we gave it
         changed = not client.ready or client.busy != (state == "busy") or client.frame != frame

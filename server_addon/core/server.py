@@ -299,6 +299,7 @@ class FarmServer:
     def _dispatch(self) -> None:
         """Push work to every idle client at once, and tell clients what is no longer wanted."""
         self._start_videos()
+        self.farm.note_waiting()
         for revocation in self.farm.drain_revocations():
             conn = self._workers.get(revocation.client_id)
             if conn is not None:
@@ -427,7 +428,8 @@ class FarmServer:
     async def _serve_worker(self, stream: MessageStream, peer: Peer, client_id: str) -> None:
         conn = _WorkerConnection(self, stream, client_id, peer)
         self._forget_lost(peer)
-        self.farm.connect_client(client_id, peer.name, peer.host or stream.peer.rsplit(":", 1)[0])
+        self.farm.connect_client(client_id, peer.name, peer.host or stream.peer.rsplit(":", 1)[0], peer.device,
+                                 peer.devices)
         self._workers[client_id] = conn
         conn.writer_task = self._spawn(conn.write_loop())
         log.info("client %s connected from %s as %s (Blender %s)", peer.name, stream.peer, client_id,
@@ -466,7 +468,8 @@ class FarmServer:
 
     def _on_worker_message(self, conn: _WorkerConnection, message: m.Message) -> None:
         if isinstance(message, m.Heartbeat):
-            if self.farm.client_reported(conn.client_id, message.state, message.lease_id, message.frame):
+            if self.farm.client_reported(conn.client_id, message.state, message.lease_id, message.frame,
+                                         message.device):
                 self._dispatch()
                 self._notify()
             return

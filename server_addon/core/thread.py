@@ -7,12 +7,15 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from protocol.discovery import Advertiser, interface_addresses
 from protocol.errors import DiscoveryError
 
 from .server import FarmServer, ServerConfig
+
+if TYPE_CHECKING:
+    from ..web import WebServer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,11 +31,18 @@ class ServerThread:
     With `discovery`, the farm is advertised over zeroconf once it listens (on `interfaces`,
     addresses or names; by default the interface of `config.host`, or all for 0.0.0.0) and
     withdrawn in stop(). Advertising runs on the server's loop, so start() does not wait for it.
+
+    With `web_port` (0: a free one), the web interface runs on the same loop, on `web_host`
+    (loopback unless told otherwise); start() fails when it cannot listen there.
     """
 
     def __init__(self, config: ServerConfig, *, discovery: bool = False,
-                 interfaces: Sequence[str] | None = None) -> None:
+                 interfaces: Sequence[str] | None = None, web_port: int | None = None,
+                 web_host: str = "127.0.0.1") -> None:
         self.config = config
+        self.web_port_wanted = web_port
+        self.web_host = web_host
+        self.web: WebServer | None = None
         self.discovery = discovery
         # Checked here, so that a wrong interface is an error of the caller, not a log line.
         self.interfaces = interface_addresses(interfaces) if discovery and interfaces else None
@@ -49,6 +59,10 @@ class ServerThread:
     @property
     def port(self) -> int | None:
         return self.server.port if self.server else None
+
+    @property
+    def web_port(self) -> int | None:
+        return self.web.port if self.web else None
 
     def start(self) -> None:
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -78,6 +92,15 @@ class ServerThread:
         except BaseException as exc:
             ready.set_exception(exc)
             return
+        if self.web_port_wanted is not None:
+            try:
+                from ..web import start_web  # aiohttp is needed only for the web interface
+
+                self.web = await start_web(server, self.web_host, self.web_port_wanted, self.config.secret)
+            except BaseException as exc:
+                await server.stop()
+                ready.set_exception(exc)
+                return
         self.server = server
         ready.set_result(None)
         advertising = asyncio.create_task(self._advertise(server)) if self.discovery else None
@@ -87,6 +110,8 @@ class ServerThread:
             await asyncio.gather(advertising, return_exceptions=True)
         if self.advertiser is not None:
             await self.advertiser.close()  # withdrawn first: clients must not find a server that is going away
+        if self.web is not None:
+            await self.web.stop()
         await server.stop()
 
     async def _advertise(self, server: FarmServer) -> None:
@@ -123,3 +148,4 @@ class ServerThread:
         self._thread = None
         self.server = None
         self.advertiser = None
+        self.web = None

@@ -203,6 +203,7 @@ async def delete_job(request: web.Request) -> web.Response:
 
 
 async def clear_completed(request: web.Request) -> web.Response:
+    await _json_body(request)  # none is needed, but an oversized or malformed one is still an error
     return await _run_action(request, "clear_completed", "", {})
 
 

@@ -202,8 +202,13 @@ async def receive_job(request: web.Request, server: Any, max_upload_bytes: int) 
                 parse_options(fields)  # settings sent before the file are checked before it is stored
                 filename = part.filename or ""
                 upload = BlendUpload(server.blends, max_upload_bytes)
-                while chunk := await part.read_chunk(READ_CHUNK_BYTES):
-                    await upload.write(chunk)
+                try:
+                    while chunk := await part.read_chunk(READ_CHUNK_BYTES):
+                        await upload.write(chunk)
+                except ConnectionError:
+                    log.info("web upload of %r from %s stopped by the browser after %s", clean_name(filename),
+                             request.remote, human_bytes(upload.size))
+                    raise WebError(400, "the upload was interrupted") from None
             elif part.name in INT_FIELDS or part.name in TEXT_FIELDS:
                 fields[part.name] = await _read_field(part)
             else:

@@ -1,0 +1,240 @@
+"""Operators. Each returns at once: network, hashing and packing happen on other threads (runtime.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, StringProperty
+
+from protocol.settings import JobRequest, SettingsError
+
+from . import props, runtime
+from .errors import FarmError, sentence
+from .runtime import ServerSettings, State
+from .submit import JobSubmission
+
+_NOT_STOPPED = {State.STARTING: "The farm server is starting", State.RUNNING: "The farm server is running",
+                State.STOPPING: "The farm server is stopping"}
+
+
+def _poll_state(cls: type, wanted: State, message: str) -> bool:
+    """Buttons are greyed out, with a reason in their tooltip, unless the server is in `wanted` state."""
+    rt = runtime.current()
+    state = rt.state if rt is not None else None
+    if state is wanted:
+        return True
+    cls.poll_message_set(_NOT_STOPPED.get(state, message) if wanted is State.STOPPED else message)
+    return False
+
+
+class MICROFARM_OT_start_server(bpy.types.Operator):
+    """Start the farm server on this computer; render clients on the LAN can then join"""
+
+    bl_idname = "microfarm.start_server"
+    bl_label = "Start Server"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _poll_state(cls, State.STOPPED, "The MicroFarm add-on is not enabled")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        prefs = props.preferences(context)
+        host = prefs.bind_address.strip() or "0.0.0.0"
+        output = bpy.path.abspath(prefs.output_dir) if prefs.output_dir else props.DEFAULT_OUTPUT_DIR
+        settings = ServerSettings(output_dir=Path(output), host=host, port=prefs.port, secret=prefs.secret,
+                                  farm_name=prefs.farm_name.strip(), discovery=prefs.use_discovery,
+                                  web_port=prefs.web_port if prefs.use_web else None,
+                                  web_host=prefs.web_host.strip() or "127.0.0.1")
+        try:
+            runtime.get().start(settings)
+        except FarmError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self.report({'INFO'}, f"Starting the farm server on {host}:{prefs.port}")
+        return {'FINISHED'}
+
+
+class MICROFARM_OT_stop_server(bpy.types.Operator):
+    """Stop the farm server: clients are disconnected, unfinished jobs continue at the next start"""
+
+    bl_idname = "microfarm.stop_server"
+    bl_label = "Stop Server"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _poll_state(cls, State.RUNNING, "The farm server is not running")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            runtime.get().stop()
+        except FarmError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        return {'FINISHED'}
+
+
+def job_request(scene: bpy.types.Scene) -> JobRequest:
+    """The job's settings from the panel, defaulting to the scene's. Raises SettingsError."""
+    settings = scene.microfarm
+    if settings.use_frame_range:
+        start, end = settings.frame_start, settings.frame_end
+    else:
+        start, end = scene.frame_start, scene.frame_end
+    file_format = None if settings.file_format == "SCENE" else settings.file_format
+    return JobRequest.from_wire({"frame_start": start, "frame_end": end, "frame_step": scene.frame_step,
+                                 "chunk": settings.chunk, "file_format": file_format})
+
+
+class MICROFARM_OT_create_job(bpy.types.Operator):
+    """Send a saved copy of this file to the farm and render it there; the open file stays as it is"""
+
+    bl_idname = "microfarm.create_job"
+    bl_label = "Create Render Job"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return context.scene is not None and _poll_state(cls, State.RUNNING, "Start the farm server first")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = context.scene
+        settings = scene.microfarm
+        try:
+            request = job_request(scene)
+        except SettingsError as exc:
+            self.report({'ERROR'}, f"{str(exc)[:1].upper()}{str(exc)[1:]}.")
+            return {'CANCELLED'}
+        rt = runtime.get()
+        try:
+            copy = rt.blend_drop_path()
+        except FarmError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        # A copy: the open file keeps its path, its dirty flag and its (unpacked) images; the file on disk
+        # is not touched. relative_remap keeps relative paths pointing at the same files from the copy's folder.
+        try:
+            bpy.ops.wm.save_as_mainfile(filepath=str(copy), copy=True, relative_remap=True, check_existing=False)
+        except RuntimeError as exc:
+            self.report({'ERROR'}, f"Could not save a copy of the file for the farm: {exc}")
+            return {'CANCELLED'}
+        name = Path(bpy.data.filepath).name if bpy.data.filepath else "untitled.blend"
+        video = ({"codec": settings.video_codec, "quality": settings.video_quality,
+                  "location": settings.video_location} if settings.use_video else None)
+        try:
+            rt.submit(JobSubmission(blend=copy, name=name, request=request, pack=settings.pack_textures,
+                                    priority=settings.priority, video=video))
+        except FarmError as exc:
+            copy.unlink(missing_ok=True)
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self.report({'INFO'}, f"Sending {name} to the farm" + (" (packing textures)" if settings.pack_textures else ""))
+        return {'FINISHED'}
+
+
+class _JobAction:
+    """Base of the job buttons: ask the server, report its answer (or let the panel show it later)."""
+
+    action = ""
+    job_id: StringProperty(name="Job", options={'SKIP_SAVE'})
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _poll_state(cls, State.RUNNING, "The farm server is not running")
+
+    def arguments(self) -> dict | None:
+        return None
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            answer = runtime.get().job_action(self.action, self.job_id, self.arguments())
+        except FarmError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        if answer:
+            self.report({'INFO'}, sentence(answer))
+        runtime.tag_redraw()
+        return {'FINISHED'}
+
+
+class MICROFARM_OT_cancel_job(_JobAction, bpy.types.Operator):
+    """Stop rendering this job; the frames already rendered stay on disk"""
+
+    bl_idname = "microfarm.cancel_job"
+    bl_label = "Cancel"
+    action = "cancel"
+
+
+class MICROFARM_OT_pause_job(_JobAction, bpy.types.Operator):
+    """Stop handing out this job's frames until it is resumed"""
+
+    bl_idname = "microfarm.pause_job"
+    bl_label = "Pause"
+    action = "pause"
+
+
+class MICROFARM_OT_resume_job(_JobAction, bpy.types.Operator):
+    """Continue a paused or queued job, or give a failed or cancelled one another go"""
+
+    bl_idname = "microfarm.resume_job"
+    bl_label = "Resume"
+    action = "resume"
+
+
+class MICROFARM_OT_force_complete(_JobAction, bpy.types.Operator):
+    """Call the job done with the frames rendered so far"""
+
+    bl_idname = "microfarm.force_complete"
+    bl_label = "Force Complete"
+    action = "force_complete"
+
+
+class MICROFARM_OT_delete_job(_JobAction, bpy.types.Operator):
+    """Remove the job from the farm (its rendered frames stay on disk unless Delete Files is on)"""
+
+    bl_idname = "microfarm.delete_job"
+    bl_label = "Delete"
+    action = "delete"
+    delete_files: BoolProperty(name="Delete Files", default=False, options={'SKIP_SAVE'},
+                               description="Also delete the job's rendered frames and video")
+
+    def arguments(self) -> dict | None:
+        return {"files": True} if self.delete_files else None
+
+
+class MICROFARM_OT_clear_completed(_JobAction, bpy.types.Operator):
+    """Remove every finished job (done, failed or cancelled) from the list; their frames stay on disk"""
+
+    bl_idname = "microfarm.clear_completed"
+    bl_label = "Clear Completed"
+    action = "clear_completed"
+
+
+class MICROFARM_OT_report(bpy.types.Operator):
+    """Show a message from the farm's background work in the status bar"""
+
+    bl_idname = "microfarm.report"
+    bl_label = "MicroFarm Message"
+    bl_options = {'INTERNAL'}
+
+    level: EnumProperty(items=[("INFO", "Info", ""), ("WARNING", "Warning", ""), ("ERROR", "Error", "")],
+                        default="INFO", options={'SKIP_SAVE'})
+    message: StringProperty(options={'SKIP_SAVE'})
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        self.report({self.level}, self.message)
+        return {'FINISHED'}
+
+
+classes = (
+    MICROFARM_OT_start_server,
+    MICROFARM_OT_stop_server,
+    MICROFARM_OT_create_job,
+    MICROFARM_OT_cancel_job,
+    MICROFARM_OT_pause_job,
+    MICROFARM_OT_resume_job,
+    MICROFARM_OT_force_complete,
+    MICROFARM_OT_delete_job,
+    MICROFARM_OT_clear_completed,
+    MICROFARM_OT_report,
+)
+register, unregister = bpy.utils.register_classes_factory(classes)

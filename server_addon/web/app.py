@@ -1,0 +1,191 @@
+"""The web interface's application: routes, the guard every request passes, and start/stop.
+
+It runs on the farm server's own event loop (the headless server's, or the add-on's server thread),
+so handlers call the FarmServer directly with no locks: everything happens on one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from protocol.limits import MAX_BLEND_BYTES
+
+from ..core.server import FarmServer
+from . import handlers
+from .auth import PAGE_HEADER, Auth, cross_site_reason, is_loopback_host
+from .errors import WebError, error_response
+from .events import EVENT_MIN_INTERVAL_S, StatusFeed
+from .handlers import STATE, STATIC_DIR, WebState
+from .thumbs import Thumbnails
+from .upload import human_bytes
+
+log = logging.getLogger(__name__)
+
+#: The largest .blend the page and the API accept by default (the protocol's own limit).
+DEFAULT_MAX_UPLOAD_BYTES = MAX_BLEND_BYTES
+#: Any other request body (JSON, the login form) is at most this big.
+MAX_BODY_BYTES = 64 * 1024
+#: How long stop() lets requests in flight finish (uploads, zips) before it cuts them off.
+SHUTDOWN_TIMEOUT_S = 2.0
+CONTENT_SECURITY_POLICY = ("default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                           "frame-ancestors 'none'")
+#: Reachable without the secret: the login page and the page's code (which holds no data).
+PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PATHS = frozenset({"/login"})
+#: Pages a browser opens directly: without credentials they lead to the login form.
+PAGES = frozenset({"/", "/index.html"})
+#: Set when the interface listens on loopback only: then the Host header must name loopback too.
+LOOPBACK_ONLY = web.AppKey("microfarm_loopback_only", bool)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Host and cross-site checks, the secret, and every error as {"error": "..."}."""
+    state = request.app[STATE]
+    try:
+        if request.app[LOOPBACK_ONLY] and not is_loopback_host(request.host):
+            raise WebError(403, f"this interface answers to localhost only, not to {request.host!r}")
+        reason = cross_site_reason(request)
+        if reason is not None:
+            log.warning("web: refused %s %s from %s: %s", request.method, request.path, request.remote, reason)
+            raise WebError(403, reason)
+        if not _public(request.path):
+            refusal = await _check_credentials(request, state.auth)
+            if refusal is not None:
+                return refusal
+        return await handler(request)
+    except WebError as exc:
+        return error_response(exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, _http_message(request, exc))
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("web: %s %s from %s failed", request.method, request.path, request.remote)
+        if request.writer.output_size > 0:
+            raise  # a streamed reply has begun: aiohttp cuts the connection, no JSON can follow
+        return error_response(500, "internal error; the server's log has the details")
+
+
+def _public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+async def _check_credentials(request: web.Request, auth: Auth) -> web.StreamResponse | None:
+    verdict = auth.credentials(request)
+    if verdict is True:
+        return None
+    if verdict is False:
+        log.warning("web: wrong credentials from %s for %s %s", request.remote, request.method, request.path)
+        await auth.refuse_slowly()
+    if request.method in ("GET", "HEAD") and request.path in PAGES:
+        raise web.HTTPSeeOther("/login")
+    # The page's own requests (its scripts, its event stream) get no browser prompt: it shows its login form.
+    from_page = request.headers.get(PAGE_HEADER) or request.headers.get("Accept") == "text/event-stream"
+    headers = {} if from_page else {"WWW-Authenticate": 'Basic realm="MicroFarm"'}
+    message = "wrong credentials" if verdict is False else "this farm needs its secret"
+    return error_response(401, f"{message}: log in, or send it as the password of HTTP Basic auth or as "
+                               "'Authorization: Bearer SECRET'", headers)
+
+
+def _http_message(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return f"there is nothing at {request.path}"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path}"
+    if exc.status == 413:
+        return f"the request body is larger than the {human_bytes(MAX_BODY_BYTES)} allowed"
+    return exc.reason
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    if request.path.startswith("/api/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+
+
+def build_app(state: WebState, loopback_only: bool) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY_BYTES)
+    app[STATE] = state
+    app[LOOPBACK_ONLY] = loopback_only
+    app.on_response_prepare.append(_security_headers)
+    app.on_shutdown.append(_end_streams)
+    h = handlers
+    app.router.add_get("/", h.index)
+    app.router.add_get("/index.html", h.index)
+    app.router.add_get("/login", h.login_page)
+    app.router.add_post("/login", h.login)
+    app.router.add_post("/logout", h.logout)
+    app.router.add_get("/api/status", h.status)
+    app.router.add_get("/api/events", h.event_stream)
+    app.router.add_post("/api/jobs", h.create_job)
+    app.router.add_post("/api/jobs/clear_completed", h.clear_completed)
+    app.router.add_get("/api/jobs/{job}", h.job_view)
+    app.router.add_delete("/api/jobs/{job}", h.delete_job)
+    app.router.add_post("/api/jobs/{job}/{action}", h.job_action)
+    app.router.add_get("/api/jobs/{job}/files", h.list_files)
+    app.router.add_get("/api/jobs/{job}/thumbnail", h.thumbnail)
+    app.router.add_get("/files/{job}.zip", h.get_zip)
+    app.router.add_get("/files/{job}/{name}", h.get_file)
+    app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+    return app
+
+
+async def _end_streams(app: web.Application) -> None:
+    for task in list(app[STATE].streams):
+        task.cancel()
+
+
+class WebServer:
+    """The running web interface; stop() before the FarmServer stops."""
+
+    def __init__(self, runner: web.AppRunner, state: WebState, host: str, port: int) -> None:
+        self._runner = runner
+        self.state = state
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        log.info("web interface on %s stopped", self.url)
+
+
+async def start_web(server: FarmServer, host: str = "127.0.0.1", port: int = 0, secret: str | None = None, *,
+                    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                    event_interval_s: float = EVENT_MIN_INTERVAL_S) -> WebServer:
+    """Serve the web interface for `server` on host:port (0: a free port), on the running loop."""
+    thumbnails = Thumbnails(server.config.resolved_data_dir / "thumbnails")
+    await asyncio.to_thread(thumbnails.clear)
+    state = WebState(server=server, auth=Auth(secret), thumbnails=thumbnails, max_upload_bytes=max_upload_bytes,
+                     event_interval_s=event_interval_s)
+    state.feed = StatusFeed(server, lambda: handlers.build_status(state))
+    runner = web.AppRunner(build_app(state, is_loopback_host(host)), access_log=None,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    web_server = WebServer(runner, state, host, bound)
+    log.info("web interface for farm %r on %s (secret %s, uploads up to %s)", server.config.farm_name,
+             web_server.url, "required" if secret else "not set", human_bytes(max_upload_bytes))
+    return web_server

@@ -1,0 +1,415 @@
+"""The in-Blender half of tests/test_addon.py: runs in its own bpy process and prints one JSON line.
+
+    BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py render --zip Z --work W --texture T --rgb R,G,B
+    BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py cycle --zip Z --work W
+
+It installs the built extension the way Blender's "Install from Disk" does, with no network, into
+the user folder named by BLENDER_USER_RESOURCES (never the real one), and drives the add-on through
+its operators. The repository is deliberately NOT on sys.path: `protocol` must come from the wheel
+inside the zip. Under a bpy script, timers do not fire while the script runs, so it waits on the
+server thread and calls the timer's drain function itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+ADDON = "bl_ext.user_default.microfarm"
+WAIT_S = 120.0
+
+if "BLENDER_USER_RESOURCES" not in os.environ:
+    sys.exit("refusing to run without BLENDER_USER_RESOURCES: it would install into the real user folder")
+
+import bpy  # noqa: E402
+
+
+def log(*parts: Any) -> None:
+    print("scenario:", *parts, file=sys.stderr, flush=True)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def install(zip_path: Path, enable: bool) -> None:
+    # Blender's own Python has no msgpack, zeroconf or aiohttp, but this venv's has: put the folder where
+    # Blender unpacks the extension's wheels first, so the add-on runs on the zip's wheels as in Blender.
+    wheels = Path(bpy.utils.user_resource("EXTENSIONS")) / ".local" / "lib" / "python3.11" / "site-packages"
+    wheels.mkdir(parents=True, exist_ok=True)  # existing now, so that the import system watches it
+    sys.path.insert(0, str(wheels))
+    bpy.context.preferences.system.use_online_access = False  # no remote repository is synced
+    for repo in bpy.context.preferences.extensions.repos:
+        if repo.use_remote_url:
+            repo.enabled = False
+    result = bpy.ops.extensions.package_install_files(filepath=str(zip_path), repo="user_default",
+                                                      enable_on_install=enable)
+    assert result == {"FINISHED"}, result
+
+
+def addon_module(name: str) -> types.ModuleType:
+    return sys.modules[f"{ADDON}.{name}"]
+
+
+def configure(output: Path, discovery: bool = False, web: bool = False) -> None:
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.port = 0
+    prefs.bind_address = "127.0.0.1"
+    prefs.use_discovery = discovery
+    prefs.use_web, prefs.web_host, prefs.web_port = web, "127.0.0.1", 0
+    prefs.output_dir = str(output)
+    prefs.farm_name = "addon-test"
+
+
+def start_server() -> Any:
+    runtime = addon_module("addon.runtime")
+    assert bpy.ops.microfarm.start_server() == {"FINISHED"}
+    rt = runtime.get()
+    assert rt.wait_for(runtime.State.RUNNING, 30), f"the server did not start: {rt.notice}"
+    return rt
+
+
+def stop_server(rt: Any) -> int:
+    runtime = addon_module("addon.runtime")
+    port = rt.address[1]
+    assert bpy.ops.microfarm.stop_server() == {"FINISHED"}
+    assert rt.wait_for(runtime.State.STOPPED, 30), "the server did not stop"
+    return port
+
+
+def port_free(port: int) -> bool:
+    """Whether a new server could listen on the port now (SO_REUSEADDR, as servers bind: connections the
+    old server closed may linger in TIME_WAIT, but no listening socket may be left)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            return False
+    return True
+
+
+PACKED_SCRIPT = """\
+import json, sys
+import bpy
+bpy.ops.wm.open_mainfile(filepath=sys.argv[-1], load_ui=False, use_scripts=False)
+print(json.dumps({i.name: (i.packed_file.size if i.packed_file else None) for i in bpy.data.images}))
+"""
+
+
+def packed_images(blend: Path) -> dict[str, int | None]:
+    """{image name: packed size or None} of a .blend, read in another bpy process (this one is the artist's)."""
+    import subprocess
+    result = subprocess.run([sys.executable, "-c", PACKED_SCRIPT, str(blend)], capture_output=True, text=True,
+                            timeout=120, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def wait_until(rt: Any, predicate: Callable[[Any], Any], what: str, timeout: float = WAIT_S) -> Any:
+    """Wait on the server's change events (on its own loop) until predicate(server) is truthy."""
+    thread = rt.thread
+
+    async def waiter() -> Any:
+        server = thread.server
+        async with asyncio.timeout(timeout):
+            while True:
+                version = server._version
+                result = predicate(server)
+                if result:
+                    return result
+                await server.wait_change(version, timeout=1.0)
+    try:
+        return thread.submit(waiter(), timeout=timeout + 5)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}: {thread.call(lambda s: s.snapshot())}") from None
+
+
+def timed(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
+    started = time.perf_counter()
+    result = fn()
+    timings[name] = time.perf_counter() - started
+    return result
+
+
+class FakeLayout:
+    """Stands in for UILayout (no UI under bpy scripts) and records what a panel draws."""
+
+    def __init__(self) -> None:
+        self.items: list[list[Any]] = []
+        self.use_property_split = self.use_property_decorate = False
+
+    def _sub(self, *_: Any, **__: Any) -> FakeLayout:
+        return self
+
+    row = column = box = split = _sub
+
+    def label(self, text: str = "", **_: Any) -> None:
+        self.items.append(["label", text])
+
+    def prop(self, _data: Any, name: str, **_: Any) -> None:
+        self.items.append(["prop", name])
+
+    def operator(self, idname: str, **_: Any) -> types.SimpleNamespace:
+        self.items.append(["operator", idname])
+        return types.SimpleNamespace()
+
+    def progress(self, factor: float = 0.0, text: str = "", **_: Any) -> None:
+        self.items.append(["progress", round(factor, 3), text])
+
+
+def draw_panels() -> list[list[Any]]:
+    panel = addon_module("addon.panel")
+    layout = FakeLayout()
+    for cls in panel.classes:
+        if not hasattr(cls, "poll") or cls.poll(bpy.context):
+            cls.draw(types.SimpleNamespace(layout=layout), bpy.context)
+    return layout.items
+
+
+@contextlib.contextmanager
+def env_without(name: str) -> Iterator[None]:
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
+def start_client(address: str, work: Path) -> Any:
+    """A real render client process, started the way the other tests start theirs."""
+    spec = importlib.util.spec_from_file_location("microfarm_localfarm", REPO / "tools" / "localfarm.py")
+    assert spec is not None and spec.loader is not None
+    localfarm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(localfarm)  # by path: the repository itself stays off sys.path
+    with env_without("BLENDER_USER_RESOURCES"):  # the client is another machine's Blender
+        return localfarm.start_client(address, "addon-client", work / "client-cache", work / "client.log")
+
+
+# --- the scene --------------------------------------------------------------------------------
+
+def build_scene(texture: Path, frames: int, relative_to: Path | None, samples: int = 2) -> None:
+    """A plane that fills an orthographic camera's view, lit by nothing but its own emission, showing
+    the texture: with the Standard view transform the rendered pixels are the texture's colour."""
+    bpy.ops.wm.read_homefile(use_empty=True)  # unlike read_factory_settings, keeps add-ons and preferences
+    scene = bpy.context.scene
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = samples
+    scene.cycles.use_denoising = False
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 64, 36, 100
+    scene.render.image_settings.file_format = "PNG"
+    scene.view_settings.view_transform = "Standard"
+    scene.frame_start, scene.frame_end = 1, frames
+    world = bpy.data.worlds.new("World")
+    world.color = (0.0, 0.0, 0.0)
+    scene.world = world
+
+    mesh = bpy.data.meshes.new("Plane")
+    mesh.from_pydata([(-4, -4, 0), (4, -4, 0), (4, 4, 0), (-4, 4, 0)], [], [(0, 1, 2, 3)])
+    mesh.uv_layers.new(name="UVMap")
+    plane = bpy.data.objects.new("Plane", mesh)
+    scene.collection.objects.link(plane)
+    material = bpy.data.materials.new("Textured")
+    if bpy.app.version < (5, 0, 0):
+        material.use_nodes = True
+    nodes, links = material.node_tree.nodes, material.node_tree.links
+    nodes.clear()
+    image_node = nodes.new("ShaderNodeTexImage")
+    image_node.image = bpy.data.images.load(str(texture))
+    emission = nodes.new("ShaderNodeEmission")
+    output = nodes.new("ShaderNodeOutputMaterial")
+    links.new(image_node.outputs["Color"], emission.inputs["Color"])
+    links.new(emission.outputs["Emission"], output.inputs["Surface"])
+    mesh.materials.append(material)
+
+    camera_data = bpy.data.cameras.new("Camera")
+    camera_data.type = "ORTHO"
+    camera_data.ortho_scale = 4.0
+    camera = bpy.data.objects.new("Camera", camera_data)
+    camera.location = (0.0, 0.0, 5.0)
+    scene.collection.objects.link(camera)
+    scene.camera = camera
+    if relative_to is not None:
+        bpy.ops.wm.save_as_mainfile(filepath=str(relative_to))
+        bpy.ops.file.make_paths_relative()  # the texture becomes //texture.png, next to the .blend
+        bpy.ops.wm.save_mainfile()
+
+
+def file_state(blend: Path | None) -> dict[str, Any]:
+    """What "left exactly as it was" means for the artist's open file."""
+    return {
+        "filepath": bpy.data.filepath,
+        "is_dirty": bpy.data.is_dirty,
+        "packed": sorted(image.name for image in bpy.data.images if image.packed_file is not None),
+        "image_paths": sorted(image.filepath for image in bpy.data.images if image.source == "FILE"),
+        "sha256": sha256(blend) if blend is not None else None,
+    }
+
+
+# --- scenarios --------------------------------------------------------------------------------
+
+def render(args: argparse.Namespace) -> dict[str, Any]:
+    work: Path = args.work
+    texture: Path = args.texture
+    blend = work / "shot.blend"
+    # Enough frames that the client is still streaming them while the operators below are timed.
+    build_scene(texture, frames=24, relative_to=blend, samples=64)
+    install(args.zip, enable=True)
+    protocol = sys.modules.get("protocol")
+    configure(work / "output")
+    runtime = addon_module("addon.runtime")
+
+    bpy.ops.wm.open_mainfile(filepath=str(blend))  # the artist opens the shot
+    before = file_state(blend)
+    rt = start_server()
+    client = start_client(f"127.0.0.1:{rt.address[1]}", work)
+    try:
+        wait_until(rt, lambda s: any(c.connected for c in s.farm.clients.values()), "the client")
+        settings = bpy.context.scene.microfarm
+        settings.pack_textures = True
+        settings.chunk = 2
+        timings: dict[str, float] = {}
+        assert timed("create_job", timings, bpy.ops.microfarm.create_job) == {"FINISHED"}
+        job_a = wait_until(rt, lambda s: next(iter(s.farm.jobs), None), "job A on the server")
+
+        # While the client streams job A's frames, every operator returns at once.
+        wait_until(rt, lambda s: s.farm.jobs[job_a].frames_done >= 1, "job A's first frame")
+        done_before = rt.thread.call(lambda s: s.farm.jobs[job_a].frames_done)
+        timed("pause_job", timings, lambda: bpy.ops.microfarm.pause_job(job_id=job_a))
+        timed("resume_job", timings, lambda: bpy.ops.microfarm.resume_job(job_id=job_a))
+        settings.use_frame_range, settings.frame_start, settings.frame_end = True, 2, 3
+        timed("create_job_2", timings, bpy.ops.microfarm.create_job)
+        timed("drain", timings, runtime.drain_now)
+        timed("draw", timings, draw_panels)
+        done_after = rt.thread.call(lambda s: s.farm.jobs[job_a].frames_done)
+        during = file_state(blend)
+
+        job_b = wait_until(rt, lambda s: next((j for j in s.farm.jobs if j != job_a), None), "job B")
+        wait_until(rt, lambda s: all(j.state.finished for j in s.farm.jobs.values()), "jobs A and B to end")
+        sha = {j: rt.thread.call(lambda s, j=j: s.farm.jobs[j].blend_sha256) for j in (job_a, job_b)}
+        stored = rt.thread.call(lambda s: s.blends.path(sha[job_a]))
+        after = file_state(blend)
+
+        # The panel's state arrives through the queue that the timer drains.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            views = {job["id"]: dict(job) for job in rt.view.jobs}
+            if all(views.get(j, {}).get("state") == "done" for j in (job_a, job_b)):
+                break
+            rt.wait_view(timeout=max(0.0, deadline - time.monotonic()))
+        runtime.drain_now()
+        panel = draw_panels()
+        view = {"jobs": [dict(job) for job in rt.view.jobs], "clients": [dict(c) for c in rt.view.clients]}
+
+        # An unsaved file works too: its copy is sent with the texture packed.
+        build_scene(texture, frames=2, relative_to=None)
+        unsaved_before = file_state(None)
+        assert bpy.ops.microfarm.create_job() == {"FINISHED"}
+        job_c = wait_until(rt, lambda s: next((j for j in s.farm.jobs if j not in (job_a, job_b)), None), "job C")
+        wait_until(rt, lambda s: s.farm.jobs[job_c].state.finished, "job C to end")
+        stored_c = rt.thread.call(lambda s: s.blends.path(s.farm.jobs[job_c].blend_sha256))
+        unsaved = {"before": unsaved_before, "after": file_state(None),
+                   "packed_images": packed_images(stored_c),
+                   "name": rt.thread.call(lambda s: s.farm.jobs[job_c].name)}
+        jobs = rt.thread.call(lambda s: {j: s.farm.jobs[j].view() for j in (job_a, job_b, job_c)})
+        output = rt.thread.call(lambda s: str(s.outputs.root))
+        leftovers = sorted(p.name for p in stored.parent.iterdir() if p.name.startswith("."))
+        port = stop_server(rt)
+    finally:
+        client.terminate()
+        client.wait(timeout=30)
+    return {
+        "protocol_file": getattr(protocol, "__file__", None), "module_files": module_files(),
+        "jobs": jobs, "order": [job_a, job_b, job_c], "output": output, "timings": timings,
+        "frames_done_when_timed": [done_before, done_after], "packed_images": packed_images(stored),
+        "texture_size": texture.stat().st_size, "store_leftovers": leftovers,
+        "before": before, "during": during, "after": after, "unsaved": unsaved,
+        "view": view, "panel": panel, "port_free_after_stop": port_free(port),
+        "notice": rt.notice.text if rt.notice else None,
+    }
+
+
+def fetch(url: str) -> str:
+    """The first bytes of a page, fetched on a worker thread of this script (as a browser would)."""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return f"{response.status} {response.read(200).decode(errors='replace')}"
+
+
+def module_files() -> dict[str, str | None]:
+    """Where the add-on's imports came from: the wheels Blender unpacked from the zip, or elsewhere."""
+    names = ("protocol", "msgpack", "zeroconf", "ifaddr", "aiohttp", "multidict", "yarl")
+    return {name: getattr(sys.modules[name], "__file__", None) for name in names if name in sys.modules}
+
+
+def thread_names() -> list[str]:
+    return sorted(t.name for t in threading.enumerate())
+
+
+def cycle(args: argparse.Namespace) -> dict[str, Any]:
+    """enable -> start -> disable, twice (the second time with discovery on 127.0.0.1 and the web
+    interface), then enable again: no thread and no port left behind."""
+    install(args.zip, enable=False)
+    baseline = thread_names()
+    rounds = []
+    for discovery in (False, True):  # with discovery: zeroconf on 127.0.0.1 only (the bind address)
+        bpy.ops.preferences.addon_enable(module=ADDON)
+        configure(args.work / "output", discovery=discovery, web=discovery)
+        rt = start_server()
+        port = rt.address[1]
+        web_url = rt.web_url
+        web_page = fetch(web_url) if web_url else None
+        advertised = False
+        deadline = time.monotonic() + 10
+        while discovery and not advertised and time.monotonic() < deadline:
+            advertised = rt.thread.advertiser is not None  # set by the server loop once it advertises
+            time.sleep(0.05)
+        running = thread_names()
+        runtime = addon_module("addon.runtime")
+        bpy.ops.preferences.addon_disable(module=ADDON)
+        web_port = int(web_url.rstrip("/").rsplit(":", 1)[1]) if web_url else None
+        rounds.append({"discovery": discovery, "advertised": advertised, "running_threads": running,
+                       "web_page": web_page, "web_port_free": port_free(web_port) if web_port else None,
+                       "threads_after": thread_names(),
+                       "port_free": port_free(port), "timer_left": bpy.app.timers.is_registered(runtime._drain_timer),
+                       "operator_left": hasattr(bpy.types, "MICROFARM_OT_start_server")})
+    bpy.ops.preferences.addon_enable(module=ADDON)
+    configure(args.work / "output")
+    rt = start_server()
+    port = stop_server(rt)
+    final = {"port_free_after_stop": port_free(port), "threads_after_stop": thread_names()}
+    bpy.ops.preferences.addon_disable(module=ADDON)
+    final["threads_after_disable"] = thread_names()
+    return {"baseline": baseline, "rounds": rounds, "final": final, "module_files": module_files()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["render", "cycle"])
+    parser.add_argument("--zip", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--texture", type=Path)
+    args = parser.parse_args()
+    result = render(args) if args.scenario == "render" else cycle(args)
+    print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The Blender add-on as a user gets it: the extension zip that tools.build_addon makes, installed
+into Blender (PyPI's bpy, in subprocesses: tests/addon_scenario.py), enabled and driven through its
+operators while a real client renders."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, repo_env
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from PIL import Image, ImageStat
+
+from tools.build_addon import PLATFORMS, read_project
+
+SCENARIO = REPO / "tests" / "addon_scenario.py"
+#: The texture of the test scene: bright, and far from Blender's magenta "missing image" colour.
+TEXTURE_RGB = (40, 210, 250)
+#: Operators must return at once while frames stream in. This bound only a call that waits on the
+#: network, a hash or a subprocess would exceed: it checks that the UI thread never waits on I/O;
+#: it is not a benchmark.
+OPERATOR_BOUND_S = 0.5
+#: For each Blender platform: the sys_platform / platform_machine its wheels' markers see, and a
+#: test of a wheel's platform tag.
+PLATFORM_ENVIRONMENTS: dict[str, tuple[dict[str, str], Any]] = {
+    "linux-x64": ({"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"},
+                  lambda tag: tag.startswith("manylinux") and tag.endswith("_x86_64")),
+    "linux-arm64": ({"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "aarch64"},
+                    lambda tag: tag.startswith("manylinux") and tag.endswith("_aarch64")),
+    "windows-x64": ({"sys_platform": "win32", "platform_system": "Windows", "platform_machine": "AMD64"},
+                    lambda tag: tag == "win_amd64"),
+    "macos-arm64": ({"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64"},
+                    lambda tag: tag.startswith("macosx_") and tag.endswith(("_arm64", "_universal2"))),
+    "macos-x64": ({"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "x86_64"},
+                  lambda tag: tag.startswith("macosx_") and tag.endswith(("_x86_64", "_universal2", "_intel"))),
+}
+
+
+def build(out: Path, **env: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    result = subprocess.run([sys.executable, "-m", "tools.build_addon", "--out", str(out)], cwd=REPO,
+                            env={**repo_env(), **env}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip().splitlines()[-1]), result
+
+
+@pytest.fixture(scope="session")
+def addon_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The extension zip, built once per session (its wheels are cached under build/wheels)."""
+    path, _ = build(tmp_path_factory.mktemp("dist"))
+    return path
+
+
+def scenario(name: str, work: Path, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """Run tests/addon_scenario.py in a fresh bpy process with a throw-away Blender user folder, and
+    without the repository on its path (what the add-on imports must come from the zip)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MICROFARM_TOKEN")}
+    env["BLENDER_USER_RESOURCES"] = str(work / "blender-user")
+    result = subprocess.run([sys.executable, str(SCENARIO), name, "--work", str(work), *args], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- the zip --------------------------------------------------------------------------------------
+
+def _compatible(wheel: str, platform: str) -> bool:
+    _, _, _, tags = parse_wheel_filename(wheel)
+    platform_ok = PLATFORM_ENVIRONMENTS[platform][1]
+    return any(tag.interpreter in ("py3", "cp311") and tag.abi in ("none", "abi3", "cp311")
+               and (tag.platform == "any" or platform_ok(tag.platform)) for tag in tags)
+
+
+def test_zip_is_an_installable_extension(addon_zip: Path, tmp_path: Path) -> None:
+    version, dependencies = read_project(REPO / "pyproject.toml")
+    assert addon_zip.name == f"microfarm-{version}.zip"
+    with zipfile.ZipFile(addon_zip) as zf:
+        names = zf.namelist()
+        manifest = tomllib.loads(zf.read("blender_manifest.toml").decode())
+        wheel_bytes = {name: zf.read(name) for name in names if name.startswith("wheels/")}
+        sources = {name: zf.read(name).decode() for name in names if name.endswith(".py")}
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")], names
+    assert "__main__.py" not in names, "the headless entry point is not part of the add-on"
+    for required in ("__init__.py", "core/server.py", "core/thread.py", "addon/__init__.py", "addon/panel.py",
+                     "addon/operators.py", "addon/props.py", "addon/runtime.py", "LICENSE"):
+        assert required in names
+
+    assert manifest["schema_version"] == "1.0.0" and manifest["id"] == "microfarm"
+    assert manifest["type"] == "add-on" and manifest["version"] == version
+    assert manifest["blender_version_min"] == "4.2.0"
+    assert manifest["license"] == ["SPDX:GPL-3.0-or-later"]
+    assert set(manifest["permissions"]) == {"network", "files"}
+    assert set(manifest["platforms"]) == set(PLATFORMS)
+    listed = manifest["wheels"]
+    assert sorted(listed) == sorted(f"./{name}" for name in wheel_bytes), "every wheel listed and present"
+    wheels = [name.removeprefix("./wheels/") for name in listed]
+
+    # Self-contained on every platform: each runtime dependency of pyproject.toml, and each of their
+    # own dependencies (read from the wheels' METADATA), has a wheel for CPython 3.11 there.
+    metadata = {}
+    for wheel in wheels:
+        (tmp_path / wheel).write_bytes(wheel_bytes[f"wheels/{wheel}"])
+        with zipfile.ZipFile(tmp_path / wheel) as wz:
+            meta = next(n for n in wz.namelist() if n.endswith(".dist-info/METADATA"))
+            metadata[wheel] = wz.read(meta).decode()
+    for platform, (environment, _) in PLATFORM_ENVIRONMENTS.items():
+        available = {canonicalize_name(parse_wheel_filename(w)[0]): w for w in wheels if _compatible(w, platform)}
+        needed = [Requirement(r) for r in dependencies] + [Requirement("microfarm-protocol")]
+        seen: set[str] = set()
+        while needed:
+            requirement = needed.pop()
+            name = canonicalize_name(requirement.name)
+            if name in seen:
+                continue
+            seen.add(name)
+            assert name in available, f"no wheel of {name} for {platform}"
+            for line in metadata[available[name]].splitlines():
+                if line.startswith("Requires-Dist:"):
+                    dep = Requirement(line.split(":", 1)[1].strip())
+                    env = {"python_version": "3.11", "python_full_version": "3.11.9",
+                           "implementation_name": "cpython", "platform_python_implementation": "CPython",
+                           "extra": "", **environment}
+                    if dep.marker is None or Marker(str(dep.marker)).evaluate(env):
+                        needed.append(dep)
+        assert {"msgpack", "zeroconf", "microfarm-protocol"} <= seen
+
+    # The add-on imports protocol absolutely (from its wheel) and its own modules relatively; never the
+    # repository's tools or client, never itself by the name `server_addon` (it is bl_ext.<repo>.microfarm).
+    for name, source in sources.items():
+        for node in ast.walk(ast.parse(source, name)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] not in ("tools", "client", "server_addon", "tests"), f"{name}: {module}"
+
+    # The protocol wheel works on its own: unpacked into an empty folder, imported from there.
+    protocol_wheel = next(w for w in wheels if w.startswith("microfarm_protocol-"))
+    assert protocol_wheel.endswith("-py3-none-any.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(tmp_path / protocol_wheel) as wz:
+        assert wz.testzip() is None
+        record = wz.read(f"microfarm_protocol-{version}.dist-info/RECORD").decode()
+        wz.extractall(site)
+    assert "protocol/messages.py,sha256=" in record
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import protocol, protocol.messages, protocol.stream, "
+             "protocol.discovery; print(protocol.__file__)")
+    result = subprocess.run([sys.executable, "-I", "-c", probe, str(site)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_relative_to(site)
+
+
+def test_second_build_downloads_nothing_and_is_identical(addon_zip: Path, tmp_path: Path) -> None:
+    # With every package index unreachable, the build still succeeds: it takes the wheels from its cache.
+    again, result = build(tmp_path, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_NO_INDEX="1")
+    assert "downloading" not in result.stderr
+    assert again.read_bytes() == addon_zip.read_bytes(), "the same sources build the same zip"
+
+
+def test_package_imports_without_bpy() -> None:
+    probe = ("import sys, server_addon, server_addon.addon, server_addon.addon.runtime, server_addon.addon.submit; "
+             "sys.exit('bpy was imported' if 'bpy' in sys.modules else 0)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=repo_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# --- in Blender -----------------------------------------------------------------------------------
+
+def mean_rgb(path: Path, box: tuple[int, int, int, int]) -> tuple[float, ...]:
+    with Image.open(path) as image:
+        return tuple(ImageStat.Stat(image.convert("RGB").crop(box)).mean)
+
+
+def test_install_start_and_render_a_packed_job(addon_zip: Path, tmp_path: Path) -> None:
+    texture = tmp_path / "texture.png"  # next to the .blend, which uses it as //texture.png
+    Image.new("RGB", (16, 16), TEXTURE_RGB).save(texture)
+    result = scenario("render", tmp_path, "--zip", str(addon_zip), "--texture", str(texture))
+
+    # Installed as an extension: protocol and the dependencies came from the zip's wheels, which Blender
+    # unpacked into the throw-away user folder (ahead of this Python's own site-packages).
+    assert Path(result["protocol_file"]).is_relative_to(tmp_path / "blender-user")
+    modules = result["module_files"]
+    assert {"protocol", "msgpack", "zeroconf"} <= set(modules), modules
+    assert all(Path(f).is_relative_to(tmp_path / "blender-user") for f in modules.values()), modules
+
+    job_a, job_b, job_c = result["order"]
+    jobs = result["jobs"]
+    assert [jobs[j]["state"] for j in (job_a, job_b, job_c)] == ["done"] * 3, jobs
+    assert (jobs[job_a]["frame_range"], jobs[job_a]["frames_done"]) == ([1, 24], 24)
+    assert (jobs[job_b]["frame_range"], jobs[job_b]["frames_done"]) == ([2, 3], 2), "the panel's frame range"
+    assert jobs[job_a]["chunk"] == 2
+    assert (jobs[job_c]["frames_done"], result["unsaved"]["name"]) == (2, "untitled.blend")
+
+    # Every frame is there, and shows the texture: packed into the copy, since on the client the
+    # file's //texture.png points nowhere (a missing image renders magenta).
+    output = Path(result["output"])
+    for job, frames in ((job_a, range(1, 25)), (job_b, range(2, 4)), (job_c, range(1, 3))):
+        files = sorted((output / job).glob("frame_*.png"))
+        assert [f.name for f in files] == [f"frame_{n:04d}.png" for n in frames]
+        for path in files:
+            assert Image.open(path).size == (64, 36)
+            rgb = mean_rgb(path, (16, 9, 48, 27))
+            assert all(abs(got - want) <= 6 for got, want in zip(rgb, TEXTURE_RGB, strict=True)), (path, rgb)
+    size = result["texture_size"]
+    assert result["packed_images"] == {"texture.png": size}, "the job's .blend carries the texture"
+    assert result["unsaved"]["packed_images"] == {"texture.png": size}
+    assert result["store_leftovers"] == [], "no temporary copy is left in the server's store"
+
+    # The artist's file: same path, same dirty flag, nothing packed, same bytes on disk.
+    before, during, after = result["before"], result["during"], result["after"]
+    assert before == during == after
+    assert before["packed"] == [] and before["image_paths"] == ["//texture.png"]
+    assert before["filepath"].endswith("shot.blend") and before["sha256"]
+    assert result["unsaved"]["before"] == result["unsaved"]["after"]
+    assert result["unsaved"]["after"]["filepath"] == "" and result["unsaved"]["after"]["packed"] == []
+
+    # Operators (and the timer's drain, and drawing the panel) returned at once while job A streamed.
+    done_before, done_after = result["frames_done_when_timed"]
+    assert 1 <= done_before and done_after < 24, "the calls were timed while frames were still coming in"
+    assert set(result["timings"]) == {"create_job", "pause_job", "resume_job", "create_job_2", "drain", "draw"}
+    slow = {name: s for name, s in result["timings"].items() if s >= OPERATOR_BOUND_S}
+    assert not slow, slow
+
+    # The panel's state came through the queue the timer drains.
+    view = {job["id"]: job for job in result["view"]["jobs"]}
+    assert view[job_a]["state"] == "done" and view[job_a]["frames_done"] == 24
+    (client,) = result["view"]["clients"]
+    assert client["name"] == "addon-client" and client["state"] == "idle" and client["frames_rendered"] == 26
+    panel = result["panel"]
+    assert ["progress", 1.0, "24/24 frames"] in panel and ["progress", 1.0, "2/2 frames"] in panel
+    assert ["label", "addon-client"] in panel and ["label", "idle"] in panel and ["label", "26 frames"] in panel
+    assert ["operator", "microfarm.clear_completed"] in panel
+
+    assert result["port_free_after_stop"]
+
+
+def test_enable_disable_enable_leaves_nothing_behind(addon_zip: Path, tmp_path: Path) -> None:
+    result = scenario("cycle", tmp_path, "--zip", str(addon_zip))
+    baseline = result["baseline"]
+    for round_ in result["rounds"]:
+        assert "microfarm-server" in round_["running_threads"], round_
+        assert round_["advertised"] == round_["discovery"], round_
+        if round_["discovery"]:  # the round with the web interface too (aiohttp from the zip's wheels)
+            assert round_["web_page"].startswith("200 ") and "<html" in round_["web_page"].lower(), round_
+            assert round_["web_port_free"], round_
+        assert round_["threads_after"] == baseline, round_
+        assert round_["port_free"], round_
+        assert not round_["timer_left"] and not round_["operator_left"], round_
+    modules = result["module_files"]
+    assert "aiohttp" in modules and all(Path(f).is_relative_to(tmp_path / "blender-user") for f in modules.values())
+    final = result["final"]
+    assert final["port_free_after_stop"]
+    assert final["threads_after_stop"] == baseline and final["threads_after_disable"] == baseline
