@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import time
 from pathlib import Path
 
 from protocol.stream import FileSink
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: A partial download untouched for this long belongs to no running client.
+STALE_PARTIAL_S = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -20,6 +24,12 @@ class BlendCache:
     def __init__(self, root: Path) -> None:
         self.root = root / "blends"
         self.root.mkdir(parents=True, exist_ok=True)
+        # Downloads a stopped client left unfinished; a live download (maybe another client's, sharing
+        # this cache) writes to its file all the time, so only long-untouched ones are removed.
+        for partial in self.root.glob(".incoming-*"):
+            with contextlib.suppress(OSError):
+                if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
+                    partial.unlink()
 
     def path(self, sha256: str) -> Path:
         if not _SHA256.fullmatch(sha256):

@@ -35,6 +35,10 @@ RECONNECT_MAX_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 #: Rendered frames waiting to be uploaded before the renderer waits for the network.
 MAX_PENDING_UPLOADS = 4
+#: The longest a .blend download may take before the task is given up.
+DOWNLOAD_TIMEOUT_S = 6 * 3600.0
+#: The server pings every heartbeat interval; this many intervals of silence mean it is gone.
+SERVER_SILENCE_INTERVALS = 5
 
 
 #: Gives the address to connect to, asked anew before every connection attempt; None: no server
@@ -160,8 +164,11 @@ class Link:
         self._upload_slots.acquire()
         self._call_soon(self._post, epoch, _Upload(begin, path))
 
-    def fetch_blend(self, epoch: int, sha256: str, size: int, timeout: float = 3600.0) -> Path:
-        cached = self.cache.lookup(sha256, size)
+    def fetch_blend(self, epoch: int, sha256: str, size: int, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+        try:
+            cached = self.cache.lookup(sha256, size)
+        except ValueError as exc:
+            raise LinkLost(f"the server named a .blend badly: {exc}") from None
         if cached is not None:
             log.info("blend %s found in the cache", sha256[:12])
             return cached
@@ -172,6 +179,9 @@ class Link:
             return future.result(timeout)
         except concurrent.futures.CancelledError:
             raise LinkLost("the connection closed during the download") from None
+        except TimeoutError:
+            future.cancel()
+            raise LinkLost(f"the .blend did not arrive within {timeout:.0f} s") from None
 
     def _call_soon(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         if self._loop is not None:
@@ -285,7 +295,7 @@ class Link:
         interval = accepted.heartbeat_s if accepted.heartbeat_s > 0 else HEARTBEAT_INTERVAL_S
         tasks = [asyncio.create_task(self._write_loop(stream, self._outbox)),
                  asyncio.create_task(self._heartbeat_loop(interval)),
-                 asyncio.create_task(self._read_loop(stream))]
+                 asyncio.create_task(self._read_loop(stream, interval * SERVER_SILENCE_INTERVALS))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -316,10 +326,18 @@ class Link:
             else:
                 await stream.send(item)
 
-    async def _read_loop(self, stream: MessageStream) -> None:
+    async def _read_loop(self, stream: MessageStream, silence_limit: float) -> None:
         while True:
-            message = await stream.recv()
-            if isinstance(message, (m.Probe, m.Assign)):
+            try:
+                message = await asyncio.wait_for(stream.recv(), silence_limit)
+            except TimeoutError:
+                # A frozen server, or a network that dropped without a word: find the farm again.
+                raise ConnectionClosed(f"the server sent nothing for {silence_limit:.0f} s") from None
+            if isinstance(message, m.Heartbeat):
+                continue  # the server's ping: it is alive
+            if isinstance(message, m.BlendRefused):
+                self._download_refused(message)
+            elif isinstance(message, (m.Probe, m.Assign)):
                 self.tasks.put(Task(self._epoch, message))
             elif isinstance(message, m.Revoke):
                 with self._lock:
@@ -348,6 +366,15 @@ class Link:
             raise ProtocolError("the server sent a .blend that was not asked for")
         sink = self.cache.sink(begin.sha256, begin.size)
         self._download = (begin.sha256, sink, self._download[2])
+
+    def _download_refused(self, refused: m.BlendRefused) -> None:
+        if self._download is None or self._download[0] != refused.sha256:
+            return
+        _, sink, future = self._download
+        if sink is not None:
+            sink.abort()
+        if not future.done():
+            future.set_exception(LinkLost(f"the server will not send the .blend: {refused.reason}"))
 
     def _download_sink(self) -> FileSink:
         if self._download is None or self._download[1] is None:

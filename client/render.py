@@ -108,6 +108,8 @@ class Renderer:
     def _render_frame(self, frame: int, directory: Path) -> Path:
         scene = bpy.context.scene
         scene.frame_set(frame)
+        if scene.frame_current != frame:  # Blender clamps frames beyond its range without a word
+            raise RenderError(f"Blender cannot render frame {frame}: it is outside Blender's frame range")
         scene.render.filepath = str(directory / f"frame_{frame:04d}")
         error = None
         with capture_output() as output:

@@ -78,6 +78,9 @@ class Worker:
                 self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame, error=str(exc)))
             self.link.send(epoch, m.LeaseDone(lease_id=lease))
             return
+        if not self.link.wanted(epoch, lease):
+            self.link.send(epoch, m.LeaseDone(lease_id=lease))  # taken back before it began
+            return
         try:
             self._open(epoch, assign.job_id, assign.blend_sha256, assign.blend_size)
             self.renderer.apply(job)

@@ -11,6 +11,9 @@ LENGTH_PREFIX_BYTES = 4
 #: announces more is cut off without us allocating anything for it.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
+#: Largest message before the handshake has succeeded: hello, welcome and auth are tiny.
+HANDSHAKE_MAX_BYTES = 16 * 1024
+
 #: Size of the binary pieces that bulk transfers (.blend files, rendered frames) are cut
 #: into; well below MAX_MESSAGE_BYTES so a piece plus its envelope always fits.
 BULK_CHUNK_BYTES = 512 * 1024

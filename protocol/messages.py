@@ -35,6 +35,7 @@ class MessageType(StrEnum):
     FRAME_FAILED = "frame_failed"
     BLEND_REQUEST = "blend_request"
     BLEND_BEGIN = "blend_begin"
+    BLEND_REFUSED = "blend_refused"
     # bulk bytes, following a *_BEGIN message
     CHUNK = "chunk"
     END = "end"
@@ -275,6 +276,15 @@ class BlendBegin(Message):
     TYPE = MessageType.BLEND_BEGIN
     sha256: str
     size: int
+
+
+@_message
+class BlendRefused(Message):
+    """The server will not send this .blend (its job was paused, cancelled or deleted): drop the task."""
+
+    TYPE = MessageType.BLEND_REFUSED
+    sha256: str
+    reason: str
 
 
 @_message

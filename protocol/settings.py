@@ -30,6 +30,8 @@ DEFAULT_CHUNK = 4
 MAX_CHUNK = 10_000
 MAX_SAMPLES = 1 << 20
 MAX_PERCENTAGE = 1000
+#: Blender's own frame limit: scene.frame_set() clamps anything beyond it without a word.
+MAX_FRAME = 1_048_574
 
 
 class SettingsError(ValueError):
@@ -65,7 +67,7 @@ class JobRequest:
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> JobRequest:
-        limit = 1 << 30
+        limit = MAX_FRAME
         file_format = raw.get("file_format")
         if file_format is not None and file_format not in IMAGE_FORMATS:
             raise SettingsError(f"format must be one of {', '.join(IMAGE_FORMATS)}, not {file_format!r}")
@@ -118,7 +120,8 @@ class SceneInfo:
             expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(field.type)]
             if not isinstance(value, expected) or (field.type == "int" and isinstance(value, bool)):
                 raise ProtocolError(f"probe result has a bad {field.name!r}")
-        if info.frame_step < 1 or info.frame_end < info.frame_start:
+        if info.frame_step < 1 or info.frame_end < info.frame_start or max(abs(info.frame_start),
+                                                                           abs(info.frame_end)) > MAX_FRAME:
             raise ProtocolError(f"probe result has an impossible frame range {info.frame_start}-{info.frame_end}"
                                 f" step {info.frame_step}")
         if not (info.fps > 0 and info.resolution_x > 0 and info.resolution_y > 0

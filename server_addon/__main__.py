@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from protocol.discovery import Advertiser, interface_addresses
 from protocol.errors import DiscoveryError
 
-from .core.server import FarmServer, ServerConfig
+from .core.server import FarmServer, ServerConfig, ServerStartError
 
 if TYPE_CHECKING:
     from .web import WebServer
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         asyncio.run(serve(config, args.discovery, interfaces, args.web_port, args.web_host))
-    except WebStartError as exc:
+    except (WebStartError, ServerStartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

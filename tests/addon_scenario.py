@@ -83,10 +83,10 @@ def start_server() -> Any:
     return rt
 
 
-def stop_server(rt: Any) -> int:
+def stop_server(rt: Any, timings: dict[str, float] | None = None) -> int:
     runtime = addon_module("addon.runtime")
     port = rt.address[1]
-    assert bpy.ops.microfarm.stop_server() == {"FINISHED"}
+    assert timed("stop_server", timings if timings is not None else {}, bpy.ops.microfarm.stop_server) == {"FINISHED"}
     assert rt.wait_for(runtime.State.STOPPED, 30), "the server did not stop"
     return port
 
@@ -330,7 +330,7 @@ def render(args: argparse.Namespace) -> dict[str, Any]:
         jobs = rt.thread.call(lambda s: {j: s.farm.jobs[j].view() for j in (job_a, job_b, job_c)})
         output = rt.thread.call(lambda s: str(s.outputs.root))
         leftovers = sorted(p.name for p in stored.parent.iterdir() if p.name.startswith("."))
-        port = stop_server(rt)
+        port = stop_server(rt, timings)  # with the client still connected
     finally:
         client.terminate()
         client.wait(timeout=30)

@@ -5,6 +5,7 @@ operators while a real client renders."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -163,6 +164,17 @@ def test_zip_is_an_installable_extension(addon_zip: Path, tmp_path: Path) -> Non
     assert Path(result.stdout.strip()).is_relative_to(site)
 
 
+def test_blenders_own_validator_accepts_the_zip(addon_zip: Path) -> None:
+    # The command-line half of Blender's extension system (`blender --command extension validate`),
+    # taken from PyPI's bpy without importing bpy into this process.
+    spec = importlib.util.find_spec("bpy")
+    assert spec is not None and spec.origin is not None
+    (validator,) = Path(spec.origin).parent.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py")
+    result = subprocess.run([sys.executable, str(validator), "validate", str(addon_zip)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "Success" in result.stdout, result.stdout + result.stderr
+
+
 def test_second_build_downloads_nothing_and_is_identical(addon_zip: Path, tmp_path: Path) -> None:
     # With every package index unreachable, the build still succeeds: it takes the wheels from its cache.
     again, result = build(tmp_path, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_NO_INDEX="1")
@@ -228,10 +240,12 @@ def test_install_start_and_render_a_packed_job(addon_zip: Path, tmp_path: Path) 
     assert result["unsaved"]["before"] == result["unsaved"]["after"]
     assert result["unsaved"]["after"]["filepath"] == "" and result["unsaved"]["after"]["packed"] == []
 
-    # Operators (and the timer's drain, and drawing the panel) returned at once while job A streamed.
+    # Operators (and the timer's drain, and drawing the panel) returned at once while job A streamed,
+    # and Stop Server with a client connected.
     done_before, done_after = result["frames_done_when_timed"]
     assert 1 <= done_before and done_after < 24, "the calls were timed while frames were still coming in"
-    assert set(result["timings"]) == {"create_job", "pause_job", "resume_job", "create_job_2", "drain", "draw"}
+    assert set(result["timings"]) == {"create_job", "pause_job", "resume_job", "create_job_2", "drain", "draw",
+                                      "stop_server"}
     slow = {name: s for name, s in result["timings"].items() if s >= OPERATOR_BOUND_S}
     assert not slow, slow
 

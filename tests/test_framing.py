@@ -181,6 +181,7 @@ async def test_unknown_keys_are_ignored():
 
 
 SAMPLES: dict[str, m.Message] = {
+    "blend_refused": m.BlendRefused(sha256="ab" * 32, reason="job paused"),
     "hello": m.Hello(version=1, role="worker", name="box", nonce=bytes(range(32)), host="box.lan",
                      blender="5.0.1"),
     "welcome": m.Welcome(version=1, farm="farm", nonce=b"\x01" * 32, auth_required=True, proof=b"\xff" * 32),

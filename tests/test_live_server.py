@@ -13,7 +13,7 @@ from protocol.auth import new_nonce
 from protocol.errors import AuthError, ConnectionClosed
 from protocol.framing import encode, read_frame
 from protocol.handshake import client_handshake
-from protocol.limits import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from protocol.limits import HANDSHAKE_MAX_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from protocol.messages import Role
 from protocol.stream import MessageStream
 from server_addon.core.server import ServerConfig
@@ -131,7 +131,7 @@ async def control_frame_begin(port):
 
 # name: (misbehaviour, warning fragment, types received before the close, refused in the handshake)
 CASES = {
-    "oversized": (oversized, f"the limit is {MAX_MESSAGE_BYTES}", [], True),
+    "oversized": (oversized, f"the limit is {HANDSHAKE_MAX_BYTES}", [], True),
     "garbage": (garbage, "undecodable message", [], True),
     "not-a-map": (not_a_map, "not a map", [], True),
     "truncated": (truncated, "stream ended after 10 of 100 message bytes", [], True),
@@ -217,3 +217,16 @@ async def test_server_with_secret_refuses_clients_without_it(start_server, caplo
         assert isinstance(status, m.Status) and status.clients == []
     finally:
         await good.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stranger_cannot_make_the_server_hold_big_messages(server):
+    """Before the handshake a message may not exceed HANDSHAKE_MAX_BYTES; after it, MAX_MESSAGE_BYTES."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), 5)
+    try:
+        writer.write(struct.pack(">I", HANDSHAKE_MAX_BYTES + 1) + b"x" * 100)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "the server closed the connection at once"
+    finally:
+        writer.close()
+    assert HANDSHAKE_MAX_BYTES < MAX_MESSAGE_BYTES // 100

@@ -301,3 +301,53 @@ def test_a_client_that_fails_several_frames_of_a_job_gets_no_more_of_it():
     assert farm.next_work("b") is not None
     view = {c["id"]: c for c in farm.client_views()}
     assert view["a"]["excluded_from"] == [job.id] and view["b"]["excluded_from"] == []
+
+
+def test_a_frame_failed_on_a_client_is_not_kept_from_it_by_an_excluded_one():
+    farm, job, _ = rendering("a", "b", request=JobRequest(chunk=1))
+    for _ in range(3):  # b fails three frames: it gets no more of this job
+        lease = farm.next_work("b")
+        farm.frame_failed(lease.id, lease.frames[0], "b", "boom")
+        farm.lease_done(lease.id)
+    lease = farm.next_work("a")
+    farm.frame_failed(lease.id, lease.frames[0], "a", "flaky")
+    farm.lease_done(lease.id)
+    failed_frame = lease.frames[0]
+    pending = [n for n, f in job.frames.items() if f.state is FrameState.PENDING]
+    # a keeps working through the job, and finally gets its failed frame back: b cannot take it.
+    taken = []
+    while (lease := farm.next_work("a")) is not None:
+        taken += lease.frames
+        for n in lease.frames:
+            farm.frame_stored(job.id, n, "a", 0.1, lease.id)
+        farm.lease_done(lease.id)
+    assert sorted(taken) == sorted(pending) and failed_frame in taken
+    assert job.state is JobState.DONE
+
+
+def test_a_gpu_job_frame_is_not_kept_from_the_gpu_client_by_a_cpu_one():
+    farm, job, _ = farm_with_job(request=JobRequest(chunk=1, device="GPU"))
+    farm.connect_client("gpu", "name-gpu", "host", device="OPTIX")
+    farm.connect_client("cpu", "name-cpu", "host", device="CPU")
+    for client in ("gpu", "cpu"):
+        farm.client_reported(client, "idle", None, None)
+    probe = farm.next_work("cpu")
+    farm.probe_succeeded(probe.id, scene(frame_start=1, frame_end=2))
+    lease = farm.next_work("gpu")
+    farm.frame_failed(lease.id, lease.frames[0], "gpu", "transient")
+    farm.lease_done(lease.id)
+    assert farm.next_work("cpu") is None, "a GPU-only job never renders on a CPU"
+    got = farm.next_work("gpu")
+    assert got is not None and got.frames == [1], "the only GPU client gets its failed frame back"
+
+
+def test_a_failure_from_a_lease_that_no_longer_holds_the_frame_is_ignored():
+    farm, job, _ = rendering("a", "b", request=JobRequest(chunk=1))
+    first = farm.next_work("a")
+    number = first.frames[0]
+    farm.frame_failed(first.id, number, "a", "boom")
+    second = farm.next_work("b")
+    assert second.frames == [number]
+    farm.frame_failed(first.id, number, "a", "late duplicate report")
+    assert job.frames[number].state is FrameState.LEASED and job.frames[number].lease_id == second.id
+    assert job.frames[number].failures == 1

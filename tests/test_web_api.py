@@ -201,6 +201,7 @@ def test_a_farm_secret_is_required_everywhere(tmp_path: Path) -> None:
         assert anonymous.get("/api/status").headers["WWW-Authenticate"].startswith("Basic")
         # The page's own requests get no browser prompt: it shows its login form instead.
         assert "WWW-Authenticate" not in anonymous.get("/api/status", headers={"X-Requested-With": "MicroFarm"}).headers
+        assert "WWW-Authenticate" not in anonymous.get("/api/events", headers={"Accept": "text/event-stream"}).headers
         page = anonymous.get("/")
         assert page.status == 303 and page.headers["Location"] == "/login"
         assert anonymous.get("/login").status == 200 and anonymous.get("/static/app.js").status == 200

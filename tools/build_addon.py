@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 import zipfile
 from collections.abc import Iterator
@@ -192,8 +193,11 @@ def addon_files(package: Path) -> Iterator[tuple[Path, str]]:
 
 def build(out: Path, cache: Path, *, repo: Path = REPO) -> Path:
     version, requirements = read_project(repo / "pyproject.toml")
-    staging = cache.parent / "addon-staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="microfarm-build-") as staging:
+        return _build(out, cache, repo, version, requirements, Path(staging))
+
+
+def _build(out: Path, cache: Path, repo: Path, version: str, requirements: list[str], staging: Path) -> Path:
     wheels: dict[str, Path] = {}
     protocol_wheel = build_protocol_wheel(repo / PROTOCOL_PACKAGE, version, requirements, staging)
     wheels[protocol_wheel.name] = protocol_wheel
@@ -219,7 +223,6 @@ def build(out: Path, cache: Path, *, repo: Path = REPO) -> Path:
             info.external_attr = 0o644 << 16
             zf.writestr(info, wheels[name].read_bytes(), compress_type=zipfile.ZIP_STORED)
     partial.replace(target)
-    shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

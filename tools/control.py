@@ -67,6 +67,14 @@ class Control:
             raise ToolError(f"unexpected {message.TYPE.value} from the server")
         return message
 
+    async def _refusal(self) -> str | None:
+        """The reason the server gave before it closed the connection, if it gave one."""
+        try:
+            message = await asyncio.wait_for(self.stream.recv(), 2.0)
+        except (ProtocolError, TimeoutError, OSError):
+            return None
+        return message.reason if isinstance(message, m.Error) else None
+
     async def status(self) -> m.Status:
         await self.stream.send(m.StatusRequest())
         reply = await self._reply(m.Status)
@@ -90,7 +98,11 @@ class Control:
                 if progress:
                     progress(counter[0], size)
                 await asyncio.wait({task}, timeout=0.2)
-            task.result()
+            try:
+                task.result()
+            except ProtocolError as exc:
+                # The server may have refused the upload (the file changed while it was sent): say why.
+                raise ToolError(await self._refusal() or f"the upload was cut off: {exc}") from None
         submitted = await self._reply(m.Submitted)
         assert isinstance(submitted, m.Submitted)
         return submitted.job_id, ready.need_bytes

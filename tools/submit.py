@@ -58,6 +58,16 @@ def build_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ToolError(str(exc)) from None
 
 
+def priority_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if abs(value) > 1_000_000:
+        raise argparse.ArgumentTypeError("priority must be between -1000000 and 1000000")
+    return value
+
+
 def progress_line(job: dict[str, Any], width: int = 30) -> str:
     total = job.get("frames_total") or 0
     done = job.get("frames_done") or 0
@@ -70,8 +80,11 @@ async def run(args: argparse.Namespace) -> int:
     blend: Path = args.blend
     if not blend.is_file():
         raise ToolError(f"{blend} is not a file")
-    if not looks_like_blend(blend):
-        raise ToolError(f"{blend} is not a .blend file")
+    try:
+        if not looks_like_blend(blend):
+            raise ToolError(f"{blend} is not a .blend file")
+    except OSError as exc:
+        raise ToolError(f"cannot read {blend}: {exc.strerror or exc}") from None
     settings = build_settings(args)
     control = await Control.connect(args.server, args.token)
     try:
@@ -119,7 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, help="render samples (default: the scene's)")
     parser.add_argument("--percentage", type=int, help="resolution percentage (default: the scene's)")
     parser.add_argument("--device", choices=["cpu", "gpu"], help="only clients rendering on this kind of device")
-    parser.add_argument("--priority", type=int, default=0, help="higher renders first (default: 0)")
+    parser.add_argument("--priority", type=priority_value, default=0,
+                        help="higher renders first, -1000000 to 1000000 (default: 0)")
     parser.add_argument("--queue", action="store_true", help="queue the job without starting it (tools.jobs resume)")
     parser.add_argument("--video", choices=["h264", "h265", "prores"], help="build a video when the frames are done")
     parser.add_argument("--quality", choices=["high", "medium", "low"], default="high", help="video quality")

@@ -102,7 +102,7 @@ class MICROFARM_OT_create_job(bpy.types.Operator):
         try:
             request = job_request(scene)
         except SettingsError as exc:
-            self.report({'ERROR'}, f"{str(exc)[:1].upper()}{str(exc)[1:]}.")
+            self.report({'ERROR'}, sentence(str(exc)))
             return {'CANCELLED'}
         rt = runtime.get()
         try:

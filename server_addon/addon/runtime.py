@@ -359,8 +359,11 @@ class Runtime:
             pass
         except FarmError as exc:
             self.post("ERROR", str(exc))
-        except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
-            self.post("ERROR", f"Could not create the render job: {exc}.")
+        except TimeoutError:
+            self.post("ERROR", f"The farm server did not answer within {CALL_TIMEOUT_S:.0f} s; "
+                               "the render job was not created.")
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.post("ERROR", f"Could not create the render job: {exc}")
         finally:
             submit.discard(job)
 

@@ -13,6 +13,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from protocol.errors import ProtocolError
 from protocol.settings import JobRequest, SceneInfo, SettingsError, resolve
 
 from .jobs import FrameRecord, FrameState, Job, JobState
@@ -58,6 +59,12 @@ CREATE TABLE IF NOT EXISTS frames (
 """
 
 
+_JOB_COLUMNS = ("seq", "name", "blend_sha256", "blend_size", "request", "scene", "state", "priority", "error",
+                "forced", "probe_failures", "client_failures", "created", "finished_at", "video", "video_state",
+                "video_path", "video_error")
+_JOB_UPDATE = ", ".join(f"{column} = excluded.{column}" for column in _JOB_COLUMNS)
+
+
 class DatabaseError(Exception):
     """The job database cannot be opened or is from a newer MicroFarm."""
 
@@ -87,8 +94,11 @@ class Database:
     # --- JobStore --------------------------------------------------------------------------
 
     def save_job(self, job: Job) -> None:
+        # An upsert, not INSERT OR REPLACE: a REPLACE deletes the row first, and the cascade would
+        # take the job's frame rows with it.
         self.conn.execute(
-            "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"ON CONFLICT(id) DO UPDATE SET {_JOB_UPDATE}",
             (job.id, job.seq, job.name, job.blend_sha256, job.blend_size, json.dumps(job.request.to_wire()),
              json.dumps(job.scene.to_wire()) if job.scene else None, job.state.value, job.priority, job.error,
              int(job.forced), job.probe_failures, json.dumps(job.client_failures), job.created, job.finished_at,
@@ -97,7 +107,7 @@ class Database:
 
     def save_frame(self, job: Job, frame: FrameRecord) -> None:
         self.conn.execute(
-            "INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)",  # no table references frames
             (job.id, frame.number, int(frame.state is FrameState.DONE), frame.failures,
              json.dumps(sorted(frame.failed_on)), frame.error, frame.log, frame.rendered_by, frame.render_s))
 
@@ -115,7 +125,7 @@ class Database:
             record = dict(zip(names, row, strict=True))
             try:
                 job = self._job(record)
-            except (ValueError, KeyError, TypeError, SettingsError) as exc:
+            except (ValueError, KeyError, TypeError, SettingsError, ProtocolError) as exc:
                 log.error("job %s: cannot be restored (%s); it stays in the database untouched", record["id"], exc)
                 continue
             self._frames(job, outputs)

@@ -27,6 +27,10 @@ MAX_PROBE_ATTEMPTS = 2
 MAX_CLIENT_JOB_FAILURES = 3
 
 
+def _device_fits(job: Job, client: ClientRecord) -> bool:
+    return not (job.request.device == "GPU" and client.device == "CPU")
+
+
 class JobActionError(ValueError):
     """A job action that does not apply (unknown job, or the job's state forbids it)."""
 
@@ -64,8 +68,8 @@ class Farm:
     def add_job(self, job: Job, start: bool = True) -> None:
         job.seq = next(self._seq)
         job.state = JobState.PROBING if start else JobState.QUEUED
+        self.store.save_job(job)  # first: a job that cannot be saved is refused, not half-added
         self.jobs[job.id] = job
-        self.store.save_job(job)
         log.info("job %s: added (%s), %s", job.id, job.name, job.state.value)
 
     def restore_job(self, job: Job) -> None:
@@ -252,31 +256,33 @@ class Farm:
         client = self.clients[client_id]
         if not client.connected or client.lease_id is not None:
             return None
-        connected = {c.name for c in self.clients.values() if c.connected}
+        connected = [c for c in self.clients.values() if c.connected]
         for job in self.running_jobs():
-            excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
-            # A client that failed too many of this job's frames gets none, while others can take them.
-            if client.name in excluded and not connected <= excluded:
-                continue
             if job.state is JobState.PROBING:
                 if job.probe_lease is None:
                     return self._lease(job, client, LeaseKind.PROBE, [])  # reading a scene: any device
                 continue
-            if job.request.device == "GPU" and client.device == "CPU":
+            if not _device_fits(job, client):
                 continue  # a job that requires a GPU never renders on a CPU, silently or otherwise
-            frames = self._eligible_frames(job, client.name, connected)
+            # Who else could take this job's frames: connected, the right device, not shut out of it.
+            capable = {c.name for c in connected if _device_fits(job, c)}
+            excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
+            takers = capable - excluded
+            if client.name in excluded and takers:
+                continue  # it failed too many of this job's frames, and others can do them
+            frames = self._eligible_frames(job, client.name, takers or capable)
             if frames:
                 return self._lease(job, client, LeaseKind.RENDER, frames)
         return None
 
-    def _eligible_frames(self, job: Job, name: str, connected: set[str]) -> list[int]:
+    def _eligible_frames(self, job: Job, name: str, takers: set[str]) -> list[int]:
         assert job.settings is not None
         picked: list[int] = []
         for frame in job.frames.values():
             if frame.state is not FrameState.PENDING:
                 continue
-            # A frame that failed on this client goes elsewhere, unless every client failed it.
-            if name in frame.failed_on and not connected <= frame.failed_on:
+            # A frame that failed on this client goes elsewhere, unless no other taker is left for it.
+            if name in frame.failed_on and takers - frame.failed_on:
                 continue
             picked.append(frame.number)
             if len(picked) >= job.settings.chunk:
@@ -342,14 +348,15 @@ class Farm:
         frame = job.frames.get(number)
         return frame is not None and frame.state is not FrameState.DONE
 
-    def frame_stored(self, job_id: str, number: int, client_id: str, render_s: float | None = None) -> bool:
+    def frame_stored(self, job_id: str, number: int, client_id: str, render_s: float | None = None,
+                     lease_id: int | None = None) -> bool:
         """Record that a frame's file is on disk. Returns False if it was already stored."""
         if not self.wants_frame(job_id, number):
             return False
         job = self.jobs[job_id]
         frame = job.frames[number]
         holder = self.leases.get(frame.lease_id) if frame.lease_id is not None else None
-        if holder is not None and holder.client_id != client_id:
+        if holder is not None and holder.id != lease_id:
             # Another client holds this frame (it was reassigned); it need not render it now.
             self._revocations.append(Revocation(holder.client_id, holder.id, (number,)))
         client = self.clients.get(client_id)
@@ -374,8 +381,8 @@ class Farm:
             return
         job = self.jobs[lease.job_id]
         frame = job.frames[number]
-        if frame.state is FrameState.DONE:
-            return
+        if frame.state is not FrameState.LEASED or frame.lease_id != lease_id or lease.client_id != client_id:
+            return  # the frame was taken back and handed on (or done) meanwhile: not this lease's to fail
         name = client.name if client else client_id
         frame.failures += 1
         frame.failed_on.add(name)

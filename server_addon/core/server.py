@@ -22,15 +22,23 @@ from typing import Any
 from protocol import messages as m
 from protocol.errors import ConnectionClosed, ProtocolError
 from protocol.handshake import Peer, server_handshake
-from protocol.limits import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, MAX_BLEND_BYTES, MAX_FRAME_BYTES, MAX_NAME_CHARS
+from protocol.limits import (
+    HANDSHAKE_MAX_BYTES,
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_TIMEOUT_S,
+    MAX_BLEND_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_NAME_CHARS,
+)
 from protocol.messages import Role
 from protocol.settings import JobRequest, SceneInfo, SettingsError
 from protocol.stream import FileSink, MessageStream
 
-from .database import Database
+from .database import Database, DatabaseError
 from .jobs import Job, JobState, Lease, LeaseKind
 from .scheduler import Farm, JobActionError
-from .storage import BlendStore, OutputStore, UnsafeName, new_job_id
+from .storage import BlendStore, OutputStore, UnsafeName, frame_name, new_job_id
 from .video import VideoError, VideoSettings, build_video, check_sequence, video_path
 
 log = logging.getLogger(__name__)
@@ -42,8 +50,19 @@ MAX_LOST_CLIENTS_SHOWN = 32
 HANG_FACTOR = 10.0
 HANG_MIN_S = 120.0
 HANG_MIN_SAMPLES = 3
+#: Job priorities lie within plus or minus this.
+MAX_PRIORITY = 1_000_000
+#: At most this many connections in all, and this many still in their handshake; more are closed.
+MAX_CONNECTIONS = 512
+MAX_PENDING_HANDSHAKES = 64
+#: How long stop() lets connection handlers finish before it cancels them.
+STOP_GRACE_S = 2.0
 #: The job actions a control connection (or the add-on) may ask for.
 JOB_ACTIONS = ("cancel", "pause", "resume", "force_complete", "delete", "clear_completed", "priority", "video")
+
+
+class ServerStartError(Exception):
+    """The server cannot start: its folders or its job database are unusable (the message says which)."""
 
 
 @dataclass
@@ -88,6 +107,7 @@ class _WorkerConnection:
         self.client_id = client_id
         self.peer = peer
         self.last_seen = server.clock()
+        self.last_ping = self.last_seen
         self.incoming: _Incoming | None = None
         self.outbox: asyncio.Queue[m.Message | tuple[m.BlendBegin, Path]] = asyncio.Queue()
         self.writer_task: asyncio.Task[None] | None = None
@@ -119,9 +139,14 @@ class FarmServer:
     def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self.outputs = OutputStore(config.output_dir)
-        self.blends = BlendStore(config.resolved_data_dir / "blends")
-        self.db = Database(config.resolved_data_dir / "jobs.sqlite3")
+        try:
+            self.outputs = OutputStore(config.output_dir)
+            self.blends = BlendStore(config.resolved_data_dir / "blends")
+            self.db = Database(config.resolved_data_dir / "jobs.sqlite3")
+        except OSError as exc:
+            raise ServerStartError(f"cannot use {exc.filename or config.output_dir}: {exc.strerror or exc}") from None
+        except DatabaseError as exc:
+            raise ServerStartError(str(exc)) from None
         self.farm = Farm(clock, store=self.db)
         self.blends.remove_partials()
         for job in self.db.load(self.outputs):
@@ -137,6 +162,10 @@ class FarmServer:
         self._workers: dict[str, _WorkerConnection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._videos: dict[str, asyncio.Task[None]] = {}
+        self._streams: set[MessageStream] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._handshakes = asyncio.Semaphore(MAX_PENDING_HANDSHAKES)
+        self._stopping = False
         self._ids = itertools.count(1)
         self._version = 0
         self._changed = asyncio.Event()
@@ -154,10 +183,15 @@ class FarmServer:
                  self.port, self.outputs.root)
 
     async def stop(self) -> None:
+        self._stopping = True  # from here on a closing connection is no client's failure
         if self._server is not None:
             self._server.close()
-        for conn in list(self._workers.values()):
-            conn.stream.close()
+        for stream in list(self._streams):
+            stream.close()
+        # Connection handlers end by themselves once their streams are closed; the rest is cancelled.
+        handlers = [t for t in self._tasks if t in self._handlers]
+        if handlers:
+            await asyncio.wait(handlers, timeout=STOP_GRACE_S)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -170,8 +204,13 @@ class FarmServer:
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_coro(), exc_info=task.exception())
 
     # --- change notification ------------------------------------------------------------
 
@@ -240,8 +279,8 @@ class FarmServer:
             message = f"job {job_id} completed with {job.frames_done} of {len(job.frames)} frames"
         elif action == "priority":
             priority = args.get("priority")
-            if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 1_000_000:
-                raise JobActionError("priority must be a whole number between -1000000 and 1000000")
+            if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
+                raise JobActionError(f"priority must be a whole number between -{MAX_PRIORITY} and {MAX_PRIORITY}")
             farm.set_priority(job_id, priority)
             message = f"job {job_id} priority {priority}"
         elif action == "delete":
@@ -364,42 +403,69 @@ class FarmServer:
                         blend_size=job.blend_size, frames=lease.frames, settings=job.settings.to_assignment())
 
     async def _watchdog(self) -> None:
-        """Close the connections of clients that went silent for longer than the timeout."""
+        """Close the connections of clients that went silent for longer than the timeout (or hang on a
+        frame), and ping the others so that they notice a server that went silent in turn."""
         while True:
             await asyncio.sleep(min(1.0, self.config.heartbeat_interval / 2))
-            now = self.clock()
-            for conn in list(self._workers.values()):
-                silent = now - conn.last_seen
-                if silent > self.config.heartbeat_timeout:
-                    log.warning("client %s: no heartbeat for %.1f s, taking its work back", conn.peer.name, silent)
-                    self._drop_worker(conn)
-            for client_id, elapsed, limit in self.farm.hung_clients(self.config.hang_factor, self.config.hang_min_s,
-                                                                     HANG_MIN_SAMPLES):
-                conn = self._workers.get(client_id)
-                if conn is not None:
-                    log.warning("client %s: on one frame for %.0f s (limit %.0f s); treating it as lost",
-                                conn.peer.name, elapsed, limit)
-                    self._drop_worker(conn)
+            try:
+                self._check_clients()
+            except Exception:  # one bad round must not end the watchdog
+                log.exception("watchdog round failed")
+
+    def _check_clients(self) -> None:
+        now = self.clock()
+        for conn in list(self._workers.values()):
+            silent = now - conn.last_seen
+            if silent > self.config.heartbeat_timeout:
+                log.warning("client %s: no heartbeat for %.1f s, taking its work back", conn.peer.name, silent)
+                self._drop_worker(conn)
+            elif now - conn.last_ping >= self.config.heartbeat_interval:
+                conn.last_ping = now
+                conn.post(m.Heartbeat(state="server"))
+        for client_id, elapsed, limit in self.farm.hung_clients(self.config.hang_factor, self.config.hang_min_s,
+                                                                 HANG_MIN_SAMPLES):
+            conn = self._workers.get(client_id)
+            if conn is not None:
+                log.warning("client %s: on one frame for %.0f s (limit %.0f s); treating it as lost",
+                            conn.peer.name, elapsed, limit)
+                self._drop_worker(conn)
 
     # --- connections ----------------------------------------------------------------------
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        stream = MessageStream(reader, writer)
+        stream = MessageStream(reader, writer, max_bytes=HANDSHAKE_MAX_BYTES)
         address = stream.peer
+        if self._stopping or len(self._streams) >= MAX_CONNECTIONS or self._handshakes.locked():
+            self.stats.connections_refused += 1
+            log.warning("connection from %s refused: too many connections", address)
+            await stream.aclose()
+            return
+        assert task is not None
+        self._tasks.add(task)
+        self._handlers.add(task)
+        self._streams.add(stream)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._handlers.discard)
         try:
-            peer, client_id = await server_handshake(
-                stream, farm=self.config.farm_name, secret=self.config.secret,
-                assign_id=self._new_client_id, heartbeat_s=self.config.heartbeat_interval)
+            await self._handle(stream, address)
+        finally:
+            self._streams.discard(stream)
+            await stream.aclose()
+
+    async def _handle(self, stream: MessageStream, address: str) -> None:
+        try:
+            async with self._handshakes:
+                # Until a peer has proven itself, its messages are small: no megabytes held for strangers.
+                peer, client_id = await server_handshake(
+                    stream, farm=self.config.farm_name, secret=self.config.secret,
+                    assign_id=self._new_client_id, heartbeat_s=self.config.heartbeat_interval)
         except (TimeoutError, ProtocolError, OSError) as exc:
             self.stats.connections_refused += 1
             reason = "handshake timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             log.warning("connection from %s refused: %s", address, reason)
-            await stream.aclose()
             return
+        stream.max_bytes = MAX_MESSAGE_BYTES
         try:
             if peer.role is Role.WORKER:
                 await self._serve_worker(stream, peer, client_id)
@@ -416,8 +482,6 @@ class FarmServer:
         except Exception:
             # A bug must cost this one connection only, never the server.
             log.exception("%s %s (%s): internal error; closing the connection", peer.role.value, peer.name, address)
-        finally:
-            await stream.aclose()
 
     def _new_client_id(self, peer: Peer) -> str:
         prefix = "c" if peer.role is Role.WORKER else "t"
@@ -437,10 +501,18 @@ class FarmServer:
         self._dispatch()
         self._notify()
         try:
-            while True:
+            while conn.client_id in self._workers:  # the watchdog may have dropped it meanwhile
                 message = await stream.recv()
                 conn.last_seen = self.clock()
                 self._on_worker_message(conn, message)
+        except (ProtocolError, UnsafeName) as exc:
+            if not isinstance(exc, ConnectionClosed):
+                # Tell the client why, before its connection goes (its log then says what it did wrong).
+                log.warning("client %s (%s): closing the connection: %s", peer.name, stream.peer, exc)
+                with contextlib.suppress(ProtocolError, OSError, TimeoutError):
+                    await asyncio.wait_for(stream.send(m.Error(reason=str(exc))), timeout=1.0)
+                return
+            raise
         finally:
             self._drop_worker(conn)
 
@@ -453,6 +525,8 @@ class FarmServer:
         if conn.incoming is not None and conn.incoming.sink is not None:
             conn.incoming.sink.abort()
         conn.incoming = None
+        if self._stopping:
+            return  # the server is going away: nobody's frames are lost, nothing to hand out
         self.farm.disconnect_client(conn.client_id)
         self._dispatch()
         self._notify()
@@ -475,7 +549,8 @@ class FarmServer:
             return
         if isinstance(message, m.Chunk):
             self._frame_chunk(conn, message)
-        elif isinstance(message, m.End):
+            return  # bytes of an upload change nothing anyone sees; only its end does
+        if isinstance(message, m.End):
             self._frame_end(conn, message)
         elif isinstance(message, m.FrameBegin):
             self._frame_begin(conn, message)
@@ -513,24 +588,42 @@ class FarmServer:
         path = self.blends.path(message.sha256)
         wanted = any(j.blend_sha256 == message.sha256 and j.state.running for j in self.farm.jobs.values())
         if not wanted or not path.is_file():
-            raise ProtocolError(f"no active job uses the .blend {message.sha256[:12]}")
+            # The job was paused, cancelled or deleted since the client was given work: not its fault.
+            conn.post(m.BlendRefused(sha256=message.sha256, reason="no running job uses this .blend any more"))
+            return
         conn.post((m.BlendBegin(sha256=message.sha256, size=path.stat().st_size), path))
 
     def _frame_begin(self, conn: _WorkerConnection, begin: m.FrameBegin) -> None:
         if conn.incoming is not None:
             raise ProtocolError("a frame upload began inside another")
         self.outputs.job_dir(begin.job_id)  # refuses an id that could never name a folder of ours
-        job = self.farm.jobs.get(begin.job_id)
-        if job is None:
-            raise ProtocolError(f"frame for unknown job {begin.job_id!r}")
-        if job.settings is None or begin.frame not in job.frames:
-            raise ProtocolError(f"job {job.id} has no frame {begin.frame}")
-        if begin.ext != job.settings.ext:
-            raise ProtocolError(f"job {job.id} stores .{job.settings.ext} frames, not {begin.ext!r}")
+        frame_name(begin.frame, begin.ext)  # and an extension that is not an image format's
         if not 0 < begin.size <= MAX_FRAME_BYTES:
             raise ProtocolError(f"frame size {begin.size} is out of bounds")
-        sink = self.outputs.frame_sink(job.id, begin.size) if self.farm.wants_frame(job.id, begin.frame) else None
+        job = self.farm.jobs.get(begin.job_id)
+        if job is not None and job.settings is not None:
+            if begin.frame not in job.frames:
+                raise ProtocolError(f"job {job.id} has no frame {begin.frame}")
+            if begin.ext != job.settings.ext:
+                raise ProtocolError(f"job {job.id} stores .{job.settings.ext} frames, not {begin.ext!r}")
+        sink = None
+        # A frame of a job deleted meanwhile is read and dropped: the client did nothing wrong.
+        if job is not None and self.farm.wants_frame(job.id, begin.frame):
+            try:
+                sink = self.outputs.frame_sink(job.id, begin.size)
+            except OSError as exc:
+                self._storage_failed(job, exc)
         conn.incoming = _Incoming(begin=begin, sink=sink)
+
+    def _storage_failed(self, job: Job, exc: OSError) -> None:
+        """The server cannot write a job's frames (disk full, permissions): pause it with the reason."""
+        where = self.outputs.root / job.id
+        reason = f"the server cannot write frames to {where}: {exc.strerror or exc}; fix that, then resume the job"
+        log.error("job %s: %s", job.id, reason)
+        if job.state.running:
+            self.farm.pause_job(job.id)
+        job.error = reason
+        self.farm.store.save_job(job)
 
     def _frame_chunk(self, conn: _WorkerConnection, chunk: m.Chunk) -> None:
         incoming = conn.incoming
@@ -540,7 +633,14 @@ class FarmServer:
         if incoming.received > incoming.begin.size:
             raise ProtocolError("upload is larger than announced")
         if incoming.sink is not None:
-            incoming.sink.write(chunk.data)
+            try:
+                incoming.sink.write(chunk.data)
+            except OSError as exc:
+                incoming.sink.abort()
+                incoming.sink = None
+                job = self.farm.jobs.get(incoming.begin.job_id)
+                if job is not None:
+                    self._storage_failed(job, exc)
 
     def _frame_end(self, conn: _WorkerConnection, end: m.End) -> None:
         incoming = conn.incoming
@@ -557,12 +657,23 @@ class FarmServer:
         except ProtocolError:
             sink.abort()
             raise
+        except OSError as exc:
+            sink.abort()
+            job = self.farm.jobs.get(begin.job_id)
+            if job is not None:
+                self._storage_failed(job, exc)
+            return
         if not self.farm.wants_frame(begin.job_id, begin.frame):
             sink.abort()
             self.stats.duplicate_frames += 1
             return
-        path = self.outputs.commit_frame(sink, begin.job_id, begin.frame, begin.ext)
-        self.farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s)
+        try:
+            path = self.outputs.commit_frame(sink, begin.job_id, begin.frame, begin.ext)
+        except OSError as exc:
+            sink.abort()
+            self._storage_failed(self.farm.jobs[begin.job_id], exc)
+            return
+        self.farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s, begin.lease_id)
         self.stats.frames_stored += 1
         log.info("job %s: frame %d stored from %s (%.2f s) -> %s", begin.job_id, begin.frame, conn.peer.name,
                  begin.render_s, path.name)
@@ -585,7 +696,7 @@ class FarmServer:
                     except (JobActionError, UnsafeName) as exc:
                         await stream.send(m.Error(reason=str(exc)))
                         continue
-                    await stream.send(m.JobControlDone(message=text, jobs=self.snapshot()["jobs"]))
+                    await stream.send(m.JobControlDone(message=text))
                 elif isinstance(message, m.FrameLogRequest):
                     await stream.send(self._frame_log(message))
                 elif isinstance(message, m.Watch):
@@ -603,11 +714,14 @@ class FarmServer:
             request = JobRequest.from_wire(submit.settings)
         except SettingsError as exc:
             raise ProtocolError(f"invalid job settings: {exc}") from None
+        video = None
         if submit.video is not None:
             try:
-                VideoSettings.from_wire(submit.video)
+                video = VideoSettings.from_wire(submit.video).to_wire()  # only known keys are kept
             except ValueError as exc:
                 raise ProtocolError(f"invalid video settings: {exc}") from None
+        if abs(submit.priority) > MAX_PRIORITY:
+            raise ProtocolError(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
         if not 0 < submit.blend_size <= MAX_BLEND_BYTES:
             raise ProtocolError(f"a .blend of {submit.blend_size} bytes is out of bounds")
         name = "".join(ch for ch in submit.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
@@ -618,7 +732,7 @@ class FarmServer:
         if need:
             await self._receive_blend(stream, sha, submit.blend_size)
         job = self.create_job(name, sha, submit.blend_size, request, start=submit.start, priority=submit.priority,
-                              video=submit.video)
+                              video=video)
         log.info("job %s: submitted by %s (%s)", job.id, peer.name, name)
         await stream.send(m.Submitted(job_id=job.id))
 

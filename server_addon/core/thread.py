@@ -86,8 +86,8 @@ class ServerThread:
 
     async def _main(self, ready: concurrent.futures.Future[None]) -> None:
         self._stopped = asyncio.Event()
-        server = FarmServer(self.config)
         try:
+            server = FarmServer(self.config)  # opens the job database: may fail with a reason to show
             await server.start()
         except BaseException as exc:
             ready.set_exception(exc)

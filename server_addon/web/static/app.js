@@ -248,8 +248,8 @@ function updateCard(card, job) {
   card.fill.style.width = `${percent}%`;
   card.bar.setAttribute("aria-valuenow", String(percent));
   card.percent.textContent = `${percent}%`;
-  card.frames.textContent = job.state === "probing" && !total
-    ? "reading the scene…" : `${job.frames_done} / ${total} frames`;
+  if (total) card.frames.textContent = `${job.frames_done} / ${total} frames`;
+  else card.frames.textContent = job.state === "probing" ? "reading the scene…" : "frames not known yet";
   card.meta.textContent = metaText(job);
   card.error.textContent = job.error;
   card.error.hidden = !job.error;

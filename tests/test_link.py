@@ -1,0 +1,88 @@
+"""The client's network side and the server's shutdown, over real TCP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from client.cache import BlendCache
+from client.link import Link, fixed_target
+from protocol import messages as m
+from protocol.handshake import client_handshake, server_handshake
+from protocol.messages import Role
+from protocol.settings import JobRequest, SceneInfo
+from protocol.stream import MessageStream
+from server_addon.core.server import ServerConfig
+from server_addon.core.thread import ServerThread
+
+TIMEOUT = 10.0
+
+
+def test_client_leaves_a_server_that_went_silent(tmp_path: Path) -> None:
+    """A server that accepts and then says nothing (frozen, or cut off) is left and found again."""
+    sessions: list[float] = []
+    second = threading.Event()
+
+    async def silent_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = MessageStream(reader, writer)
+        await server_handshake(stream, farm="mute", secret=None, assign_id=lambda peer: "c1", heartbeat_s=0.2)
+        sessions.append(asyncio.get_running_loop().time())
+        if len(sessions) >= 2:
+            second.set()
+        await reader.read()  # never answers, never pings; waits until the client hangs up
+
+    async def main() -> None:
+        server = await asyncio.start_server(silent_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        link = Link(fixed_target("127.0.0.1", port), name="t", secret=None, cache=BlendCache(tmp_path))
+        link.start()
+        try:
+            assert await asyncio.to_thread(second.wait, TIMEOUT), "the client never reconnected"
+        finally:
+            link.stop()
+            server.close()
+        # It waited for the silence limit (5 pings of 0.2 s) before it gave up, not less.
+        assert sessions[1] - sessions[0] >= 1.0
+
+    asyncio.run(main())
+
+
+@pytest.mark.asyncio
+async def test_stopping_the_server_charges_no_frame_to_a_client(tmp_path: Path) -> None:
+    thread = ServerThread(ServerConfig(output_dir=tmp_path / "out", host="127.0.0.1", port=0))
+    thread.start()
+    sha = "a" * 64
+    (thread.server.blends.root / f"{sha}.blend").write_bytes(b"BLENDER")
+    thread.call(lambda s: s.create_job("x.blend", sha, 7, JobRequest(chunk=2)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", thread.port)
+    stream = MessageStream(reader, writer)
+    await client_handshake(stream, role=Role.WORKER, name="w", secret=None)
+    await stream.send(m.Heartbeat(state="idle"))
+    probe = await asyncio.wait_for(stream.recv(), TIMEOUT)
+    assert isinstance(probe, m.Probe)
+    info = SceneInfo(scene="S", engine="CYCLES", frame_start=1, frame_end=4, frame_step=1, fps=24.0,
+                     resolution_x=64, resolution_y=36, percentage=100, file_format="PNG")
+    await stream.send(m.ProbeResult(lease_id=probe.lease_id, ok=True, scene=info.to_wire()))
+    await stream.send(m.LeaseDone(lease_id=probe.lease_id))
+    assign = await asyncio.wait_for(stream.recv(), TIMEOUT)
+    while not isinstance(assign, m.Assign):
+        assign = await asyncio.wait_for(stream.recv(), TIMEOUT)
+    await stream.send(m.Heartbeat(state="rendering", job_id=assign.job_id, frame=assign.frames[0],
+                                  lease_id=assign.lease_id))
+
+    async def frame_reported() -> None:
+        server = thread.server
+        while not any(c.frame == assign.frames[0] for c in server.farm.clients.values()):
+            await server.wait_change(server.version, timeout=1.0)
+    thread.submit(asyncio.wait_for(frame_reported(), TIMEOUT), timeout=TIMEOUT + 1)
+    await asyncio.to_thread(thread.stop)
+    await stream.aclose()
+
+    db = sqlite3.connect(tmp_path / "out" / ".microfarm" / "jobs.sqlite3")
+    failures = db.execute("SELECT COALESCE(SUM(failures), 0) FROM frames").fetchone()[0]
+    db.close()
+    assert failures == 0, "a server that stops is nobody's failure"
