@@ -6,7 +6,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean system-deps test-system-deps
+
+# System programs the farm uses: ffmpeg for videos; the web tests also drive Debian's Chromium.
+# Installed with apt-get when missing (as root, or with sudo).
+APT_INSTALL = if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq
+system-deps:
+	@command -v ffmpeg >/dev/null 2>&1 || { echo "installing ffmpeg"; $(APT_INSTALL) ffmpeg >/dev/null; }
+
+test-system-deps: system-deps
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium"; $(APT_INSTALL) chromium >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "MicroFarm needs Python 3.11 (PyPI bpy 5.0.1 is built for it); set PYTHON=/path/to/python3.11")'
@@ -18,10 +28,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) system-deps
 	$(PY) -m tools.demo
 
-test: $(STAMP)
+test: $(STAMP) test-system-deps
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

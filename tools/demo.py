@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Server on {farm.address} with {args.clients} clients; logs in {out}")
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "tools.submit", str(blend), "--server", farm.address,
-                                 "--wait"], cwd=REPO, env=repo_env(), stdout=subprocess.PIPE, text=True)
+                                 "--video", "h264", "--wait"], cwd=REPO, env=repo_env(), stdout=subprocess.PIPE,
+                                text=True)
         job_id = result.stdout.strip()
         elapsed = time.monotonic() - started
         subprocess.run([sys.executable, "-m", "tools.status", "--server", farm.address], cwd=REPO, env=repo_env())
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     frames = sorted((farm.output / job_id).glob("frame_*"))
     print(f"\nRendered {len(frames)} frames in {elapsed:.1f} s: {farm.output / job_id}/")
+    for video in sorted((farm.output / job_id).glob("*.mp4")):
+        print(f"Video: {video}")
     return 0
 
 
