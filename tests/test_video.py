@@ -354,3 +354,15 @@ def test_arguments_follow_the_settings():
     assert "-apply_trc" not in prores
     assert prores[prores.index("-profile:v") + 1] == "3"
     assert prores[prores.index("-f", prores.index("-i")) + 1] == "mov"
+
+
+def test_leftovers_of_a_killed_build_are_removed(tmp_path):
+    from server_addon.core.video import remove_leftovers
+    (tmp_path / ".job-1.mp4.1a2b3c4d.part").write_bytes(b"half a video")
+    (tmp_path / ".job-1.mov.frames.xyz").mkdir()
+    (tmp_path / ".job-1.mov.frames.xyz" / "000000.png").write_bytes(b"link")
+    keep = [tmp_path / "job-1.mp4", tmp_path / "frame_0001.png", tmp_path / ".hidden-user-file"]
+    for path in keep:
+        path.write_bytes(b"keep")
+    assert remove_leftovers(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)

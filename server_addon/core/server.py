@@ -39,7 +39,7 @@ from .database import Database, DatabaseError
 from .jobs import Job, JobState, Lease, LeaseKind
 from .scheduler import Farm, JobActionError
 from .storage import BlendStore, OutputStore, UnsafeName, frame_name, new_job_id
-from .video import VideoError, VideoSettings, build_video, check_sequence, video_path
+from .video import VideoError, VideoSettings, build_video, check_sequence, remove_leftovers, video_path
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,13 @@ class FarmServer:
             raise ServerStartError(str(exc)) from None
         self.farm = Farm(clock, store=self.db)
         self.blends.remove_partials()
+        remove_leftovers(self.outputs.root)
         for job in self.db.load(self.outputs):
             self.farm.restore_job(job)
-            if not job.state.finished:
+            # What a killed server left half-written: uploads and video builds.
+            if self.outputs.job_dir(job.id).is_dir():
                 self.outputs.remove_partials(job.id)
+                remove_leftovers(self.outputs.job_dir(job.id))
         if self.farm.jobs:
             running = sum(1 for j in self.farm.jobs.values() if j.state.running)
             log.info("restored %d jobs (%d to continue) from %s", len(self.farm.jobs), running, self.db.path)

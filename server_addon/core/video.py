@@ -244,3 +244,16 @@ async def _run(args: list[str], cwd: Path) -> tuple[int, list[str]]:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await asyncio.shield(proc.wait())
+
+
+def remove_leftovers(folder: Path) -> int:
+    """Delete what a video build killed half-way left in a folder (call before any build starts)."""
+    removed = 0
+    for container in set(CONTAINERS.values()):
+        for partial in folder.glob(f".*.{container}.*.part"):
+            partial.unlink(missing_ok=True)
+            removed += 1
+        for links in folder.glob(f".*.{container}.frames.*"):
+            shutil.rmtree(links, ignore_errors=True)
+            removed += 1
+    return removed
