@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,20 @@ CONNECT_TIMEOUT_S = 10.0
 
 class ToolError(Exception):
     """A failure to report to the user as one line."""
+
+
+def run_tool(main: Coroutine[Any, Any, int]) -> int:
+    """Run a tool's coroutine; failures end as one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        return asyncio.run(main)
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ProtocolError, OSError) as exc:
+        print(f"error: lost the connection to the farm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def parse_server(text: str) -> tuple[str, int]:

@@ -13,12 +13,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from protocol.errors import ProtocolError
-
-from .control import Control, ToolError, default_token
+from .control import Control, ToolError, default_token, run_tool
 from .status import render_text
 
 _SIMPLE = {"cancel": "cancel", "pause": "pause", "resume": "resume", "force-complete": "force_complete"}
@@ -98,14 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (ProtocolError, OSError) as exc:
-        print(f"error: lost the connection to the farm: {exc}", file=sys.stderr)
-        return 1
+    return run_tool(run(args))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any
 
-from protocol.errors import ProtocolError
-
-from .control import Control, ToolError, default_token
+from .control import Control, default_token, run_tool
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
@@ -66,14 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
     args = parser.parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (ProtocolError, OSError) as exc:
-        print(f"error: lost the connection to the farm: {exc}", file=sys.stderr)
-        return 1
+    return run_tool(run(args))
 
 
 if __name__ == "__main__":

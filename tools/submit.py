@@ -10,16 +10,14 @@ reason when it failed or was cancelled.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ProtocolError
 from protocol.settings import IMAGE_FORMATS, JobRequest, SettingsError
 
-from .control import Control, ToolError, default_token
+from .control import Control, ToolError, default_token, run_tool
 
 _RANGE = re.compile(r"^\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+))?\s*$")
 
@@ -146,16 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (ProtocolError, OSError) as exc:
-        print(f"error: lost the connection to the farm: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_tool(run(args))
 
 
 if __name__ == "__main__":
