@@ -104,7 +104,9 @@ class Worker:
                 continue
             elapsed = time.monotonic() - started
             self.link.device = self.renderer.device.backend
-            log.info("job %s: frame %d rendered in %.2f s", assign.job_id, frame, elapsed)
+            split = self.renderer.split
+            what = f"tile {frame} of {split.tiles} of frame {split.frame}" if split else f"frame {frame}"
+            log.info("job %s: %s rendered in %.2f s", assign.job_id, what, elapsed)
             begin = m.FrameBegin(lease_id=lease, job_id=assign.job_id, frame=frame, ext=path.suffix.lstrip("."),
                                  size=path.stat().st_size, render_s=elapsed)
             # Uploads are queued: the next frame renders while this one travels.

@@ -11,6 +11,7 @@ from typing import Any
 
 from .errors import ProtocolError
 from .limits import MAX_FRAMES_PER_JOB
+from .tiles import MAX_MARGIN, MAX_TILES, MIN_TILES, SPLIT_FORMATS, TileSpec
 
 #: Image formats a job may produce, with the file extension the server stores them under.
 IMAGE_FORMATS: dict[str, str] = {
@@ -61,6 +62,7 @@ class JobRequest:
     samples: int | None = None
     percentage: int | None = None
     device: str | None = None  # "CPU" or "GPU": only clients rendering on that kind of device
+    split: int | None = None  # one frame cut into this many tiles; 0: as many as the farm's clients suit
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,7 +85,10 @@ class JobRequest:
             samples=_int_or_none(raw, "samples", 1, MAX_SAMPLES),
             percentage=_int_or_none(raw, "percentage", 1, MAX_PERCENTAGE),
             device=device,
+            split=_int_or_none(raw, "split", 0, MAX_TILES),
         )
+        if request.split == 1:
+            raise SettingsError(f"split must be 0 (auto) or between {MIN_TILES} and {MAX_TILES}, not 1")
         start, end = request.frame_start, request.frame_end
         if start is not None and end is not None and end < start:
             raise SettingsError(f"frame range {request.frame_start}-{request.frame_end} ends before it starts")
@@ -105,6 +110,11 @@ class SceneInfo:
     percentage: int
     file_format: str
     has_camera: bool = True
+    # What split-frame rendering needs to know: rows a band must be rendered beyond its edges for what
+    # looks at neighbouring pixels (denoising, compositing), and how the stitched frame is encoded.
+    split_margin: int = 0
+    quality: int = 90  # JPEG quality
+    exr_codec: str = "ZIP"
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +137,8 @@ class SceneInfo:
         if not (info.fps > 0 and info.resolution_x > 0 and info.resolution_y > 0
                 and 1 <= info.percentage <= MAX_PERCENTAGE):
             raise ProtocolError("probe result has an impossible frame rate, resolution or percentage")
+        if not (0 <= info.split_margin <= MAX_MARGIN and 0 <= info.quality <= 100 and len(info.exr_codec) <= 32):
+            raise ProtocolError("probe result has an impossible split margin, quality or EXR codec")
         return info
 
 
@@ -143,18 +155,40 @@ class RenderSettings:
     resolution_x: int
     resolution_y: int
     device: str | None = None
+    tiles: int = 0  # a split frame: its work items are tiles 0..tiles-1 of frames[0]; 0: whole frames
+    margin: int = 0  # rows rendered beyond each tile's band (see protocol.tiles)
 
     @property
     def ext(self) -> str:
         return IMAGE_FORMATS[self.file_format]
 
+    @property
+    def items(self) -> tuple[int, ...]:
+        """What the scheduler leases: frame numbers, or the tile indices of a split frame."""
+        return tuple(range(self.tiles)) if self.tiles else self.frames
+
+    @property
+    def tile_ext(self) -> str:
+        """The lossless format tiles travel in (PNG for PNG and JPEG frames, EXR for EXR)."""
+        return SPLIT_FORMATS[self.file_format]
+
+    @property
+    def split(self) -> TileSpec | None:
+        if not self.tiles:
+            return None
+        return TileSpec(frame=self.frames[0], tiles=self.tiles, height=self.resolution_y, margin=self.margin)
+
     def to_assignment(self) -> dict[str, Any]:
-        return {"file_format": self.file_format, "samples": self.samples, "percentage": self.percentage,
+        wire = {"file_format": self.file_format, "samples": self.samples, "percentage": self.percentage,
                 "device": self.device}
+        if self.split is not None:
+            wire["split"] = self.split.to_wire()
+        return wire
 
 
-def resolve(request: JobRequest, scene: SceneInfo) -> RenderSettings:
-    """Fill what the request left open from the scene, and check the result."""
+def resolve(request: JobRequest, scene: SceneInfo, auto_tiles: int = MIN_TILES) -> RenderSettings:
+    """Fill what the request left open from the scene, and check the result. A split job (request.split)
+    gets request.split tiles, or `auto_tiles` (what the farm suits) when it asked for 0."""
     start = scene.frame_start if request.frame_start is None else request.frame_start
     end = scene.frame_end if request.frame_end is None else request.frame_end
     step = request.frame_step or scene.frame_step or 1
@@ -168,16 +202,32 @@ def resolve(request: JobRequest, scene: SceneInfo) -> RenderSettings:
         # A scene set to write a movie (or an unusual format) renders frames as PNG on the farm.
         file_format = DEFAULT_FORMAT
     percentage = request.percentage or scene.percentage
+    height = max(1, scene.resolution_y * percentage // 100)
+    tiles = margin = 0
+    chunk = request.chunk
+    if request.split is not None:
+        if count != 1:
+            raise SettingsError(f"a split job renders one frame, not the {count} frames {start}-{end}; ask for one "
+                                "frame (--frame N)")
+        if file_format not in SPLIT_FORMATS:
+            raise SettingsError(f"a split frame is stitched into {', '.join(SPLIT_FORMATS)}, not {file_format}")
+        if height < MIN_TILES:
+            raise SettingsError(f"an image {height} pixels high cannot be split")
+        tiles = max(MIN_TILES, min(request.split or auto_tiles, height, MAX_TILES))
+        margin = scene.split_margin
+        chunk = 1  # one tile per lease: tiles spread over every client, a lost one goes elsewhere alone
     return RenderSettings(
         frames=tuple(range(start, end + 1, step)),
-        chunk=request.chunk,
+        chunk=chunk,
         file_format=file_format,
         samples=request.samples,
         percentage=percentage,
         fps=scene.fps,
         resolution_x=max(1, scene.resolution_x * percentage // 100),
-        resolution_y=max(1, scene.resolution_y * percentage // 100),
+        resolution_y=height,
         device=request.device,
+        tiles=tiles,
+        margin=margin,
     )
 
 
@@ -189,6 +239,7 @@ class Assignment:
     samples: int | None
     percentage: int | None
     device: str | None
+    split: TileSpec | None = None
 
 
 def validate_assignment(raw: dict[str, Any]) -> Assignment:
@@ -203,4 +254,9 @@ def validate_assignment(raw: dict[str, Any]) -> Assignment:
         percentage = _int_or_none(raw, "percentage", 1, MAX_PERCENTAGE)
     except SettingsError as exc:
         raise ProtocolError(str(exc)) from None
-    return Assignment(file_format, samples, percentage, device)
+    split = None
+    if raw.get("split") is not None:
+        split = TileSpec.from_wire(raw["split"])
+        if file_format not in SPLIT_FORMATS:
+            raise ProtocolError(f"assignment asks to split a {file_format} frame")
+    return Assignment(file_format, samples, percentage, device, split)

@@ -2,6 +2,7 @@
 
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py render --zip Z --work W --texture T --rgb R,G,B
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py cycle --zip Z --work W
+    BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py frame --zip Z --work W --texture T
 
 It installs the built extension the way Blender's "Install from Disk" does, with no network, into
 the user folder named by BLENDER_USER_RESOURCES (never the real one), and drives the add-on through
@@ -191,14 +192,14 @@ def env_without(name: str) -> Iterator[None]:
             os.environ[name] = saved
 
 
-def start_client(address: str, work: Path) -> Any:
+def start_client(address: str, work: Path, name: str = "addon-client") -> Any:
     """A real render client process, started the way the other tests start theirs."""
     spec = importlib.util.spec_from_file_location("microfarm_localfarm", REPO / "tools" / "localfarm.py")
     assert spec is not None and spec.loader is not None
     localfarm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(localfarm)  # by path: the repository itself stays off sys.path
     with env_without("BLENDER_USER_RESOURCES"):  # the client is another machine's Blender
-        return localfarm.start_client(address, "addon-client", work / "client-cache", work / "client.log")
+        return localfarm.start_client(address, name, work / f"{name}-cache", work / f"{name}.log")
 
 
 # --- the scene --------------------------------------------------------------------------------
@@ -345,6 +346,62 @@ def render(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def frame(args: argparse.Namespace) -> dict[str, Any]:
+    """Render Current Frame, split across two clients and whole, with the result loaded into Blender."""
+    work: Path = args.work
+    blend = work / "shot.blend"
+    build_scene(args.texture, frames=3, relative_to=blend, samples=4)
+    install(args.zip, enable=True)
+    configure(work / "output")
+    runtime = addon_module("addon.runtime")
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    bpy.context.scene.frame_set(2)
+    before = file_state(blend)
+    rt = start_server()
+    address = f"127.0.0.1:{rt.address[1]}"
+    clients = [start_client(address, work, f"frame-client-{i}") for i in (1, 2)]
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    try:
+        wait_until(rt, lambda s: sum(c.connected and c.ready for c in s.farm.clients.values()) == 2, "two clients")
+        settings = bpy.context.scene.microfarm
+        for label, split in (("split", 4), ("whole", None)):
+            settings.use_split, settings.split_tiles = split is not None, split or 0
+            known = set(rt.thread.call(lambda s: list(s.farm.jobs)))
+            assert timed(label, timings, bpy.ops.microfarm.render_current_frame) == {"FINISHED"}
+            job_id = wait_until(rt, lambda s, known=known: next((j for j in s.farm.jobs if j not in known), None),
+                                f"the {label} job")
+            wait_until(rt, lambda s, j=job_id: s.farm.jobs[j].state.finished, f"the {label} job to end")
+            path = rt.thread.call(lambda s, j=job_id: str(s.outputs.frame_path(
+                j, s.farm.jobs[j].settings.frames[0], s.farm.jobs[j].settings.ext)))
+            # The frame reaches the main thread through the queue the timer drains (timers do not fire here).
+            image = None
+            deadline = time.monotonic() + 30
+            while image is None and time.monotonic() < deadline:
+                runtime.drain_now()
+                image = next((i for i in bpy.data.images if bpy.path.abspath(i.filepath) == path), None)
+                time.sleep(0.05)
+            info = None
+            if image is not None:
+                width, height = image.size
+                pixels = list(image.pixels)
+                centre = [pixels[((height // 2) * width + width // 2) * 4 + c] for c in range(3)]
+                info = {"name": image.name, "size": [width, height], "centre": centre, "channels": image.channels}
+            results[label] = {"job": rt.thread.call(lambda s, j=job_id: s.farm.jobs[j].view()), "path": path,
+                              "image": info, "tiles_left": sorted(p.name for p in Path(path).parent.rglob("tile_*"))}
+        rendered_by = rt.thread.call(lambda s: sorted({f.rendered_by for j in s.farm.jobs.values()
+                                                       if j.settings and j.settings.tiles for f in j.frames.values()}))
+        after = file_state(blend)
+        stop_server(rt)
+    finally:
+        for client in clients:
+            client.terminate()
+        for client in clients:
+            client.wait(timeout=30)
+    return {"results": results, "timings": timings, "rendered_by": rendered_by, "before": before, "after": after,
+            "frame_current": bpy.context.scene.frame_current}
+
+
 def fetch(url: str) -> str:
     """The first bytes of a page, fetched on a worker thread of this script (as a browser would)."""
     import urllib.request
@@ -401,12 +458,12 @@ def cycle(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["render", "cycle"])
+    parser.add_argument("scenario", choices=["render", "cycle", "frame"])
     parser.add_argument("--zip", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--texture", type=Path)
     args = parser.parse_args()
-    result = render(args) if args.scenario == "render" else cycle(args)
+    result = {"render": render, "cycle": cycle, "frame": frame}[args.scenario](args)
     print(json.dumps(result, default=str), flush=True)
     return 0
 

@@ -279,3 +279,33 @@ def test_enable_disable_enable_leaves_nothing_behind(addon_zip: Path, tmp_path: 
     final = result["final"]
     assert final["port_free_after_stop"]
     assert final["threads_after_stop"] == baseline and final["threads_after_disable"] == baseline
+
+
+def test_render_current_frame_split_and_shown(addon_zip: Path, tmp_path: Path) -> None:
+    texture = tmp_path / "texture.png"
+    Image.new("RGB", (16, 16), TEXTURE_RGB).save(texture)
+    result = scenario("frame", tmp_path, "--zip", str(addon_zip), "--texture", str(texture))
+    for label in ("split", "whole"):
+        entry = result["results"][label]
+        job = entry["job"]
+        assert job["state"] == "done" and job["frame_range"] == [2, 2], job
+        assert job["tiles"] == (4 if label == "split" else 0) and job["frames_total"] == (4 if label == "split" else 1)
+        path = Path(entry["path"])
+        assert path.name == "frame_0002.png" and Image.open(path).size == (64, 36)
+        rgb = mean_rgb(path, (0, 0, 64, 36))
+        assert all(abs(got - want) <= 6 for got, want in zip(rgb, TEXTURE_RGB, strict=True)), (label, rgb)
+        # Loaded into Blender on the main thread (under --background there is no Image Editor to show it in).
+        image = entry["image"]
+        assert image is not None, f"the {label} frame never reached bpy.data.images"
+        assert image["size"] == [64, 36]
+        centre = [round(v * 255) for v in image["centre"]]
+        assert all(abs(got - want) <= 6 for got, want in zip(centre, TEXTURE_RGB, strict=True)), (label, centre)
+        assert entry["tiles_left"] == [], "the tiles are removed once stitched"
+    assert result["rendered_by"] == ["frame-client-1", "frame-client-2"], "the split frame's tiles went to both"
+    # The artist's file is left as it was, but for the two frames it now shows as images.
+    after = dict(result["after"])
+    loaded = [path for path in after["image_paths"] if path.endswith("frame_0002.png")]
+    assert sorted(loaded) == sorted(result["results"][label]["path"] for label in ("split", "whole"))
+    after["image_paths"] = [path for path in after["image_paths"] if path not in loaded]
+    assert result["before"] == after
+    assert all(s < OPERATOR_BOUND_S for s in result["timings"].values()), result["timings"]

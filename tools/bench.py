@@ -1,6 +1,8 @@
 """Benchmarks that print their numbers.
 
     python -m tools.bench overhead [--blend FILE] [--frames A-B] [--clients N] [--keep DIR]
+    python -m tools.bench split [--size 640x360] [--samples N] [--clients 2] [--tiles auto|K] [--threads T]
+        [--keep DIR]
 
 `overhead` renders the same frames once through a farm on 127.0.0.1 (a headless server and N
 clients, connected and idle before the clock starts, with empty .blend caches) and once in a
@@ -8,6 +10,12 @@ single plain bpy process, and prints a JSON object on its last line with farm_s,
 ratio (farm/local). The farm time runs from submitting the job to the last frame on disk and so
 includes the upload, the probe, the download to each client and every frame's transfer; the
 local time runs from opening the file to the last frame written.
+
+`split` renders one large frame twice, each time on a fresh farm on 127.0.0.1 (empty caches): once
+whole on one client, once split into tiles over N clients, and prints a JSON object on its last
+line with one_client_s, split_s, ratio (split/one client), tiles and stitch_s. Both times run from
+submitting the job to the frame on disk (upload, probe, downloads, transfers and, for the split
+frame, the stitch).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -45,12 +55,13 @@ async def _wait_clients(address: str, count: int) -> None:
         await control.close()
 
 
-async def _farm_run(address: str, blend: Path, start: int, end: int) -> tuple[float, dict[str, Any]]:
+async def _farm_run(address: str, blend: Path, start: int, end: int,
+                    split: int | None = None) -> tuple[float, dict[str, Any]]:
     control = await Control.connect(address, None)
     try:
         started = time.monotonic()
         job_id, _ = await control.submit(blend, {"frame_start": start, "frame_end": end, "chunk": 4,
-                                                 "file_format": "PNG"})
+                                                 "file_format": "PNG", "split": split})
         job: dict[str, Any] = {}
         async for update in control.watch(job_id):
             job = update
@@ -100,6 +111,53 @@ def _overhead(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
 
 
+def split(args: argparse.Namespace) -> dict[str, Any]:
+    if args.keep:
+        root = Path(args.keep)
+        root.mkdir(parents=True, exist_ok=True)
+        return _split(args, root)
+    with tempfile.TemporaryDirectory(prefix="microfarm-bench-") as scratch:
+        return _split(args, Path(scratch))
+
+
+def _split(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    blend = root / "split.blend"
+    subprocess.run([sys.executable, "-m", "tools.scenes", str(blend), "--frames", "2", "--size", args.size,
+                    "--samples", str(args.samples)], cwd=REPO, env=repo_env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs: dict[str, tuple[float, dict[str, Any]]] = {}
+    stitch_s = None
+    for label, clients, tiles in (("one", 1, None), ("split", args.clients, args.tiles)):
+        print(f"{label}: frame 1 of a {args.size} scene at {args.samples} samples on {clients} client(s)"
+              + (f", split {'auto' if tiles == 0 else tiles}" if tiles is not None else ""), file=sys.stderr)
+        threads = ("--threads", str(args.threads)) if args.threads else ()
+        with LocalFarm(root / label, clients=clients, client_args=threads) as farm:
+            asyncio.run(_wait_clients(farm.address, clients))
+            runs[label] = asyncio.run(_farm_run(farm.address, blend, 1, 1, split=tiles))
+            if tiles is not None:
+                match = re.search(r"stitched from \d+ tiles in ([\d.]+) s", (root / label / "server.log").read_text())
+                stitch_s = float(match.group(1)) if match else None
+        elapsed, job = runs[label]
+        if job.get("state") != "done":
+            raise ToolError(f"the {label} job ended {job.get('state')}: {job.get('error')}")
+        print(f"{label}: {elapsed:.2f} s", file=sys.stderr)
+    one_s, split_s = runs["one"][0], runs["split"][0]
+    return {
+        "benchmark": "split", "size": args.size, "samples": args.samples, "clients": args.clients,
+        "tiles": runs["split"][1].get("tiles"), "one_client_s": round(one_s, 3), "split_s": round(split_s, 3),
+        "ratio": round(split_s / one_s, 3), "stitch_s": stitch_s, "cpus": os.cpu_count(),
+        "client_threads": args.threads,
+    }
+
+
+def _tiles(text: str) -> int:
+    if text == "auto":
+        return 0
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError("--tiles wants auto or a number of at least 2")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description="MicroFarm benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,13 +166,22 @@ def main(argv: list[str] | None = None) -> int:
     over.add_argument("--frames", default="1-20", help="frame range (default: 1-20)")
     over.add_argument("--clients", type=int, default=1, help="render clients in the farm (default: 1)")
     over.add_argument("--keep", default=None, help="keep frames and logs in this folder")
+    cut = sub.add_parser("split", help="one large frame on one client versus split over several")
+    cut.add_argument("--size", default="640x360", help="frame size WIDTHxHEIGHT (default: 640x360)")
+    cut.add_argument("--samples", type=int, default=64, help="render samples (default: 64)")
+    cut.add_argument("--clients", type=int, default=2, help="clients the split frame is rendered on (default: 2)")
+    cut.add_argument("--tiles", type=_tiles, default=0, help="tiles: auto (the default) or a number")
+    cut.add_argument("--threads", type=int, default=None,
+                     help="CPU threads of each client (default: all): with N clients of T threads on N*T cores, "
+                          "one machine of T cores against N of them")
+    cut.add_argument("--keep", default=None, help="keep frames and logs in this folder")
     args = parser.parse_args(argv)
     try:
         if args.clients < 1:
             raise ToolError("--clients must be at least 1")
-        if args.blend is not None and not args.blend.is_file():
+        if getattr(args, "blend", None) is not None and not args.blend.is_file():
             raise ToolError(f"{args.blend} is not a file")
-        result = overhead(args)
+        result = overhead(args) if args.command == "overhead" else split(args)
     except (ToolError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -65,11 +65,13 @@ def start_server(output: Path, log_path: Path, *, port: int = 0, token: str | No
 class LocalFarm:
     """A headless server subprocess plus N clients, all on 127.0.0.1; stopped on exit."""
 
-    def __init__(self, root: Path, clients: int = 2, *, token: str | None = None) -> None:
+    def __init__(self, root: Path, clients: int = 2, *, token: str | None = None,
+                 client_args: tuple[str, ...] = ()) -> None:
         self.root = root
         self.output = root / "frames"
         self.client_count = clients
         self.token = token
+        self.client_args = client_args  # extra command-line options for every client
         self.server: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
         self.clients: list[subprocess.Popen[bytes]] = []
@@ -82,7 +84,7 @@ class LocalFarm:
         self.root.mkdir(parents=True, exist_ok=True)
         self.server, self.port = start_server(self.output, self.root / "server.log", token=self.token)
         for i in range(1, self.client_count + 1):
-            self.add_client(f"client-{i}")
+            self.add_client(f"client-{i}", *self.client_args)
         return self
 
     def add_client(self, name: str, *extra: str) -> subprocess.Popen[bytes]:

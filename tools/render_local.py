@@ -25,12 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from client.render import Renderer
+    from protocol.settings import Assignment
 
     args.out.mkdir(parents=True, exist_ok=True)
     renderer = Renderer()
     started = time.monotonic()
     renderer.open(args.blend, "local")
-    renderer.apply(args.format, None, None)
+    renderer.apply(Assignment(args.format, None, None, None))
     frames = []
     for frame in range(args.start, args.end + 1):
         frame_started = time.monotonic()

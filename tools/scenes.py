@@ -15,7 +15,8 @@ from pathlib import Path
 
 def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps: int, engine: str,
           camera: bool, file_format: str, fail: bool = False, view_transform: str | None = None,
-          script_marker: Path | None = None, slow_frame: int | None = None) -> None:
+          script_marker: Path | None = None, slow_frame: int | None = None, film_transparent: bool = False,
+          color_depth: str | None = None, denoise: bool = False, adaptive: bool = True) -> None:
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -26,13 +27,20 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
     render.resolution_x, render.resolution_y, render.resolution_percentage = width, height, 100
     render.fps, render.fps_base = fps, 1.0
     render.image_settings.file_format = file_format
+    if film_transparent:
+        # The world is not rendered: pixels the floor and the cube leave empty are transparent (RGBA output).
+        render.film_transparent = True
+        render.image_settings.color_mode = "RGBA"
+    if color_depth:
+        render.image_settings.color_depth = color_depth
     if view_transform:
         scene.view_settings.view_transform = view_transform
     scene.frame_start, scene.frame_end = 1, frames
     if engine == "CYCLES":
         scene.cycles.device = "CPU"
         scene.cycles.samples = samples
-        scene.cycles.use_denoising = False
+        scene.cycles.use_denoising = denoise
+        scene.cycles.use_adaptive_sampling = adaptive
         scene.cycles.seed = 0
 
     world = bpy.data.worlds.new("World")
@@ -109,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-frame", type=int, help="give this frame a thousand times the samples")
     parser.add_argument("--script-marker", type=Path, help="embed a script that writes this file when it runs")
     parser.add_argument("--view-transform", help="colour view transform, e.g. Standard (default: Blender's)")
+    parser.add_argument("--film-transparent", action="store_true",
+                        help="transparent background, RGBA output (PNG, EXR)")
+    parser.add_argument("--color-depth", help="bits per channel of the output: 8 or 16 (PNG), 16 or 32 (EXR)")
+    parser.add_argument("--denoise", action="store_true", help="denoise the render (Cycles)")
+    parser.add_argument("--no-adaptive-sampling", dest="adaptive", action="store_false",
+                        help="render every sample of every pixel (Cycles): slow, evenly")
     args = parser.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -118,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     build(args.out, frames=args.frames, width=width, height=height, samples=args.samples, fps=args.fps,
           engine=args.engine, camera=not args.no_camera, file_format=args.format, fail=args.fail,
           view_transform=args.view_transform, script_marker=args.script_marker,
-          slow_frame=args.slow_frame)
+          slow_frame=args.slow_frame, film_transparent=args.film_transparent, color_depth=args.color_depth,
+          denoise=args.denoise, adaptive=args.adaptive)
     print(args.out)
     return 0
 

@@ -25,7 +25,12 @@ def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> st
         def note(j: dict[str, Any]) -> str:
             text = j.get("error") or j.get("waiting") or j.get("video_error") or ""
             return text.splitlines()[0][:80] if text else ""
-        rows = [[j["id"], j["name"], j["state"], f"{j['frames_done']}/{j['frames_total']}", note(j)] for j in jobs]
+        def progress(j: dict[str, Any]) -> str:
+            done = f"{j['frames_done']}/{j['frames_total']}"
+            if j.get("tiles"):  # a split frame: its tiles
+                return f"{done} tiles of frame {j['frame_range'][0]}"
+            return done
+        rows = [[j["id"], j["name"], j["state"], progress(j), note(j)] for j in jobs]
         out.append(format_table(rows, ["JOB", "FILE", "STATE", "FRAMES", "NOTE"]))
     else:
         out.append("no jobs")

@@ -1,7 +1,7 @@
 """Submit a .blend to a MicroFarm server.
 
-    python -m tools.submit FILE.blend --server HOST:PORT [--frames 1-24] [--step N] [--chunk 4]
-        [--format PNG|JPEG|OPEN_EXR] [--samples N] [--percentage P] [--wait]
+    python -m tools.submit FILE.blend --server HOST:PORT [--frames 1-24 | --frame N [--split auto|K]]
+        [--step N] [--chunk 4] [--format PNG|JPEG|OPEN_EXR] [--samples N] [--percentage P] [--wait]
 
 Prints the job id. With --wait, shows progress and exits 0 when the job is done, 1 with the
 reason when it failed or was cancelled.
@@ -43,13 +43,31 @@ def looks_like_blend(path: Path) -> bool:
     return head.startswith(_BLEND_MAGICS)
 
 
+def split_value(text: str) -> int:
+    """--split: "auto" (0: as many tiles as the farm's clients suit) or a tile count."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split wants auto or a number of tiles, not {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError("--split wants at least 2 tiles (or auto)")
+    return value
+
+
 def build_settings(args: argparse.Namespace) -> dict[str, Any]:
     start = end = None
     if args.frames:
         start, end = parse_frames(args.frames)
+    if args.frame is not None:
+        start = end = args.frame
+    split = getattr(args, "split", None)
+    if split is not None and (start is None or start != end):
+        raise ToolError("--split cuts one frame into tiles: say which with --frame N")
     raw = {"frame_start": start, "frame_end": end, "frame_step": args.step, "chunk": args.chunk,
            "file_format": args.format, "samples": args.samples, "percentage": args.percentage,
-           "device": args.device.upper() if args.device else None}
+           "device": args.device.upper() if args.device else None, "split": split}
     try:
         return JobRequest.from_wire(raw).to_wire()
     except SettingsError as exc:
@@ -71,7 +89,8 @@ def progress_line(job: dict[str, Any], width: int = 30) -> str:
     done = job.get("frames_done") or 0
     filled = int(width * done / total) if total else 0
     bar = "#" * filled + "-" * (width - filled)
-    return f"[{bar}] {done}/{total} frames  {job.get('state')}"
+    unit = "tiles" if job.get("tiles") else "frames"
+    return f"[{bar}] {done}/{total} {unit}  {job.get('state')}"
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -123,7 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description="Submit a .blend to a MicroFarm server.")
     parser.add_argument("blend", type=Path, help="the .blend file to render")
     parser.add_argument("--server", required=True, help="farm server as HOST:PORT")
-    parser.add_argument("--frames", help="frame range START-END (default: the scene's)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--frames", help="frame range START-END (default: the scene's)")
+    which.add_argument("--frame", type=int, metavar="N", help="render this one frame (the same as --frames N-N)")
+    parser.add_argument("--split", type=split_value, metavar="auto|K",
+                        help="cut the one frame (--frame N) into K horizontal tiles rendered by different clients "
+                             "at once and stitched on the server; auto: as many as the farm's clients suit")
     parser.add_argument("--step", type=int, help="render every Nth frame (default: the scene's step)")
     parser.add_argument("--chunk", type=int, default=4, help="frames per chunk handed to a client (default: 4)")
     parser.add_argument("--format", choices=sorted(IMAGE_FORMATS), help="image format (default: the scene's)")

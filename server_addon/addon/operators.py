@@ -86,21 +86,33 @@ def job_request(scene: bpy.types.Scene) -> JobRequest:
                                  "chunk": settings.chunk, "file_format": file_format})
 
 
-class MICROFARM_OT_create_job(bpy.types.Operator):
-    """Send a saved copy of this file to the farm and render it there; the open file stays as it is"""
+def current_frame_request(scene: bpy.types.Scene) -> JobRequest:
+    """The scene's current frame, with the panel's format, split into tiles if asked. Raises SettingsError."""
+    settings = scene.microfarm
+    file_format = None if settings.file_format == "SCENE" else settings.file_format
+    split = settings.split_tiles if settings.use_split else None
+    return JobRequest.from_wire({"frame_start": scene.frame_current, "frame_end": scene.frame_current, "chunk": 1,
+                                 "file_format": file_format, "split": split})
 
-    bl_idname = "microfarm.create_job"
-    bl_label = "Create Render Job"
+
+class _SendCopy:
+    """Base of the buttons that send a saved copy of the open file to the farm as a job (a mixin: a
+    registered operator class must not be subclassed)."""
+
+    show_result = False  # Render Current Frame: load the frame into the Image Editor when it arrives
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
         return context.scene is not None and _poll_state(cls, State.RUNNING, "Start the farm server first")
 
+    def request(self, scene: bpy.types.Scene) -> JobRequest:
+        raise NotImplementedError
+
     def execute(self, context: bpy.types.Context) -> set[str]:
         scene = context.scene
         settings = scene.microfarm
         try:
-            request = job_request(scene)
+            request = self.request(scene)
         except SettingsError as exc:
             self.report({'ERROR'}, sentence(str(exc)))
             return {'CANCELLED'}
@@ -119,16 +131,37 @@ class MICROFARM_OT_create_job(bpy.types.Operator):
             return {'CANCELLED'}
         name = Path(bpy.data.filepath).name if bpy.data.filepath else "untitled.blend"
         video = ({"codec": settings.video_codec, "quality": settings.video_quality,
-                  "location": settings.video_location} if settings.use_video else None)
+                  "location": settings.video_location} if settings.use_video and not self.show_result else None)
         try:
             rt.submit(JobSubmission(blend=copy, name=name, request=request, pack=settings.pack_textures,
-                                    priority=settings.priority, video=video))
+                                    priority=settings.priority, video=video, show_result=self.show_result))
         except FarmError as exc:
             copy.unlink(missing_ok=True)
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
         self.report({'INFO'}, f"Sending {name} to the farm" + (" (packing textures)" if settings.pack_textures else ""))
         return {'FINISHED'}
+
+
+class MICROFARM_OT_create_job(_SendCopy, bpy.types.Operator):
+    """Send a saved copy of this file to the farm and render it there; the open file stays as it is"""
+
+    bl_idname = "microfarm.create_job"
+    bl_label = "Create Render Job"
+
+    def request(self, scene: bpy.types.Scene) -> JobRequest:
+        return job_request(scene)
+
+
+class MICROFARM_OT_render_current_frame(_SendCopy, bpy.types.Operator):
+    """Render the current frame on the farm (split across clients if asked) and show it in the Image Editor"""
+
+    bl_idname = "microfarm.render_current_frame"
+    bl_label = "Render Current Frame"
+    show_result = True
+
+    def request(self, scene: bpy.types.Scene) -> JobRequest:
+        return current_frame_request(scene)
 
 
 class _JobAction:
@@ -229,6 +262,7 @@ classes = (
     MICROFARM_OT_start_server,
     MICROFARM_OT_stop_server,
     MICROFARM_OT_create_job,
+    MICROFARM_OT_render_current_frame,
     MICROFARM_OT_cancel_job,
     MICROFARM_OT_pause_job,
     MICROFARM_OT_resume_job,

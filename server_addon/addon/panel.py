@@ -26,7 +26,7 @@ def client_state(client: Mapping[str, Any]) -> str:
 
 def job_progress(job: Mapping[str, Any]) -> tuple[float, str]:
     done, total = job.get("frames_done") or 0, job.get("frames_total") or 0
-    return (done / total if total else 0.0), f"{done}/{total} frames"
+    return (done / total if total else 0.0), f"{done}/{total} {'tiles' if job.get('tiles') else 'frames'}"
 
 
 class _FarmPanel:
@@ -120,6 +120,13 @@ class MICROFARM_PT_create_job(_FarmPanel, bpy.types.Panel):
             sub.prop(settings, "video_quality")
             sub.prop(settings, "video_location")
         layout.operator("microfarm.create_job", icon='RENDER_ANIMATION')
+        col = layout.column()
+        col.prop(settings, "use_split")
+        sub = col.column()
+        sub.active = settings.use_split
+        sub.prop(settings, "split_tiles", text="Tiles (0: Auto)")
+        layout.operator("microfarm.render_current_frame", text=f"Render Current Frame ({scene.frame_current})",
+                        icon='RENDER_STILL')
 
 
 def _progress(layout: bpy.types.UILayout, job: Mapping[str, Any]) -> None:

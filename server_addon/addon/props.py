@@ -9,6 +9,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, PointerProperty, StringProperty
 
 from protocol.settings import DEFAULT_CHUNK, IMAGE_FORMATS, MAX_CHUNK
+from protocol.tiles import MAX_TILES
 
 from . import runtime
 
@@ -90,6 +91,12 @@ class MicroFarmSceneSettings(bpy.types.PropertyGroup):
     video_location: EnumProperty(name="Location", items=LOCATION_ITEMS, default="frames")
     priority: IntProperty(name="Priority", default=0, min=-1_000_000, max=1_000_000,
                           description="Jobs with a higher priority render first")
+    use_split: BoolProperty(name="Split Across Clients", default=False,
+                            description="Render Current Frame cuts the frame into horizontal tiles that several "
+                                        "clients render at once; the server stitches them into one image")
+    split_tiles: IntProperty(name="Tiles", default=0, min=0, max=MAX_TILES,
+                             description="How many tiles; 0 picks a count from the connected clients and their "
+                                         "measured speed")
 
 
 class MicroFarmWindowState(bpy.types.PropertyGroup):

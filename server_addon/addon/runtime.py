@@ -34,6 +34,7 @@ from typing import Any
 
 from protocol.limits import MAX_NAME_CHARS
 
+from ..core.jobs import JobState
 from ..core.scheduler import JobActionError
 from ..core.server import FarmServer, ServerConfig
 from ..core.storage import PARTIAL_PREFIX, UnsafeName
@@ -125,7 +126,9 @@ class Runtime:
         # Across threads.
         self._views: queue.Queue[FarmView] = queue.Queue(maxsize=1)
         self._notices: queue.Queue[Notice] = queue.Queue()
+        self._results: queue.Queue[Path] = queue.Queue()  # frames to show in the Image Editor
         self._publish_pending = False  # loop thread only
+        self._watched: set[str] = set()  # loop thread only: jobs whose frame goes to the Image Editor
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -253,6 +256,33 @@ class Runtime:
     def _publish(self, server: FarmServer) -> None:
         self._publish_pending = False
         self._put_view(FarmView.of(server.snapshot()))
+        if self._watched:
+            self._check_watched(server)
+
+    def _check_watched(self, server: FarmServer) -> None:
+        """Loop thread: hand the frame of a finished Render Current Frame job to the main thread."""
+        for job_id in list(self._watched):
+            job = server.farm.jobs.get(job_id)
+            if job is None or job.state in (JobState.FAILED, JobState.CANCELLED):
+                self._watched.discard(job_id)
+                if job is not None:
+                    reason = f": {job.error}" if job.error else ""
+                    self.post("ERROR", sentence(f"Render Current Frame: job {job_id} {job.state.value}{reason}"))
+            elif job.state is JobState.DONE and job.settings is not None:
+                self._watched.discard(job_id)
+                path = server.outputs.frame_path(job.id, job.settings.frames[0], job.settings.ext)
+                if path.is_file():
+                    self._results.put(path)
+                else:
+                    self.post("WARNING", f"Job {job_id} ended without its frame.")
+
+    def take_results(self) -> list[Path]:
+        """Main thread: the frames that arrived for Render Current Frame since the last call."""
+        results = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                results.append(self._results.get_nowait())
+        return results
 
     def _put_view(self, view: FarmView) -> None:
         # One slot: a view nobody has drawn yet is replaced by the newer one.
@@ -351,10 +381,11 @@ class Runtime:
             thread, _, server = self._server()
             submit.store(server, job.blend, sha)
             name = "".join(ch for ch in job.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
-            job_id = thread.call(lambda s: s.create_job(name, sha, size, job.request, start=True,
-                                                        priority=job.priority, video=job.video).id,
-                                 timeout=CALL_TIMEOUT_S)
-            self.post("INFO", f"Render job {job_id} sent to the farm.")
+            job_id = thread.call(lambda s: self._create_job(s, job, name, sha, size), timeout=CALL_TIMEOUT_S)
+            if job.show_result:
+                self.post("INFO", f"Frame {job.request.frame_start} sent to the farm as job {job_id}.")
+            else:
+                self.post("INFO", f"Render job {job_id} sent to the farm.")
         except Cancelled:
             pass
         except FarmError as exc:
@@ -366,6 +397,14 @@ class Runtime:
             self.post("ERROR", f"Could not create the render job: {exc}")
         finally:
             submit.discard(job)
+
+
+    def _create_job(self, server: FarmServer, job: JobSubmission, name: str, sha: str, size: int) -> str:
+        """Loop thread: create the job, and follow it when its frame should be shown."""
+        created = server.create_job(name, sha, size, job.request, start=True, priority=job.priority, video=job.video)
+        if job.show_result:
+            self._watched.add(created.id)
+        return created.id
 
 
 def _url_host(host: str) -> str:
@@ -398,6 +437,8 @@ def _drain_timer() -> float | None:
         changed, notices = runtime.drain()
         for notice in notices:
             _report(notice)
+        for path in runtime.take_results():
+            show_image(path)
         if changed:
             tag_redraw()
     except Exception:  # a timer that raises is unregistered by Blender: keep the panel alive
@@ -423,6 +464,32 @@ def tag_redraw() -> None:
         for area in screen.areas:
             if area.type == 'PROPERTIES':
                 area.tag_redraw()
+
+
+def show_image(path: Path) -> Any:
+    """Main thread: load a frame from the farm and show it in an Image Editor (a new window if there is
+    none; under `blender --background` it only becomes an image datablock). Returns the image."""
+    import bpy
+    image = bpy.data.images.load(str(path), check_existing=True)
+    image.reload()  # the same file rendered again: show the new pixels
+    wm = bpy.context.window_manager
+    editors = [(window, area) for window in (wm.windows if wm else ()) if window.screen
+               for area in window.screen.areas if area.type == 'IMAGE_EDITOR']
+    if not editors and wm is not None and wm.windows and not bpy.app.background:
+        try:
+            with bpy.context.temp_override(window=wm.windows[0]):
+                bpy.ops.wm.window_new()
+            window = wm.windows[-1]
+            area = max(window.screen.areas, key=lambda a: a.width * a.height)
+            area.type = 'IMAGE_EDITOR'
+            editors = [(window, area)]
+        except (RuntimeError, IndexError, ValueError) as exc:  # no window could be opened: the image is still there
+            log.info("MicroFarm: no Image Editor window for %s: %s", path.name, exc)
+    for _, area in editors[:1]:
+        area.spaces.active.image = image
+        area.tag_redraw()
+    _report(Notice("INFO", f"Frame {path.name} arrived from the farm: see the Image Editor ({image.name})."))
+    return image
 
 
 def _report(notice: Notice) -> None:

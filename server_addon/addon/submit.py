@@ -53,6 +53,7 @@ class JobSubmission:
     pack: bool = True
     priority: int = 0
     video: dict[str, str] | None = None
+    show_result: bool = False  # load the (one) frame into Blender's Image Editor when it is done
 
 
 @dataclass

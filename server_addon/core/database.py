@@ -7,6 +7,7 @@ its file is there. The database keeps everything else: jobs, settings, failures 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from protocol.errors import ProtocolError
 from protocol.settings import JobRequest, SceneInfo, SettingsError, resolve
 
 from .jobs import FrameRecord, FrameState, Job, JobState
-from .storage import OutputStore, UnsafeName, frame_name
+from .storage import OutputStore, UnsafeName, frame_name, tile_name
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class Database:
                   video_state=r["video_state"], video_path=r["video_path"], video_error=r["video_error"])
         if scene is not None:
             job.settings = resolve(request, scene)
-            job.frames = {n: FrameRecord(n) for n in job.settings.frames}
+            job.frames = {n: FrameRecord(n) for n in job.settings.items}
         elif job.state is JobState.RENDERING:
             job.state = JobState.PROBING
         return job
@@ -160,16 +161,27 @@ class Database:
             frame.failures, frame.error, frame.log = failures, error, render_log
             frame.failed_on = set(json.loads(failed_on))
             frame.rendered_by, frame.render_s = rendered_by, render_s
-        if job.settings is None or job.state.finished:
+        if job.settings is None:
             return
-        # For unfinished jobs the files decide: a frame is done exactly when its file exists.
+        settings = job.settings
+        if settings.tiles:  # a split frame: stitched when the frame is there; its tiles wait in .tiles/
+            with contextlib.suppress(OSError, UnsafeName):
+                job.stitched = outputs.frame_path(job.id, settings.frames[0], settings.ext).is_file()
+        if job.state.finished:
+            return
+        # For unfinished jobs the files decide: a frame (or tile) is done exactly when its file exists.
         try:
-            present = set(os.listdir(outputs.job_dir(job.id)))
-        except (FileNotFoundError, UnsafeName):
+            folder = outputs.tiles_dir(job.id) if settings.tiles else outputs.job_dir(job.id)
+            present = set(os.listdir(folder))
+        except (OSError, UnsafeName):
             present = set()
-        ext = job.settings.ext
+        if settings.tiles and job.stitched:
+            present = {tile_name(settings.frames[0], n, settings.tile_ext) for n in job.frames}  # tiles cleared
         for frame in job.frames.values():
-            on_disk = frame_name(frame.number, ext) in present
+            if settings.tiles:
+                on_disk = tile_name(settings.frames[0], frame.number, settings.tile_ext) in present
+            else:
+                on_disk = frame_name(frame.number, settings.ext) in present
             if on_disk and frame.state is not FrameState.DONE:
                 frame.state = FrameState.DONE
                 self.save_frame(job, frame)

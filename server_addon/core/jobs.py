@@ -77,6 +77,7 @@ class Job:
     video_path: str = ""
     video_error: str = ""
     waiting: str = ""  # why no client can take the job's frames now, for the user
+    stitched: bool = False  # a split job: its tiles were stitched into the frame, which is on disk
 
     @property
     def settled(self) -> bool:
@@ -84,6 +85,19 @@ class Job:
         if not self.state.finished or self.video_state == "building":
             return False
         return not (self.state is JobState.DONE and self.video is not None and self.video_state == "")
+
+    @property
+    def complete(self) -> bool:
+        """Every work item is on disk, and a split frame's tiles are stitched."""
+        if self.settings is None or not all(f.state is FrameState.DONE for f in self.frames.values()):
+            return False
+        return not self.settings.tiles or self.stitched
+
+    @property
+    def stitch_due(self) -> bool:
+        """A split job whose tiles are all on disk, waiting for the server to stitch them."""
+        return (self.state is JobState.RENDERING and self.settings is not None and bool(self.settings.tiles)
+                and not self.stitched and all(f.state is FrameState.DONE for f in self.frames.values()))
 
     @property
     def frames_done(self) -> int:
@@ -123,6 +137,8 @@ class Job:
             "frame_range": [s.frames[0], s.frames[-1]] if s and s.frames else None,
             "frame_step": s.frames[1] - s.frames[0] if s and len(s.frames) > 1 else 1,
             "chunk": self.request.chunk,
+            "tiles": s.tiles if s else 0,  # a split frame: frames_done/frames_total count its tiles
+            "stitched": self.stitched,
             "failures": [{"frame": f.number, "count": f.failures, "error": f.error, "clients": sorted(f.failed_on)}
                          for f in failed[:20]],
             "excluded_clients": sorted(self.excluded_clients()),

@@ -7,13 +7,16 @@ goes to a JobStore, which the server backs with SQLite.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from protocol.settings import SceneInfo, SettingsError, resolve
+from protocol.tiles import MAX_TILES, MIN_TILES
 
 from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation
 
@@ -76,7 +79,7 @@ class Farm:
         """Take back a job loaded from the store, as it was."""
         self.jobs[job.id] = job
         self._seq = itertools.count(max(job.seq + 1, next(self._seq)))
-        if job.state is JobState.RENDERING and all(f.state is FrameState.DONE for f in job.frames.values()):
+        if job.state is JobState.RENDERING and job.complete:
             self._finish(job, JobState.DONE)  # the server stopped between the last frame and saving the job
 
     def job(self, job_id: str) -> Job:
@@ -137,7 +140,7 @@ class Farm:
         job.error = ""
         job.forced = False
         job.finished_at = None
-        if job.settings is not None and all(f.state is FrameState.DONE for f in job.frames.values()):
+        if job.complete:  # (a split job whose tiles are all there but not stitched stays RENDERING: stitch_due)
             job.state = JobState.DONE
             job.finished_at = time.time()
         log.info("job %s: resumed (%s)", job.id, job.state.value)
@@ -149,7 +152,7 @@ class Farm:
         job = self.job(job_id)
         if job.state.finished:
             raise JobActionError(f"job {job_id} is already {job.state.value}")
-        job.forced = job.settings is None or job.frames_done < len(job.frames)
+        job.forced = job.settings is None or not job.complete
         log.info("job %s: force-completed with %d of %d frames", job.id, job.frames_done, len(job.frames))
         self._finish(job, JobState.DONE)
         return job
@@ -313,7 +316,7 @@ class Farm:
         if job.state is not JobState.PROBING:
             return job
         try:
-            settings = resolve(job.request, scene)
+            settings = resolve(job.request, scene, self.auto_tiles(job))
         except SettingsError as exc:
             self.fail_job(job, f"the job's settings do not fit the scene: {exc}")
             return job
@@ -322,7 +325,12 @@ class Farm:
             return job
         job.scene = scene
         job.settings = settings
-        job.frames = {n: FrameRecord(n) for n in settings.frames}
+        if settings.tiles:
+            # "auto" becomes the count it resolved to: a restart rebuilds the same tiles from the request.
+            job.request = dataclasses.replace(job.request, split=settings.tiles)
+            log.info("job %s: frame %d split into %d tiles (margin %d rows)", job.id, settings.frames[0],
+                     settings.tiles, settings.margin)
+        job.frames = {n: FrameRecord(n) for n in settings.items}
         job.state = JobState.RENDERING
         self.store.save_job(job)
         log.info("job %s: %d frames, %s, %dx%d at %g fps", job.id, len(job.frames), settings.file_format,
@@ -367,10 +375,68 @@ class Farm:
         if client is not None:
             client.frames_rendered += 1
         self.store.save_frame(job, frame)
-        if job.state is JobState.RENDERING and all(f.state is FrameState.DONE for f in job.frames.values()):
+        if job.state is JobState.RENDERING and job.complete:
             log.info("job %s: done, %d frames", job.id, len(job.frames))
             self._finish(job, JobState.DONE)
+        elif job.stitch_due:
+            log.info("job %s: all %d tiles rendered; stitching frame %d", job.id, len(job.frames),
+                     job.settings.frames[0])
         return True
+
+    # --- split frames ---------------------------------------------------------------------
+
+    def stitch_done(self, job_id: str) -> None:
+        """The server stitched a split job's tiles into its frame (on disk now): the job is done."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state.finished:
+            return
+        job.stitched = True
+        if job.state is JobState.RENDERING:
+            log.info("job %s: done, frame %d stitched from %d tiles", job.id, job.settings.frames[0], len(job.frames))
+            self._finish(job, JobState.DONE)
+
+    def stitch_failed(self, job_id: str, error: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state is JobState.RENDERING:
+            self.fail_job(job, f"the tiles could not be stitched into frame {job.settings.frames[0]}: {error}")
+
+    def client_speeds(self) -> dict[str, float]:
+        """Each client's speed relative to the others (1.0: typical), from the items it delivered.
+
+        Jobs differ in cost, so speeds are compared within a job: a client's mean item time on a job
+        against the mean over that job's clients; a client's speed is the mean of those ratios."""
+        ratios: dict[str, list[float]] = {}
+        for job in self.jobs.values():
+            times: dict[str, list[float]] = {}
+            for frame in job.frames.values():
+                if frame.state is FrameState.DONE and frame.render_s and frame.rendered_by:
+                    times.setdefault(frame.rendered_by, []).append(frame.render_s)
+            means = {name: statistics.fmean(values) for name, values in times.items()}
+            if not means:
+                continue
+            typical = statistics.fmean(means.values())
+            for name, mean in means.items():
+                ratios.setdefault(name, []).append(typical / mean)
+        return {name: statistics.fmean(values) for name, values in ratios.items()}
+
+    def auto_tiles(self, job: Job) -> int:
+        """How many tiles a split frame gets when it asked for "auto".
+
+        n clients can take the job (connected, ready, the right device, not shut out of it); unmeasured
+        ones count at the median measured speed. K = round(sum(speed) / min(speed)), at least n and at
+        most 4n: equal clients get a tile each, and a client twice as fast as the slowest counts twice,
+        so through ordinary leasing it takes more tiles while the slow one renders its one."""
+        excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
+        names = [c.name for c in self.clients.values()
+                 if c.connected and c.ready and _device_fits(job, c) and c.name not in excluded]
+        if not names:
+            return MIN_TILES
+        measured = self.client_speeds()
+        known = [measured[n] for n in names if n in measured]
+        default = statistics.median(known) if known else 1.0
+        speeds = [measured.get(n, default) for n in names]
+        count = round(sum(speeds) / min(speeds))
+        return max(MIN_TILES, min(max(count, len(names)), 4 * len(names), MAX_TILES))
 
     def frame_failed(self, lease_id: int, number: int, client_id: str, error: str, render_log: str = "") -> None:
         lease = self.leases.get(lease_id)
@@ -399,7 +465,8 @@ class Farm:
                         MAX_CLIENT_JOB_FAILURES)
             self.store.save_job(job)
         if frame.failures >= MAX_FRAME_ATTEMPTS:
-            self.fail_job(job, f"frame {number} failed {frame.failures} times: {error}")
+            what = f"tile {number} of frame {job.settings.frames[0]}" if job.settings.tiles else f"frame {number}"
+            self.fail_job(job, f"{what} failed {frame.failures} times: {error}")
 
     def lease_done(self, lease_id: int) -> None:
         lease = self.leases.get(lease_id)

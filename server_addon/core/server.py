@@ -38,6 +38,7 @@ from protocol.stream import FileSink, MessageStream
 from .database import Database, DatabaseError
 from .jobs import Job, JobState, Lease, LeaseKind
 from .scheduler import Farm, JobActionError
+from .stitch import StitchError, jpeg_encoder_available, stitch
 from .storage import BlendStore, OutputStore, UnsafeName, frame_name, new_job_id
 from .video import VideoError, VideoSettings, build_video, check_sequence, remove_leftovers, video_path
 
@@ -165,6 +166,7 @@ class FarmServer:
         self._workers: dict[str, _WorkerConnection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._videos: dict[str, asyncio.Task[None]] = {}
+        self._stitches: dict[str, asyncio.Task[None]] = {}
         self._streams: set[MessageStream] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._handshakes = asyncio.Semaphore(MAX_PENDING_HANDSHAKES)
@@ -254,6 +256,8 @@ class FarmServer:
                    start: bool = True, priority: int = 0, video: dict[str, Any] | None = None) -> Job:
         if not self.blends.has(blend_sha256):
             raise ValueError("the .blend for this job is not on the server")
+        if request.split is not None and video is not None:
+            raise ValueError("a split job renders one frame; it makes no video")
         job_id = new_job_id(name)
         while job_id in self.farm.jobs:
             job_id = new_job_id(name)
@@ -341,6 +345,7 @@ class FarmServer:
     def _dispatch(self) -> None:
         """Push work to every idle client at once, and tell clients what is no longer wanted."""
         self._start_videos()
+        self._start_stitches()
         self.farm.note_waiting()
         for revocation in self.farm.drain_revocations():
             conn = self._workers.get(revocation.client_id)
@@ -353,6 +358,39 @@ class FarmServer:
             lease = self.farm.next_work(client_id)
             if lease is not None:
                 conn.post(self._work_message(lease))
+
+    def _start_stitches(self) -> None:
+        for job in self.farm.jobs.values():
+            if job.stitch_due and job.id not in self._stitches:
+                self._stitches[job.id] = self._spawn(self._stitch(job))
+
+    async def _stitch(self, job: Job) -> None:
+        """Stitch a split job's tiles into its frame, off the loop; the job is done once the frame is there."""
+        task = asyncio.current_task()
+        settings, scene = job.settings, job.scene
+        assert settings is not None and settings.split is not None and scene is not None
+        spec = settings.split
+        try:
+            tiles = [self.outputs.tile_path(job.id, spec.frame, i, settings.tile_ext) for i in range(spec.tiles)]
+            output = self.outputs.frame_path(job.id, spec.frame, settings.ext)
+            started = time.monotonic()
+            await asyncio.to_thread(stitch, spec, tiles, output, settings.file_format, quality=scene.quality,
+                                    exr_codec=scene.exr_codec)
+            log.info("job %s: frame %d stitched from %d tiles in %.2f s -> %s", job.id, spec.frame, spec.tiles,
+                     time.monotonic() - started, output.name)
+            await asyncio.to_thread(shutil.rmtree, self.outputs.tiles_dir(job.id), True)
+            self.farm.stitch_done(job.id)
+        except (StitchError, UnsafeName) as exc:
+            log.warning("job %s: stitching failed: %s", job.id, exc)
+            self.farm.stitch_failed(job.id, str(exc))
+        except Exception as exc:  # a bug: fail the job once instead of stitching again at every change
+            log.exception("job %s: stitching failed", job.id)
+            self.farm.stitch_failed(job.id, f"internal error ({type(exc).__name__}: {exc})")
+        finally:
+            if self._stitches.get(job.id) is task:
+                del self._stitches[job.id]
+        self._dispatch()
+        self._notify()
 
     def _start_videos(self) -> None:
         for job in self.farm.jobs.values():
@@ -586,6 +624,9 @@ class FarmServer:
             job = self.farm.probe_failed(message.lease_id, m.clip(error))
         if job is not None and job.state is JobState.RENDERING:
             self.outputs.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+            if job.settings.tiles and job.settings.file_format == "JPEG" and not jpeg_encoder_available():
+                self.farm.fail_job(job, "a split JPEG frame is encoded on the server, which needs Pillow or ffmpeg; "
+                                        "install one, or render the frame as PNG or OpenEXR")
 
     def _blend_request(self, conn: _WorkerConnection, message: m.BlendRequest) -> None:
         path = self.blends.path(message.sha256)
@@ -607,8 +648,10 @@ class FarmServer:
         if job is not None and job.settings is not None:
             if begin.frame not in job.frames:
                 raise ProtocolError(f"job {job.id} has no frame {begin.frame}")
-            if begin.ext != job.settings.ext:
-                raise ProtocolError(f"job {job.id} stores .{job.settings.ext} frames, not {begin.ext!r}")
+            expected = job.settings.tile_ext if job.settings.tiles else job.settings.ext
+            if begin.ext != expected:
+                raise ProtocolError(f"job {job.id} stores .{expected} {'tiles' if job.settings.tiles else 'frames'}, "
+                                    f"not {begin.ext!r}")
         sink = None
         # A frame of a job deleted meanwhile is read and dropped: the client did nothing wrong.
         if job is not None and self.farm.wants_frame(job.id, begin.frame):
@@ -671,7 +714,11 @@ class FarmServer:
             self.stats.duplicate_frames += 1
             return
         try:
-            path = self.outputs.commit_frame(sink, begin.job_id, begin.frame, begin.ext)
+            settings = self.farm.jobs[begin.job_id].settings
+            if settings is not None and settings.tiles:  # a tile of a split frame: it waits in .tiles/
+                path = self.outputs.commit_tile(sink, begin.job_id, settings.frames[0], begin.frame, begin.ext)
+            else:
+                path = self.outputs.commit_frame(sink, begin.job_id, begin.frame, begin.ext)
         except OSError as exc:
             sink.abort()
             self._storage_failed(self.farm.jobs[begin.job_id], exc)
@@ -732,6 +779,8 @@ class FarmServer:
         self.blends.path(sha)
         need = not self.blends.has(sha)
         await stream.send(m.UploadReady(need_bytes=need))
+        if request.split is not None and video is not None:
+            raise ProtocolError("a split job renders one frame; it makes no video")
         if need:
             await self._receive_blend(stream, sha, submit.blend_size)
         job = self.create_job(name, sha, submit.blend_size, request, start=submit.start, priority=submit.priority,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from protocol.settings import IMAGE_FORMATS
 from protocol.stream import FileSink
+from protocol.tiles import SPLIT_FORMATS
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -21,6 +22,9 @@ _SLUG_DROP = re.compile(r"[^a-z0-9]+")
 _EXTENSIONS = frozenset(IMAGE_FORMATS.values())
 #: Temporary files of uploads in progress start with this (see protocol.stream.FileSink).
 PARTIAL_PREFIX = ".incoming-"
+#: The hidden folder inside a job's folder where the tiles of a split frame wait to be stitched.
+TILES_DIR = ".tiles"
+_TILE_EXTENSIONS = frozenset(SPLIT_FORMATS.values())
 
 
 class UnsafeName(ValueError):
@@ -48,6 +52,12 @@ def frame_name(number: int, ext: str) -> str:
     return f"frame_{number:04d}.{ext}"
 
 
+def tile_name(frame: int, index: int, ext: str) -> str:
+    if ext not in _TILE_EXTENSIONS:
+        raise UnsafeName(f"unknown tile extension {ext!r}")
+    return f"tile_{frame:04d}_{index:04d}.{ext}"
+
+
 def _inside(root: Path, path: Path) -> Path:
     resolved = path.resolve()
     if resolved != root and root not in resolved.parents:
@@ -69,6 +79,18 @@ class OutputStore:
 
     def frame_path(self, job_id: str, number: int, ext: str) -> Path:
         return _inside(self.root, self.job_dir(job_id) / frame_name(number, ext))
+
+    def tiles_dir(self, job_id: str) -> Path:
+        return _inside(self.root, self.job_dir(job_id) / TILES_DIR)
+
+    def tile_path(self, job_id: str, frame: int, index: int, ext: str) -> Path:
+        return _inside(self.root, self.tiles_dir(job_id) / tile_name(frame, index, ext))
+
+    def commit_tile(self, sink: FileSink, job_id: str, frame: int, index: int, ext: str) -> Path:
+        destination = self.tile_path(job_id, frame, index, ext)
+        destination.parent.mkdir(exist_ok=True)
+        sink.commit(destination)
+        return destination
 
     def frame_sink(self, job_id: str, size: int) -> FileSink:
         """A temporary file inside the job's folder, so the final rename stays on one filesystem."""

@@ -89,6 +89,8 @@ def _web_fields(server: FarmServer, view: dict[str, Any], working: int) -> dict[
 
 
 def _last_frame(job: Job) -> int | None:
+    if job.settings is not None and job.settings.tiles:  # a split frame: its tiles are no frames to show
+        return job.settings.frames[0] if job.stitched else None
     done = [n for n, f in job.frames.items() if f.state is FrameState.DONE]
     return max(done) if done else None
 
