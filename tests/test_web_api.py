@@ -66,6 +66,10 @@ def test_upload_creates_a_job_and_stores_the_blend(farm: Farm, web: Http) -> Non
     request = farm.call(lambda s: s.farm.jobs[job["id"]].request)
     assert (request.frame_start, request.frame_end, request.file_format, request.samples, request.percentage) == (
         3, 9, "JPEG", 16, 50)
+    split = web.upload(FAKE_BLEND, frame_start="5", frame_end="5", split="0", device="gpu")
+    assert split.status == 201, split.body
+    request = farm.call(lambda s: s.farm.jobs[split.json()["job"]["id"]].request)
+    assert (request.split, request.device) == (0, "GPU")
     # The same file again is not stored twice; chunked transfer (no Content-Length) works too.
     again = web.upload(FAKE_BLEND, chunked=True)
     assert again.status == 201, again.body
@@ -79,6 +83,8 @@ def test_upload_creates_a_job_and_stores_the_blend(farm: Farm, web: Http) -> Non
     ({"video": "divx"}, "video codec must be one of"),
     ({"start": "maybe"}, "start must be"),
     ({"colour": "red"}, "unknown field 'colour'"),
+    ({"split": "1"}, "split must be 0 (auto) or between"),
+    ({"device": "tpu"}, "device must be one of"),
 ])
 def test_upload_rejects_bad_settings(farm: Farm, web: Http, fields: dict[str, str], message: str) -> None:
     reply = web.upload(FAKE_BLEND, **fields)

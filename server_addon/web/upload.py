@@ -42,8 +42,8 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 32
 MAX_PRIORITY = 1_000_000
-INT_FIELDS = ("frame_start", "frame_end", "frame_step", "chunk", "samples", "percentage")
-TEXT_FIELDS = ("name", "file_format", "priority", "start", "video", "video_quality", "video_location")
+INT_FIELDS = ("frame_start", "frame_end", "frame_step", "chunk", "samples", "percentage", "split")
+TEXT_FIELDS = ("name", "file_format", "priority", "start", "video", "video_quality", "video_location", "device")
 FILE_FIELD = "file"
 _INTEGER = re.compile(r"^[+-]?\d{1,12}$")
 _TRUE = frozenset({"", "1", "true", "yes", "on", "start"})
@@ -75,6 +75,7 @@ def parse_options(fields: dict[str, str]) -> JobOptions:
         for key in INT_FIELDS:
             raw[key] = _integer(key, fields.get(key, ""))
         raw["file_format"] = fields.get("file_format", "").strip() or None
+        raw["device"] = fields.get("device", "").strip().upper() or None
         request = JobRequest.from_wire(raw)
         priority = _integer("priority", fields.get("priority", "")) or 0
         if abs(priority) > MAX_PRIORITY:
