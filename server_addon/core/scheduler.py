@@ -10,15 +10,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from protocol.settings import SceneInfo, SettingsError, resolve
-from protocol.tiles import MAX_TILES, MIN_TILES
 
 from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation
+from .tiling import client_speeds, tile_count
 
 log = logging.getLogger(__name__)
 
@@ -401,23 +400,8 @@ class Farm:
             self.fail_job(job, f"the tiles could not be stitched into frame {job.settings.frames[0]}: {error}")
 
     def client_speeds(self) -> dict[str, float]:
-        """Each client's speed relative to the others (1.0: typical), from the items it delivered.
-
-        Jobs differ in cost, so speeds are compared within a job: a client's mean item time on a job
-        against the mean over that job's clients; a client's speed is the mean of those ratios."""
-        ratios: dict[str, list[float]] = {}
-        for job in self.jobs.values():
-            times: dict[str, list[float]] = {}
-            for frame in job.frames.values():
-                if frame.state is FrameState.DONE and frame.render_s and frame.rendered_by:
-                    times.setdefault(frame.rendered_by, []).append(frame.render_s)
-            means = {name: statistics.fmean(values) for name, values in times.items()}
-            if not means:
-                continue
-            typical = statistics.fmean(means.values())
-            for name, mean in means.items():
-                ratios.setdefault(name, []).append(typical / mean)
-        return {name: statistics.fmean(values) for name, values in ratios.items()}
+        """Each client's speed relative to the others (1.0: typical); see tiling.client_speeds."""
+        return client_speeds(self.jobs.values())
 
     def auto_tiles(self, job: Job) -> int:
         """How many tiles a split frame gets when it asked for "auto".
@@ -429,14 +413,7 @@ class Farm:
         excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
         names = [c.name for c in self.clients.values()
                  if c.connected and c.ready and _device_fits(job, c) and c.name not in excluded]
-        if not names:
-            return MIN_TILES
-        measured = self.client_speeds()
-        known = [measured[n] for n in names if n in measured]
-        default = statistics.median(known) if known else 1.0
-        speeds = [measured.get(n, default) for n in names]
-        count = round(sum(speeds) / min(speeds))
-        return max(MIN_TILES, min(max(count, len(names)), 4 * len(names), MAX_TILES))
+        return tile_count(names, self.client_speeds())
 
     def frame_failed(self, lease_id: int, number: int, client_id: str, error: str, render_log: str = "") -> None:
         lease = self.leases.get(lease_id)

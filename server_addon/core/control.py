@@ -1,0 +1,132 @@
+"""Control connections (the command-line tools): status, submitting jobs with their .blend, watching
+a job, job actions and frame logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from protocol import messages as m
+from protocol.errors import ProtocolError
+from protocol.handshake import Peer
+from protocol.limits import MAX_BLEND_BYTES, MAX_NAME_CHARS
+from protocol.settings import JobRequest, SettingsError
+from protocol.stream import MessageStream
+
+from .actions import MAX_PRIORITY
+from .scheduler import JobActionError
+from .storage import UnsafeName
+from .video import VideoSettings
+
+if TYPE_CHECKING:
+    from .server import FarmServer
+
+log = logging.getLogger(__name__)
+
+
+class ControlConnections:
+    def __init__(self, server: FarmServer) -> None:
+        self.server = server
+
+    async def serve(self, stream: MessageStream, peer: Peer, client_id: str) -> None:
+        server = self.server
+        watchers: list[asyncio.Task[None]] = []
+        try:
+            while True:
+                message = await stream.recv()
+                if isinstance(message, m.StatusRequest):
+                    snap = server.snapshot()
+                    await stream.send(m.Status(jobs=snap["jobs"], clients=snap["clients"]))
+                elif isinstance(message, m.Submit):
+                    await self._submit(stream, peer, message)
+                elif isinstance(message, m.JobControl):
+                    try:
+                        text = await server.job_action(message.action, message.job_id, message.args)
+                    except (JobActionError, UnsafeName) as exc:
+                        await stream.send(m.Error(reason=str(exc)))
+                        continue
+                    await stream.send(m.JobControlDone(message=text))
+                elif isinstance(message, m.FrameLogRequest):
+                    await stream.send(self._frame_log(message))
+                elif isinstance(message, m.Watch):
+                    if message.job_id not in server.farm.jobs:
+                        raise ProtocolError(f"no job {message.job_id!r}")
+                    watchers.append(server._spawn(self._watch(stream, message.job_id)))
+                else:
+                    raise ProtocolError(f"a control connection may not send {message.TYPE.value}")
+        finally:
+            for task in watchers:
+                task.cancel()
+
+    async def _submit(self, stream: MessageStream, peer: Peer, submit: m.Submit) -> None:
+        try:
+            request = JobRequest.from_wire(submit.settings)
+        except SettingsError as exc:
+            raise ProtocolError(f"invalid job settings: {exc}") from None
+        video = None
+        if submit.video is not None:
+            try:
+                video = VideoSettings.from_wire(submit.video).to_wire()  # only known keys are kept
+            except ValueError as exc:
+                raise ProtocolError(f"invalid video settings: {exc}") from None
+        if abs(submit.priority) > MAX_PRIORITY:
+            raise ProtocolError(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+        if not 0 < submit.blend_size <= MAX_BLEND_BYTES:
+            raise ProtocolError(f"a .blend of {submit.blend_size} bytes is out of bounds")
+        name = "".join(ch for ch in submit.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
+        sha = submit.blend_sha256
+        blends = self.server.blends
+        blends.path(sha)
+        need = not blends.has(sha)
+        await stream.send(m.UploadReady(need_bytes=need))
+        if request.split is not None and video is not None:
+            raise ProtocolError("a split job renders one frame; it makes no video")
+        if need:
+            await self._receive_blend(stream, sha, submit.blend_size)
+        job = self.server.create_job(name, sha, submit.blend_size, request, start=submit.start,
+                                     priority=submit.priority, video=video)
+        log.info("job %s: submitted by %s (%s)", job.id, peer.name, name)
+        await stream.send(m.Submitted(job_id=job.id))
+
+    def _frame_log(self, request: m.FrameLogRequest) -> m.Message:
+        job = self.server.farm.jobs.get(request.job_id)
+        frame = job.frames.get(request.frame) if job else None
+        if frame is None:
+            return m.Error(reason=f"there is no frame {request.frame} in job {request.job_id!r}")
+        return m.FrameLog(job_id=request.job_id, frame=request.frame, failures=frame.failures, error=frame.error,
+                          log=frame.log, clients=sorted(frame.failed_on))
+
+    async def _receive_blend(self, stream: MessageStream, sha: str, size: int) -> None:
+        blends = self.server.blends
+        sink = blends.sink(sha, size)
+        try:
+            while True:
+                message = await stream.recv()
+                if isinstance(message, m.Chunk):
+                    await asyncio.to_thread(sink.write, message.data)
+                elif isinstance(message, m.End):
+                    sink.finish(message.sha256)
+                    break
+                else:
+                    raise ProtocolError(f"{message.TYPE.value} inside a .blend upload")
+        except BaseException:
+            sink.abort()
+            raise
+        blends.commit(sink, sha)
+
+    async def _watch(self, stream: MessageStream, job_id: str) -> None:
+        server = self.server
+        try:
+            while True:
+                version = server.version
+                job = server.farm.jobs.get(job_id)
+                if job is None:
+                    await stream.send(m.Error(reason=f"job {job_id} was deleted"))
+                    return
+                await stream.send(m.JobUpdate(job=job.view()))
+                if job.settled:
+                    return
+                await server.wait_change(version, timeout=5.0)
+        except ProtocolError:
+            return
