@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,19 @@ async def _farm_run(address: str, blend: Path, start: int, end: int,
         await control.close()
 
 
-def overhead(args: argparse.Namespace) -> dict[str, Any]:
+def _in_workdir(args: argparse.Namespace,
+                bench: Callable[[argparse.Namespace, Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run a benchmark in --keep's folder, or in a temporary one that is removed afterwards."""
     if args.keep:
         root = Path(args.keep)
         root.mkdir(parents=True, exist_ok=True)
-        return _overhead(args, root)
+        return bench(args, root)
     with tempfile.TemporaryDirectory(prefix="microfarm-bench-") as scratch:
-        return _overhead(args, Path(scratch))
+        return bench(args, Path(scratch))
+
+
+def overhead(args: argparse.Namespace) -> dict[str, Any]:
+    return _in_workdir(args, _overhead)
 
 
 def _overhead(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -112,12 +119,7 @@ def _overhead(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def split(args: argparse.Namespace) -> dict[str, Any]:
-    if args.keep:
-        root = Path(args.keep)
-        root.mkdir(parents=True, exist_ok=True)
-        return _split(args, root)
-    with tempfile.TemporaryDirectory(prefix="microfarm-bench-") as scratch:
-        return _split(args, Path(scratch))
+    return _in_workdir(args, _split)
 
 
 def _split(args: argparse.Namespace, root: Path) -> dict[str, Any]:
