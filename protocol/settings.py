@@ -6,6 +6,7 @@ Both are validated on arrival; a client applies them through the bpy API, never 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,9 @@ MAX_SAMPLES = 1 << 20
 MAX_PERCENTAGE = 1000
 #: Blender's own frame limit: scene.frame_set() clamps anything beyond it without a word.
 MAX_FRAME = 1_048_574
+#: A job's Blender: "file" (the version that saved it) or MAJOR.MINOR[.PATCH].
+BLENDER_FILE = "file"
+_BLENDER_CHOICE = re.compile(r"\d{1,3}\.\d{1,3}(\.\d{1,4})?")
 
 
 class SettingsError(ValueError):
@@ -50,6 +54,14 @@ def _int_or_none(raw: dict[str, Any], key: str, low: int, high: int) -> int | No
     return value
 
 
+def _blender_choice(value: Any) -> str | None:
+    if value is None or value == BLENDER_FILE:
+        return value
+    if not isinstance(value, str) or not _BLENDER_CHOICE.fullmatch(value):
+        raise SettingsError(f"blender must be {BLENDER_FILE!r} or a version such as 4.5 or 5.3.1, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """What a submitter asks for; None means "take it from the .blend's scene"."""
@@ -63,6 +75,9 @@ class JobRequest:
     percentage: int | None = None
     device: str | None = None  # "CPU" or "GPU": only clients rendering on that kind of device
     split: int | None = None  # one frame cut into this many tiles; 0: as many as the farm's clients suit
+    # Which Blender renders it: None, the first client to render pins the job to its version; "file",
+    # the version that saved the .blend; "5.3" any 5.3.x (then pinned to the first one); "5.3.1" exactly.
+    blender: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,6 +101,7 @@ class JobRequest:
             percentage=_int_or_none(raw, "percentage", 1, MAX_PERCENTAGE),
             device=device,
             split=_int_or_none(raw, "split", 0, MAX_TILES),
+            blender=_blender_choice(raw.get("blender")),
         )
         if request.split == 1:
             raise SettingsError(f"split must be 0 (auto) or between {MIN_TILES} and {MAX_TILES}, not 1")

@@ -7,7 +7,7 @@ import pytest
 from protocol.errors import ProtocolError
 from protocol.settings import JobRequest, SceneInfo, SettingsError
 from server_addon.core.jobs import FrameState, Job, JobState, LeaseKind, Revocation
-from server_addon.core.scheduler import MAX_FRAME_ATTEMPTS, MAX_PROBE_ATTEMPTS, Farm
+from server_addon.core.scheduler import MAX_FRAME_ATTEMPTS, Farm
 
 CHUNK_2 = JobRequest(chunk=2)
 
@@ -185,17 +185,18 @@ def test_cancel_revokes_every_lease():
     assert farm.frame_stored("job-1", 1, "a") is False
 
 
-def test_a_probe_that_keeps_failing_fails_the_job():
+def test_a_file_no_client_can_open_fails_the_job_once_each_client_tried():
     farm, job, _ = farm_with_job("a", "b")
-    clients = ["a", "b"] * MAX_PROBE_ATTEMPTS
-    for attempt in range(MAX_PROBE_ATTEMPTS):
-        lease = farm.next_work(clients[attempt])
-        assert lease is not None and lease.kind is LeaseKind.PROBE, attempt
-        farm.probe_failed(lease.id, "file is not a .blend (bad magic)")
-        if attempt < MAX_PROBE_ATTEMPTS - 1:
-            assert job.state is JobState.PROBING
+    first = farm.next_work("a")
+    assert first is not None and first.kind is LeaseKind.PROBE
+    farm.probe_failed(first.id, "file is not a .blend (bad magic)")
+    assert job.state is JobState.PROBING
+    assert farm.next_work("a") is None, "a client that could not open the file is not asked again"
+    second = farm.next_work("b")
+    assert second is not None and second.kind is LeaseKind.PROBE
+    farm.probe_failed(second.id, "file is not a .blend (bad magic)")
     assert job.state is JobState.FAILED
-    assert "bad magic" in job.error
+    assert "bad magic" in job.error and "name-a" in job.error and "name-b" in job.error
     assert farm.next_work("a") is None and farm.next_work("b") is None
 
 

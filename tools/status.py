@@ -19,19 +19,31 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def job_blender(job: dict[str, Any]) -> str:
+    """The Blender a job renders with ('4.5.15'), or what it asks for until a client took it ('5.0+', '4.5')."""
+    if job.get("blender"):
+        return job["blender"]
+    wanted, saved = job.get("blender_request"), job.get("blender_file")
+    if wanted == "file":
+        return saved or "file"
+    if wanted:
+        return wanted
+    return f"{saved}+" if saved else "any"
+
+
 def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> str:
     out = []
     if jobs:
         def note(j: dict[str, Any]) -> str:
             text = j.get("error") or j.get("waiting") or j.get("video_error") or ""
-            return text.splitlines()[0][:80] if text else ""
+            return text.splitlines()[0][:120] if text else ""
         def progress(j: dict[str, Any]) -> str:
             done = f"{j['frames_done']}/{j['frames_total']}"
             if j.get("tiles"):  # a split frame: its tiles
                 return f"{done} tiles of frame {j['frame_range'][0]}"
             return done
-        rows = [[j["id"], j["name"], j["state"], progress(j), note(j)] for j in jobs]
-        out.append(format_table(rows, ["JOB", "FILE", "STATE", "FRAMES", "NOTE"]))
+        rows = [[j["id"], j["name"], j["state"], progress(j), job_blender(j), note(j)] for j in jobs]
+        out.append(format_table(rows, ["JOB", "FILE", "STATE", "FRAMES", "BLENDER", "NOTE"]))
     else:
         out.append("no jobs")
     out.append("")
@@ -40,9 +52,9 @@ def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> st
             if c["state"] == "rendering" and c.get("frame") is not None:
                 return f"rendering {c['job_id']} frame {c['frame']}"
             return c["state"]
-        rows = [[c["name"], c["host"], c.get("device") or "?", doing(c), str(c["frames_rendered"]),
-                 str(c["failures"])] for c in clients]
-        out.append(format_table(rows, ["CLIENT", "HOST", "DEVICE", "STATE", "FRAMES", "FAILURES"]))
+        rows = [[c["name"], c["host"], c.get("blender") or "?", c.get("device") or "?", doing(c),
+                 str(c["frames_rendered"]), str(c["failures"])] for c in clients]
+        out.append(format_table(rows, ["CLIENT", "HOST", "BLENDER", "DEVICE", "STATE", "FRAMES", "FAILURES"]))
     else:
         out.append("no clients")
     return "\n".join(out)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from protocol.settings import IMAGE_FORMATS, JobRequest, SettingsError
+from protocol.settings import BLENDER_FILE, IMAGE_FORMATS, JobRequest, SettingsError
 
 from .control import Control, ToolError, default_token, run_tool
 
@@ -43,6 +43,14 @@ def looks_like_blend(path: Path) -> bool:
     return head.startswith(_BLEND_MAGICS)
 
 
+def blender_value(text: str) -> str:
+    """--blender: "file" or a version such as 4.5 or 5.3.1."""
+    value = text.strip().lower()
+    if value != BLENDER_FILE and not re.fullmatch(r"\d{1,3}\.\d{1,3}(\.\d{1,4})?", value):
+        raise argparse.ArgumentTypeError(f"--blender wants 'file' or a version such as 4.5 or 5.3.1, not {text!r}")
+    return value
+
+
 def split_value(text: str) -> int:
     """--split: "auto" (0: as many tiles as the farm's clients suit) or a tile count."""
     if text.strip().lower() == "auto":
@@ -67,7 +75,8 @@ def build_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ToolError("--split cuts one frame into tiles: say which with --frame N")
     raw = {"frame_start": start, "frame_end": end, "frame_step": args.step, "chunk": args.chunk,
            "file_format": args.format, "samples": args.samples, "percentage": args.percentage,
-           "device": args.device.upper() if args.device else None, "split": split}
+           "device": args.device.upper() if args.device else None, "split": split,
+           "blender": args.blender}
     try:
         return JobRequest.from_wire(raw).to_wire()
     except SettingsError as exc:
@@ -154,6 +163,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, help="render samples (default: the scene's)")
     parser.add_argument("--percentage", type=int, help="resolution percentage (default: the scene's)")
     parser.add_argument("--device", choices=["cpu", "gpu"], help="only clients rendering on this kind of device")
+    parser.add_argument("--blender", type=blender_value, metavar="VERSION|file",
+                        help="the Blender that renders every frame: 'file' (the version that saved it), 4.5 "
+                             "(any 4.5.x) or 4.5.15 (default: the version most connected clients run)")
     parser.add_argument("--priority", type=priority_value, default=0,
                         help="higher renders first, -1000000 to 1000000 (default: 0)")
     parser.add_argument("--queue", action="store_true", help="queue the job without starting it (tools.jobs resume)")

@@ -84,8 +84,12 @@ class ControlConnections:
             raise ProtocolError("a split job renders one frame; it makes no video")
         if need:
             await self._receive_blend(stream, sha, submit.blend_size)
-        job = self.server.create_job(name, sha, submit.blend_size, request, start=submit.start,
-                                     priority=submit.priority, video=video)
+        try:
+            job = self.server.create_job(name, sha, submit.blend_size, request, start=submit.start,
+                                         priority=submit.priority, video=video)
+        except ValueError as exc:  # e.g. a file that is no .blend: the submitter gets the sentence
+            await stream.send(m.Error(reason=str(exc)))
+            return
         log.info("job %s: submitted by %s (%s)", job.id, peer.name, name)
         await stream.send(m.Submitted(job_id=job.id))
 

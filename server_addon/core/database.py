@@ -14,6 +14,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from protocol.blendfile import BlenderVersion
 from protocol.errors import ProtocolError
 from protocol.settings import JobRequest, SceneInfo, SettingsError, resolve
 
@@ -22,7 +23,11 @@ from .storage import OutputStore, UnsafeName, frame_name, tile_name
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Columns added after the first schema, with the statement that adds them to an older database.
+_MIGRATIONS = {
+    2: "ALTER TABLE jobs ADD COLUMN versions TEXT NOT NULL DEFAULT '{}'",  # Blender versions (issue: one per job)
+}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -43,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     video TEXT,
     video_state TEXT NOT NULL,
     video_path TEXT NOT NULL,
-    video_error TEXT NOT NULL
+    video_error TEXT NOT NULL,
+    versions TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS frames (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -62,8 +68,13 @@ CREATE TABLE IF NOT EXISTS frames (
 
 _JOB_COLUMNS = ("seq", "name", "blend_sha256", "blend_size", "request", "scene", "state", "priority", "error",
                 "forced", "probe_failures", "client_failures", "created", "finished_at", "video", "video_state",
-                "video_path", "video_error")
+                "video_path", "video_error", "versions")
 _JOB_UPDATE = ", ".join(f"{column} = excluded.{column}" for column in _JOB_COLUMNS)
+
+
+def _versions(job: Job) -> dict:
+    return {"file": str(job.file_blender) if job.file_blender else None, "pinned": job.pinned_blender,
+            "probe_failed_on": job.probe_failed_on}
 
 
 class DatabaseError(Exception):
@@ -86,7 +97,10 @@ class Database:
             raise DatabaseError(f"cannot open the job database {path}: {exc}") from None
         if version > SCHEMA_VERSION:
             raise DatabaseError(f"the job database {path} was written by a newer MicroFarm (schema {version})")
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(jobs)")}
         self.conn.executescript(_SCHEMA)
+        if columns and "versions" not in columns:  # a database of schema 1
+            self.conn.execute(_MIGRATIONS[2])
         self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -98,13 +112,13 @@ class Database:
         # An upsert, not INSERT OR REPLACE: a REPLACE deletes the row first, and the cascade would
         # take the job's frame rows with it.
         self.conn.execute(
-            "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             f"ON CONFLICT(id) DO UPDATE SET {_JOB_UPDATE}",
             (job.id, job.seq, job.name, job.blend_sha256, job.blend_size, json.dumps(job.request.to_wire()),
              json.dumps(job.scene.to_wire()) if job.scene else None, job.state.value, job.priority, job.error,
              int(job.forced), job.probe_failures, json.dumps(job.client_failures), job.created, job.finished_at,
              json.dumps(job.video) if job.video is not None else None, job.video_state, job.video_path,
-             job.video_error))
+             job.video_error, json.dumps(_versions(job))))
 
     def save_frame(self, job: Job, frame: FrameRecord) -> None:
         self.conn.execute(
@@ -142,6 +156,10 @@ class Database:
                   probe_failures=r["probe_failures"], client_failures=json.loads(r["client_failures"]),
                   finished_at=r["finished_at"], video=json.loads(r["video"]) if r["video"] else None,
                   video_state=r["video_state"], video_path=r["video_path"], video_error=r["video_error"])
+        versions = json.loads(r["versions"] or "{}")
+        job.file_blender = BlenderVersion.parse(versions.get("file") or "")
+        job.pinned_blender = str(versions.get("pinned") or "")
+        job.probe_failed_on = {str(k): str(v) for k, v in dict(versions.get("probe_failed_on") or {}).items()}
         if scene is not None:
             job.settings = resolve(request, scene)
             job.frames = {n: FrameRecord(n) for n in job.settings.items}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from protocol.blendfile import BlenderVersion
 from protocol.settings import JobRequest, RenderSettings, SceneInfo
 
 
@@ -70,6 +71,9 @@ class Job:
     forced: bool = False
     probe_lease: int | None = None
     probe_failures: int = 0
+    probe_failed_on: dict[str, str] = field(default_factory=dict)  # client name -> "Blender 4.2.23: error"
+    file_blender: BlenderVersion | None = None  # the version that saved the .blend (major.minor), if readable
+    pinned_blender: str = ""  # the exact Blender version all of the job's frames are rendered with
     client_failures: dict[str, int] = field(default_factory=dict)  # client name -> failed frames
     finished_at: float | None = None
     video: dict[str, Any] | None = None  # requested video settings (wire form)
@@ -129,6 +133,9 @@ class Job:
             "mean_frame_s": self.mean_frame_s(),
             "forced": self.forced,
             "device": self.request.device,
+            "blender_file": str(self.file_blender) if self.file_blender else None,
+            "blender_request": self.request.blender,
+            "blender": self.pinned_blender or None,
             "waiting": self.waiting,
             "error": self.error,
             "file_format": s.file_format if s else None,
@@ -174,6 +181,7 @@ class ClientRecord:
     failures: int = 0
     connected: bool = True
     device: str = "CPU"  # what it renders on: CPU, OPTIX, CUDA, ...
+    blender: str = ""  # its Blender version as it reports it: "4.2.23 LTS", "5.0.1"
     devices: tuple[str, ...] = ()
     ready: bool = False  # has reported its state since it connected
     busy: bool = False  # still finishing work from before a reconnect
@@ -195,6 +203,7 @@ class ClientRecord:
             "job_id": lease.job_id if lease else None, "frame": self.frame,
             "frames_rendered": self.frames_rendered, "failures": self.failures,
             "excluded_from": excluded_from, "device": self.device, "devices": list(self.devices),
+            "blender": self.blender,
         }
 
 

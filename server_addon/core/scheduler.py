@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -18,19 +19,23 @@ from protocol.settings import SceneInfo, SettingsError, resolve
 
 from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation
 from .tiling import client_speeds, tile_count
+from .versions import client_version, connected_summary, preferred_version, version_fits, wanted_sentence
 
 log = logging.getLogger(__name__)
 
 #: A frame that fails this many times (on different clients where there are any) fails its job.
 MAX_FRAME_ATTEMPTS = 3
-#: A .blend that no client could open this many times fails its job.
-MAX_PROBE_ATTEMPTS = 2
 #: A client that fails this many frames of one job gets no more of that job's frames.
 MAX_CLIENT_JOB_FAILURES = 3
 
 
 def _device_fits(job: Job, client: ClientRecord) -> bool:
     return not (job.request.device == "GPU" and client.device == "CPU")
+
+
+def _fits(job: Job, client: ClientRecord) -> bool:
+    """The client's device and Blender version may render this job."""
+    return _device_fits(job, client) and version_fits(job, client)
 
 
 class JobActionError(ValueError):
@@ -135,6 +140,7 @@ class Farm:
                 frame.failed_on.clear()
             job.client_failures.clear()
             job.probe_failures = 0
+            job.probe_failed_on.clear()
         job.state = JobState.RENDERING if job.settings is not None else JobState.PROBING
         job.error = ""
         job.forced = False
@@ -184,8 +190,9 @@ class Farm:
     # --- clients --------------------------------------------------------------------------
 
     def connect_client(self, client_id: str, name: str, host: str, device: str = "CPU",
-                       devices: tuple[str, ...] = ()) -> ClientRecord:
-        record = ClientRecord(id=client_id, name=name, host=host, device=device or "CPU", devices=devices)
+                       devices: tuple[str, ...] = (), blender: str = "") -> ClientRecord:
+        record = ClientRecord(id=client_id, name=name, host=host, device=device or "CPU", devices=devices,
+                              blender=blender)
         self.clients[client_id] = record
         return record
 
@@ -247,11 +254,22 @@ class Farm:
     # --- handing out work -----------------------------------------------------------------
 
     def note_waiting(self) -> None:
-        """Say on each GPU-only job whether any connected client could render it."""
-        gpu_client = any(c.connected and c.device != "CPU" for c in self.clients.values())
+        """Say on each running job that no connected client may take why it waits, and for what."""
+        connected = [c for c in self.clients.values() if c.connected]
         for job in self.jobs.values():
-            needs_gpu = job.request.device == "GPU" and job.state.running
-            job.waiting = "waiting for a client that renders on a GPU" if needs_gpu and not gpu_client else ""
+            job.waiting = self._waiting(job, connected) if job.state.running else ""
+
+    def _waiting(self, job: Job, connected: list[ClientRecord]) -> str:
+        versions = [c for c in connected if version_fits(job, c)]
+        if not versions:
+            gpu = " rendering on a GPU" if job.request.device == "GPU" else ""
+            return f"waiting for a client with {wanted_sentence(job)}{gpu}; connected: {connected_summary(connected)}"
+        if job.request.device == "GPU" and not any(_device_fits(job, c) for c in versions):
+            return "waiting for a client that renders on a GPU"
+        if job.state is JobState.PROBING and all(c.name in job.probe_failed_on for c in versions):
+            return (f"waiting for a client that can open the file; {', '.join(sorted(job.probe_failed_on))} "
+                    "could not")
+        return ""
 
     def next_work(self, client_id: str) -> Lease | None:
         """Give an idle client its next piece of work, or None if there is nothing it may do."""
@@ -261,17 +279,23 @@ class Farm:
         connected = [c for c in self.clients.values() if c.connected]
         for job in self.running_jobs():
             if job.state is JobState.PROBING:
-                if job.probe_lease is None:
-                    return self._lease(job, client, LeaseKind.PROBE, [])  # reading a scene: any device
+                # Reading a scene renders nothing (any device will do), but only a Blender that may
+                # render the job reads it, and a client that could not open the file is not asked again.
+                if job.probe_lease is None and version_fits(job, client) and client.name not in job.probe_failed_on:
+                    return self._lease(job, client, LeaseKind.PROBE, [])
                 continue
-            if not _device_fits(job, client):
-                continue  # a job that requires a GPU never renders on a CPU, silently or otherwise
-            # Who else could take this job's frames: connected, the right device, not shut out of it.
-            capable = {c.name for c in connected if _device_fits(job, c)}
+            if not _fits(job, client):
+                continue  # a GPU-only job never renders on a CPU, nor a job on another Blender version
+            # Who else could take this job's frames: connected, the right device and Blender, not shut out.
+            capable = {c.name for c in connected if _fits(job, c)}
             excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
             takers = capable - excluded
             if client.name in excluded and takers:
                 continue  # it failed too many of this job's frames, and others can do them
+            if not job.pinned_blender:
+                candidates = [c for c in connected if c.ready and _fits(job, c) and c.name in (takers or capable)]
+                if preferred_version(job, candidates) not in (None, client_version(client)):
+                    continue  # the job will be pinned to the Blender most of its possible clients run
             frames = self._eligible_frames(job, client.name, takers or capable)
             if frames:
                 return self._lease(job, client, LeaseKind.RENDER, frames)
@@ -298,6 +322,10 @@ class Farm:
         client.lease_id = lease.id
         if kind is LeaseKind.PROBE:
             job.probe_lease = lease.id
+        elif not job.pinned_blender:
+            job.pinned_blender = client_version(client)
+            log.info("job %s: renders with Blender %s (client %s)", job.id, job.pinned_blender, client.name)
+            self.store.save_job(job)
         for number in frames:
             record = job.frames[number]
             record.state = FrameState.LEASED
@@ -341,10 +369,24 @@ class Farm:
         if lease is None or lease.kind is not LeaseKind.PROBE:
             return None
         job = self.jobs[lease.job_id]
+        client = self.clients.get(lease.client_id)
         self._drop_lease(lease)
+        if job.state is not JobState.PROBING:
+            return job
+        name = client.name if client else lease.client_id
+        version = client.blender if client else "?"
+        # Clients name the file by its place in their cache; the user knows it by its own name.
+        error = re.sub(r"(?:[A-Za-z]:)?[^\s'\":]*" + job.blend_sha256 + r"\.blend", job.name, error)
         job.probe_failures += 1
-        if job.probe_failures >= MAX_PROBE_ATTEMPTS:
-            self.fail_job(job, f"the .blend could not be opened: {error}")
+        job.probe_failed_on[name] = f"Blender {version}: {error}"
+        self.store.save_job(job)
+        # The job fails once every connected client that may take it has failed to open the file.
+        others = [c for c in self.clients.values()
+                  if c.connected and version_fits(job, c) and c.name not in job.probe_failed_on]
+        if not others:
+            saved = f"saved by Blender {job.file_blender}" if job.file_blender else "saved by an unknown Blender"
+            tried = "; ".join(f"{n} ({why})" for n, why in sorted(job.probe_failed_on.items()))
+            self.fail_job(job, f"no client could open {job.name} ({saved}): {tried}")
         return job
 
     def wants_frame(self, job_id: str, number: int) -> bool:
@@ -412,7 +454,7 @@ class Farm:
         so through ordinary leasing it takes more tiles while the slow one renders its one."""
         excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
         names = [c.name for c in self.clients.values()
-                 if c.connected and c.ready and _device_fits(job, c) and c.name not in excluded]
+                 if c.connected and c.ready and _fits(job, c) and c.name not in excluded]
         return tile_count(names, self.client_speeds())
 
     def frame_failed(self, lease_id: int, number: int, client_id: str, error: str, render_log: str = "") -> None:

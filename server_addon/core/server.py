@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from protocol import messages as m
+from protocol.blendfile import BlenderVersion, BlendHeaderError, read_version
 from protocol.errors import ConnectionClosed, ProtocolError
 from protocol.handshake import Peer, server_handshake
 from protocol.limits import HANDSHAKE_MAX_BYTES, HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, MAX_MESSAGE_BYTES
 from protocol.messages import Role
-from protocol.settings import JobRequest
+from protocol.settings import BLENDER_FILE, JobRequest
 from protocol.stream import MessageStream
 
 from .actions import JOB_ACTIONS, MAX_PRIORITY, JobActions
@@ -212,12 +213,26 @@ class FarmServer:
         job_id = new_job_id(name)
         while job_id in self.farm.jobs:
             job_id = new_job_id(name)
+        file_blender = self._file_version(name, blend_sha256, request)
         job = Job(id=job_id, name=name, blend_sha256=blend_sha256, blend_size=blend_size,
-                  request=request, created=time.time(), priority=priority, video=video)
+                  request=request, created=time.time(), priority=priority, video=video, file_blender=file_blender)
         self.farm.add_job(job, start=start)
         self._dispatch()
         self._notify()
         return job
+
+    def _file_version(self, name: str, blend_sha256: str, request: JobRequest) -> BlenderVersion | None:
+        """The Blender that saved the job's file (its header: a few bytes, decompressed if need be)."""
+        try:
+            return read_version(self.blends.path(blend_sha256))
+        except BlendHeaderError as exc:
+            if request.blender == BLENDER_FILE or not str(exc).startswith("the file is zstd"):
+                raise ValueError(f"{name}: {exc}") from None
+            # Without zstandard the version stays unknown: clients that cannot open the file say so.
+            log.warning("%s: %s; the version that saved it is unknown", name, exc)
+            return None
+        except OSError as exc:
+            raise ValueError(f"{name}: the stored .blend cannot be read: {exc}") from None
 
     async def job_action(self, action: str, job_id: str = "", args: dict[str, Any] | None = None) -> str:
         """Carry out a job action; returns a sentence for the user. Raises JobActionError."""

@@ -86,7 +86,7 @@ class Workers:
         conn = WorkerConnection(server, stream, client_id, peer)
         self._forget_lost(peer)
         server.farm.connect_client(client_id, peer.name, peer.host or stream.peer.rsplit(":", 1)[0], peer.device,
-                                   peer.devices)
+                                   peer.devices, peer.blender)
         self.connections[client_id] = conn
         conn.writer_task = server._spawn(conn.write_loop())
         log.info("client %s connected from %s as %s (Blender %s)", peer.name, stream.peer, client_id,

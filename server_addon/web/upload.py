@@ -76,6 +76,7 @@ def parse_options(fields: dict[str, str]) -> JobOptions:
             raw[key] = _integer(key, fields.get(key, ""))
         raw["file_format"] = fields.get("file_format", "").strip() or None
         raw["device"] = fields.get("device", "").strip().upper() or None
+        raw["blender"] = fields.get("blender", "").strip().lower() or None
         request = JobRequest.from_wire(raw)
         priority = _integer("priority", fields.get("priority", "")) or 0
         if abs(priority) > MAX_PRIORITY:
@@ -227,8 +228,11 @@ async def receive_job(request: web.Request, server: Any, max_upload_bytes: int) 
             upload.abort()
         raise
     name = options.name or clean_name(filename) or "untitled.blend"
-    job = server.create_job(name, sha, upload.size, options.request, start=options.start,
-                            priority=options.priority, video=options.video)
+    try:
+        job = server.create_job(name, sha, upload.size, options.request, start=options.start,
+                                priority=options.priority, video=options.video)
+    except ValueError as exc:
+        raise WebError(400, str(exc)) from None
     log.info("job %s: uploaded from the web by %s (%s, %s, sha256 %s)", job.id, request.remote, name,
              human_bytes(upload.size), sha[:12])
     return job.view()

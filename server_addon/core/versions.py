@@ -1,0 +1,95 @@
+"""One Blender per job: which clients' Blender may render a job, and why a job waits. Pure logic.
+
+A client never gets a file saved by a newer Blender (older versions cannot read newer files, and
+5.0 changed the file header altogether). Beyond that, a job's frames all come from one Blender
+version, because versions render the same scene differently (a sequence from two versions
+flickers): the submitter may name the version ("file": the one that saved the .blend; "4.5": any
+4.5.x; "4.5.15": exactly), and the first client that renders a frame pins the job to its exact
+version. When several versions could start a job, it goes to the one most connected clients run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from protocol.blendfile import BlenderVersion
+from protocol.settings import BLENDER_FILE
+
+from .jobs import ClientRecord, Job
+
+
+def client_version(client: ClientRecord) -> str:
+    """A client's version as jobs are pinned to it: '4.2.23' for '4.2.23 LTS'; the raw text if unreadable."""
+    parsed = BlenderVersion.parse(client.blender)
+    return str(parsed) if parsed is not None else client.blender.strip()
+
+
+def can_open(job: Job, client: ClientRecord) -> bool:
+    """The client's Blender is not older than the one that saved the job's file."""
+    if job.file_blender is None:
+        return True
+    parsed = BlenderVersion.parse(client.blender)
+    return parsed is not None and parsed.line >= job.file_blender.line
+
+
+def version_fits(job: Job, client: ClientRecord) -> bool:
+    """May this client's Blender render (or probe) the job?"""
+    if not can_open(job, client):
+        return False
+    if job.pinned_blender:
+        return client_version(client) == job.pinned_blender
+    wanted = job.request.blender
+    if wanted is None:
+        return True
+    parsed = BlenderVersion.parse(client.blender)
+    if parsed is None:
+        return False
+    if wanted == BLENDER_FILE:
+        return job.file_blender is None or parsed.line == job.file_blender.line
+    target = BlenderVersion.parse(wanted)
+    if target is None:
+        return False
+    return parsed.line == target.line if target.patch is None else parsed == target
+
+
+def preferred_version(job: Job, candidates: Iterable[ClientRecord]) -> str | None:
+    """The version an unpinned job should be pinned to, among clients that may render it: the one most of
+    them run; on a tie the file's own release line, then the newest."""
+    counts = Counter(client_version(c) for c in candidates)
+    if not counts:
+        return None
+    file_line = job.file_blender.line if job.file_blender else None
+
+    def rank(version: str) -> tuple[int, bool, tuple[int, ...]]:
+        parsed = BlenderVersion.parse(version)
+        numbers = (parsed.major, parsed.minor, parsed.patch or 0) if parsed else ()
+        return counts[version], parsed is not None and parsed.line == file_line, numbers
+    return max(counts, key=rank)
+
+
+def wanted_sentence(job: Job) -> str:
+    """'Blender 5.0 or newer', 'Blender 4.5.15 (...)': what a client must run to take the job."""
+    if job.pinned_blender:
+        return f"Blender {job.pinned_blender} (its first frames were rendered with it)"
+    wanted = job.request.blender
+    if wanted == BLENDER_FILE and job.file_blender is not None:
+        return f"Blender {job.file_blender} (the version that saved the file)"
+    if wanted and wanted != BLENDER_FILE:
+        return f"Blender {wanted}"
+    if job.file_blender is not None:
+        return f"Blender {job.file_blender} or newer"
+    return "any Blender"
+
+
+def connected_summary(clients: Iterable[ClientRecord]) -> str:
+    """'4.2.23 ×2, 5.0.1' for the connected clients; 'none' when there are none."""
+    counts = Counter(client_version(c) or "unknown" for c in clients)
+    if not counts:
+        return "none"
+    return ", ".join(v if n == 1 else f"{v} ×{n}" for v, n in sorted(counts.items(), key=_version_key))
+
+
+def _version_key(item: tuple[str, int]) -> tuple:
+    parsed = BlenderVersion.parse(item[0])
+    return (0, parsed.major, parsed.minor, parsed.patch or 0) if parsed else (1, item[0])
