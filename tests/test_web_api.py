@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import hashlib
 import http.client
 import io
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from conftest import Farm, repo_env
 from PIL import Image
 from web_support import Http, start_web_on, stop_web
@@ -103,9 +105,12 @@ def test_upload_rejects_what_is_not_a_blend(farm: Farm, web: Http) -> None:
     assert no_file.status == 400 and "no .blend" in no_file.error
     wrong_type = web.post_json("/api/jobs", {"file": "shot.blend"})
     assert wrong_type.status == 415
-    # zstd- and gzip-compressed .blend files are welcome.
-    assert web.upload(b"\x28\xb5\x2f\xfd" + b"z" * 100).status == 201
-    assert web.upload(b"\x1f\x8b\x08" + b"g" * 100).status == 201
+    # zstd- and gzip-compressed .blend files are welcome; compressed garbage is not.
+    header = b"BLENDER17-01v0500REND" + bytes(100)
+    assert web.upload(zstandard.ZstdCompressor().compress(header)).status == 201
+    assert web.upload(gzip.compress(header)).status == 201
+    damaged = web.upload(b"\x28\xb5\x2f\xfd" + b"z" * 100)
+    assert damaged.status == 400 and "shot.blend: the zstd-compressed file is damaged" in damaged.error
     assert not [p for p in farm.call(lambda s: s.blends.root).iterdir() if p.name.startswith(".")]
 
 

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Any
 
+from server_addon.core.versions import job_blender
+
 from .control import Control, default_token, run_tool
 
 
@@ -17,18 +19,6 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
-
-
-def job_blender(job: dict[str, Any]) -> str:
-    """The Blender a job renders with ('4.5.15'), or what it asks for until a client took it ('5.0+', '4.5')."""
-    if job.get("blender"):
-        return job["blender"]
-    wanted, saved = job.get("blender_request"), job.get("blender_file")
-    if wanted == "file":
-        return saved or "file"
-    if wanted:
-        return wanted
-    return f"{saved}+" if saved else "any"
 
 
 def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> str:

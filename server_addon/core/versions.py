@@ -11,7 +11,8 @@ version. When several versions could start a job, it goes to the one most connec
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from protocol.blendfile import BlenderVersion
 from protocol.settings import BLENDER_FILE
@@ -93,3 +94,15 @@ def connected_summary(clients: Iterable[ClientRecord]) -> str:
 def _version_key(item: tuple[str, int]) -> tuple:
     parsed = BlenderVersion.parse(item[0])
     return (0, parsed.major, parsed.minor, parsed.patch or 0) if parsed else (1, item[0])
+
+
+def job_blender(job: Mapping[str, Any]) -> str:
+    """The Blender a job renders with ('4.5.15'), or what it asks for until a client took it ('5.0+', '4.5')."""
+    if job.get("blender"):
+        return job["blender"]
+    wanted, saved = job.get("blender_request"), job.get("blender_file")
+    if wanted == "file":
+        return saved or "file"
+    if wanted:
+        return wanted
+    return f"{saved}+" if saved else "any"
