@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean system-deps test-system-deps
+.PHONY: setup demo test lint bench clean system-deps test-system-deps stock-blenders
 
 # System programs the farm uses: ffmpeg for videos; the web tests also drive Debian's Chromium.
 # Installed with apt-get when missing (as root, or with sudo).
@@ -31,7 +31,12 @@ setup: $(STAMP)
 demo: $(STAMP) system-deps
 	$(PY) -m tools.demo
 
-test: $(STAMP) test-system-deps
+# The version matrix: stock bpy 4.2, 4.5, 5.0 (CPython 3.11) and 5.3 (CPython 3.13, from PATH or pyenv), one
+# cached venv each (tools.bpyenv). Without a CPython 3.13 its tests are skipped, except under CI=true.
+stock-blenders: $(STAMP)
+	@$(PY) -m tools.bpyenv || [ "$$CI" != true ]
+
+test: $(STAMP) test-system-deps stock-blenders
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
