@@ -3,6 +3,7 @@
     python -m tools.bench overhead [--blend FILE] [--frames A-B] [--clients N] [--keep DIR]
     python -m tools.bench split [--size 640x360] [--samples N] [--clients 2] [--tiles auto|K] [--threads T]
         [--keep DIR]
+    python -m tools.bench wire [--python PYTHON ...]
 
 `overhead` renders the same frames once through a farm on 127.0.0.1 (a headless server and N
 clients, connected and idle before the clock starts, with empty .blend caches) and once in a
@@ -16,6 +17,11 @@ whole on one client, once split into tiles over N clients, and prints a JSON obj
 line with one_client_s, split_s, ratio (split/one client), tiles and stitch_s. Both times run from
 submitting the job to the frame on disk (upload, probe, downloads, transfers and, for the split
 frame, the stitch).
+
+`wire` times the message path (schema to wire map, msgpack, framing, and back) of a 512 KiB CHUNK and of
+a heartbeat, in microseconds per message, with msgpack's compiled extension and with its pure-Python
+fallback (what the render-client bundle runs on), in this Python and in every --python given (e.g. a stock
+bpy venv's: the bundle's vendor/ comes from this checkout's installed packages).
 """
 
 from __future__ import annotations
@@ -177,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="CPU threads of each client (default: all): with N clients of T threads on N*T cores, "
                           "one machine of T cores against N of them")
     cut.add_argument("--keep", default=None, help="keep frames and logs in this folder")
+    wire = sub.add_parser("wire", help="µs per message on the wire path, compiled msgpack versus pure Python")
+    wire.add_argument("--python", action="append", default=[], help="also measure in this Python (repeatable)")
+    wire.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.command == "wire":
+        return wire_main(args)
     try:
         if args.clients < 1:
             raise ToolError("--clients must be at least 1")
@@ -188,6 +199,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result))
+    return 0
+
+
+def wire_costs(seconds: float = 0.5) -> dict[str, Any]:
+    """Encode and decode µs per message in this process, with whichever msgpack it imports."""
+    import msgpack
+
+    from protocol import framing
+    from protocol import messages as m
+    from protocol.limits import BULK_CHUNK_BYTES
+
+    samples = {"chunk": m.Chunk(os.urandom(BULK_CHUNK_BYTES)),
+               "heartbeat": m.Heartbeat(state="rendering", job_id="anim-12-3f9a2c", frame=12, lease_id=7)}
+    result: dict[str, Any] = {"python": ".".join(map(str, sys.version_info[:3])),
+                              "msgpack": "fallback" if msgpack.Packer.__module__ == "msgpack.fallback" else "compiled"}
+    for name, message in samples.items():
+        body = framing.encode(message.to_wire())[4:]
+        for step, work in (("encode", lambda message=message: framing.encode(message.to_wire())),
+                           ("decode", lambda body=body: m.from_wire(framing.decode_body(body)))):
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                work()
+                count += 1
+            result[f"{name}_{step}_us"] = round((time.perf_counter() - started) / count * 1e6, 1)
+    return result
+
+
+def wire_main(args: argparse.Namespace) -> int:
+    if args.inner:
+        print(json.dumps(wire_costs()))
+        return 0
+    from server_addon.core.client_bundle import build_bundle
+
+    with tempfile.TemporaryDirectory(prefix="microfarm-wire-") as work:
+        bundle = build_bundle(Path(work))
+        runs = [(sys.executable, {}, False), (sys.executable, {"MSGPACK_PUREPYTHON": "1"}, False)]
+        runs += [(python, {}, True) for python in args.python]  # a stock Python: the bundle's pure-Python copy
+        for python, extra, stock in runs:
+            env = {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(
+                [str(bundle / "vendor"), str(bundle), str(REPO)] if stock else [str(REPO)])}
+            out = subprocess.run([python, "-m", "tools.bench", "wire", "--inner"], cwd=REPO, env=env, check=True,
+                                 capture_output=True, text=True, timeout=120).stdout
+            print(out.strip().splitlines()[-1], flush=True)
     return 0
 
 

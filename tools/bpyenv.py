@@ -67,7 +67,7 @@ def find_python(minor: str) -> Path | None:
     if f"{sys.version_info.major}.{sys.version_info.minor}" == minor:
         return Path(sys.executable)
     on_path = shutil.which(f"python{minor}")
-    if on_path:
+    if on_path and _runs(on_path):  # a pyenv shim is on PATH even when that version is not selected
         return Path(on_path)
     pyenv = shutil.which("pyenv") or str(Path.home() / ".pyenv" / "bin" / "pyenv")
     if not Path(pyenv).is_file():
@@ -83,6 +83,13 @@ def find_python(minor: str) -> Path | None:
         if python.is_file():
             return python
     return None
+
+
+def _runs(python: str) -> bool:
+    try:
+        return subprocess.run([python, "-c", ""], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def venv_python(entry: StockBlender) -> Path:

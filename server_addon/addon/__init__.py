@@ -8,11 +8,11 @@ from types import ModuleType
 
 
 def _modules() -> tuple[ModuleType, ...]:
-    from . import operators, panel, props, runtime
+    from . import client_bundle, operators, panel, props, runtime
 
     # Registered in this order and unregistered in reverse: the panel needs the operators and the
     # properties; the runtime (server thread, timer) goes first on the way out.
-    return props, operators, panel, runtime
+    return props, operators, client_bundle, panel, runtime
 
 
 def register() -> None:

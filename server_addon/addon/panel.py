@@ -7,6 +7,7 @@ from typing import Any
 
 import bpy
 
+from ..core.versions import job_blender
 from . import props, runtime
 from .runtime import State
 
@@ -61,6 +62,7 @@ class MICROFARM_PT_farm(_FarmPanel, bpy.types.Panel):
             layout.operator("microfarm.stop_server", icon='CANCEL')
         else:
             layout.label(text=f"Farm server {state.value}...", icon='SORTTIME')
+        layout.operator("microfarm.save_client", icon='EXPORT')
         if rt.notice is not None:
             layout.label(text=rt.notice.text, icon='ERROR' if rt.notice.level == "ERROR" else 'INFO')
 
@@ -85,7 +87,7 @@ class MICROFARM_PT_clients(_FarmPanel, bpy.types.Panel):
             split = row.split(factor=0.35)
             split.label(text=client.get("name", "?"), icon=_CLIENT_ICONS.get(client.get("state", ""), 'DOT'))
             split = split.split(factor=0.4)
-            split.label(text=client.get("host", ""))
+            split.label(text=f"{client.get('host', '')} · Blender {client.get('blender') or '?'}")
             split = split.split(factor=0.6)
             split.label(text=client_state(client))
             split.label(text=f"{client.get('frames_rendered', 0)} frames")
@@ -171,6 +173,9 @@ def draw_job(box: bpy.types.UILayout, job: Mapping[str, Any]) -> None:
     _progress(box, job)
     if job.get("error"):
         box.label(text=str(job["error"])[:200], icon='ERROR')
+    elif job.get("waiting"):
+        box.label(text=str(job["waiting"])[:200], icon='TIME')
+    box.label(text=f"Blender {job_blender(job)}", icon='BLENDER')
     if job.get("video_state"):
         detail = f": {job['video_error']}" if job.get("video_error") else ""
         box.label(text=f"video {job['video_state']}{detail}", icon='FILE_MOVIE')

@@ -15,7 +15,7 @@ from aiohttp import web
 from protocol.limits import MAX_BLEND_BYTES
 
 from ..core.server import FarmServer
-from . import handlers
+from . import client_zip, handlers
 from .auth import PAGE_HEADER, Auth, cross_site_reason, is_loopback_host
 from .errors import WebError, error_response
 from .events import EVENT_MIN_INTERVAL_S, StatusFeed
@@ -138,6 +138,7 @@ def build_app(state: WebState, loopback_only: bool) -> web.Application:
     app.router.add_get("/api/jobs/{job}/thumbnail", h.thumbnail)
     app.router.add_get("/files/{job}.zip", h.get_zip)
     app.router.add_get("/files/{job}/{name}", h.get_file)
+    client_zip.setup(app)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     return app
 

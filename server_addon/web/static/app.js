@@ -195,6 +195,7 @@ function createCard(jobId) {
   card.frames = el("span", { className: "frames" });
   card.meta = el("div", { className: "meta" });
   card.error = el("div", { className: "error", hidden: true });
+  card.waiting = el("div", { className: "waiting", hidden: true });
   card.videoBox = el("div", { className: "video", hidden: true });
   card.videoNote = el("div", { className: "video-note", hidden: true });
 
@@ -232,7 +233,7 @@ function createCard(jobId) {
       el("div", { className: "title" }, card.name, card.badge, card.jobId),
       el("div", { className: "progress" }, card.bar, card.percent),
       el("div", { className: "line" }, card.frames, card.meta),
-      card.error, card.videoNote, card.videoBox, actions));
+      card.error, card.waiting, card.videoNote, card.videoBox, actions));
   return card;
 }
 
@@ -253,6 +254,8 @@ function updateCard(card, job) {
   card.meta.textContent = metaText(job);
   card.error.textContent = job.error;
   card.error.hidden = !job.error;
+  card.waiting.textContent = job.waiting || "";
+  card.waiting.hidden = !job.waiting || Boolean(job.error);
 
   if (job.thumbnail_url) {
     if (card.img.dataset.src !== job.thumbnail_url) {
@@ -268,12 +271,22 @@ function updateCard(card, job) {
   updateActions(card, job, previous);
 }
 
+// The Blender a job renders with, or what it asks for until a client took it.
+function jobBlender(job) {
+  if (job.blender) return `Blender ${job.blender}`;
+  if (job.blender_request === "file") return job.blender_file ? `Blender ${job.blender_file} (the file's)` : "";
+  if (job.blender_request) return `Blender ${job.blender_request}`;
+  return job.blender_file ? `saved by Blender ${job.blender_file}` : "";
+}
+
 function metaText(job) {
   const parts = [];
   if (job.frames_failed) parts.push(`${job.frames_failed} failed`);
   if (job.eta_s != null) parts.push(`ETA ${formatDuration(job.eta_s)}`);
   if (job.clients_working) parts.push(`${job.clients_working} client${job.clients_working === 1 ? "" : "s"}`);
   if (job.mean_frame_s) parts.push(`${job.mean_frame_s.toFixed(1)} s/frame`);
+  const blender = jobBlender(job);
+  if (blender) parts.push(blender);
   if (job.file_format) parts.push(job.file_format);
   if (job.resolution) parts.push(`${job.resolution[0]}×${job.resolution[1]}`);
   if (job.priority) parts.push(`priority ${job.priority}`);
@@ -361,6 +374,7 @@ function renderClients(clients) {
   const rows = clients.map((c) => el("tr", { data: { clientId: c.id, state: c.state } },
     el("td", { text: c.name }),
     el("td", { text: c.host }),
+    el("td", { text: c.blender || "?" }),
     el("td", {}, el("span", { className: "badge", text: c.state, data: { state: c.state } })),
     el("td", { text: c.job_id || "" }),
     el("td", { text: c.frame == null ? "" : String(c.frame) }),
