@@ -3,6 +3,12 @@
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py render --zip Z --work W --texture T --rgb R,G,B
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py cycle --zip Z --work W
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py frame --zip Z --work W --texture T
+    BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py matrix --zip Z --work W --texture T
+
+`python` is the Python of a stock Blender (tools.bpyenv: a venv with only PyPI's bpy). With
+--client-bundle B, render clients run from the render-client bundle B (B/client/__main__.py) with
+that same Python, as on a render node with that same stock Blender; without it, as `python -m client`
+with the repository on their path.
 
 It installs the built extension the way Blender's "Install from Disk" does, with no network, into
 the user folder named by BLENDER_USER_RESOURCES (never the real one), and drives the add-on through
@@ -48,9 +54,11 @@ def sha256(path: Path) -> str:
 
 
 def install(zip_path: Path, enable: bool) -> None:
-    # Blender's own Python has no msgpack, zeroconf or aiohttp, but this venv's has: put the folder where
-    # Blender unpacks the extension's wheels first, so the add-on runs on the zip's wheels as in Blender.
-    wheels = Path(bpy.utils.user_resource("EXTENSIONS")) / ".local" / "lib" / "python3.11" / "site-packages"
+    # Blender puts the folder it unpacks extensions' wheels into on sys.path at start-up only if it exists
+    # then; make it now and put it first (ahead of a dev venv's own msgpack, zeroconf or aiohttp), so the
+    # add-on runs on the zip's wheels as in Blender.
+    python = "python{}.{}".format(*sys.version_info[:2])
+    wheels = Path(bpy.utils.user_resource("EXTENSIONS")) / ".local" / "lib" / python / "site-packages"
     wheels.mkdir(parents=True, exist_ok=True)  # existing now, so that the import system watches it
     sys.path.insert(0, str(wheels))
     bpy.context.preferences.system.use_online_access = False  # no remote repository is synced
@@ -192,8 +200,22 @@ def env_without(name: str) -> Iterator[None]:
             os.environ[name] = saved
 
 
-def start_client(address: str, work: Path, name: str = "addon-client") -> Any:
-    """A real render client process, started the way the other tests start theirs."""
+#: The render-client bundle to start clients from (--client-bundle), or None: the repository's client.
+CLIENT_BUNDLE: Path | None = None
+
+
+def start_client(address: str, work: Path, name: str = "addon-client", bundle: Path | None = None) -> Any:
+    """A real render client process: from the render-client bundle, with this stock Blender's Python, as a
+    render node runs it; else the way the other tests start theirs."""
+    bundle = bundle or CLIENT_BUNDLE
+    if bundle is not None:
+        import subprocess
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BLENDER_USER_RESOURCES")}
+        with open(work / f"{name}.log", "ab") as log_file:  # the client is another machine's Blender
+            return subprocess.Popen(
+                [sys.executable, str(bundle / "client" / "__main__.py"), "--", "--server", address,
+                 "--name", name, "--cache-dir", str(work / f"{name}-cache")],
+                cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     spec = importlib.util.spec_from_file_location("microfarm_localfarm", REPO / "tools" / "localfarm.py")
     assert spec is not None and spec.loader is not None
     localfarm = importlib.util.module_from_spec(spec)
@@ -402,6 +424,80 @@ def frame(args: argparse.Namespace) -> dict[str, Any]:
             "frame_current": bpy.context.scene.frame_current}
 
 
+def animate(frames: int) -> None:
+    """Move the plane sideways over the frames, so that frame 1 is all texture and the last half black."""
+    plane = bpy.data.objects["Plane"]
+    for frame_number, x in ((1, 0.0), (frames, 6.0)):
+        plane.location.x = x
+        plane.keyframe_insert("location", index=0, frame=frame_number)
+    bpy.ops.wm.save_mainfile()
+
+
+def save_client(rt: Any, work: Path) -> Path:
+    """Save Render Client, unzipped as on a render node: the bundle the installed add-on builds from its files."""
+    import zipfile
+    runtime = addon_module("addon.runtime")
+    folder = work / "saved-client"
+    assert bpy.ops.microfarm.save_client(directory=str(folder)) == {"FINISHED"}
+    deadline = time.monotonic() + 60
+    while not (saved := sorted(folder.glob("microfarm-client-*.zip"))) and time.monotonic() < deadline:
+        runtime.drain_now()  # a failure arrives as a notice
+        assert not (rt.notice and rt.notice.level == "ERROR"), rt.notice.text
+        time.sleep(0.05)
+    assert saved, f"Save Render Client wrote nothing: {rt.notice.text if rt.notice else None}"
+    node = work / "render-node"
+    with zipfile.ZipFile(saved[0]) as zf:
+        zf.extractall(node)
+    return node / "microfarm-client"
+
+
+def matrix(args: argparse.Namespace) -> dict[str, Any]:
+    """The version matrix's path: install and enable the zip, Start Server, Save Render Client, Create Job
+    on a saved file whose texture is packed on the way, every frame rendered by this same Blender running
+    the saved client."""
+    work: Path = args.work
+    blend = work / "shot.blend"
+    frames = 4
+    build_scene(args.texture, frames=frames, relative_to=blend, samples=2)
+    animate(frames)
+    install(args.zip, enable=True)
+    assert ADDON in bpy.context.preferences.addons, "the extension is not enabled"
+    # The client package travels in the zip (for the render-client bundle); it imports without bpy work.
+    import client
+    import client.app
+    client_modules = {"client": client.__file__, "render_imported": "client.render" in sys.modules}
+    configure(work / "output")
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    before = file_state(blend)
+    timings: dict[str, float] = {}
+    rt = timed("start_server", timings, start_server)
+    bundle = save_client(rt, work)
+    proc = start_client(f"127.0.0.1:{rt.address[1]}", work, "matrix-client", bundle)
+    try:
+        wait_until(rt, lambda s: any(c.connected and c.ready for c in s.farm.clients.values()), "the client")
+        bpy.context.scene.microfarm.pack_textures = True
+        assert timed("create_job", timings, bpy.ops.microfarm.create_job) == {"FINISHED"}
+        job_id = wait_until(rt, lambda s: next(iter(s.farm.jobs), None), "the job on the server")
+        wait_until(rt, lambda s: s.farm.jobs[job_id].state.finished, "the job to end")
+        job = rt.thread.call(lambda s: s.farm.jobs[job_id].view())
+        paths = rt.thread.call(lambda s: [str(s.outputs.frame_path(job_id, n, s.farm.jobs[job_id].settings.ext))
+                                          for n in s.farm.jobs[job_id].settings.frames])
+        rendered_by = rt.thread.call(lambda s: sorted({f.rendered_by for f in s.farm.jobs[job_id].frames.values()}))
+        stored = rt.thread.call(lambda s: s.blends.path(s.farm.jobs[job_id].blend_sha256))
+        clients = rt.thread.call(lambda s: s.farm.client_views())
+        port = stop_server(rt, timings)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "blender": bpy.app.version_string, "python": "{}.{}".format(*sys.version_info[:2]),
+        "module_files": module_files(), "client_modules": client_modules, "clients": clients, "bundle": str(bundle),
+        "job": job, "frames": paths, "rendered_by": rendered_by, "packed_images": packed_images(stored),
+        "before": before, "after": file_state(blend), "timings": timings, "port_free_after_stop": port_free(port),
+        "notice": rt.notice.text if rt.notice else None, "notice_level": rt.notice.level if rt.notice else None,
+    }
+
+
 def fetch(url: str) -> str:
     """The first bytes of a page, fetched on a worker thread of this script (as a browser would)."""
     import urllib.request
@@ -458,12 +554,15 @@ def cycle(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["render", "cycle", "frame"])
+    parser.add_argument("scenario", choices=["render", "cycle", "frame", "matrix"])
     parser.add_argument("--zip", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--texture", type=Path)
+    parser.add_argument("--client-bundle", type=Path, help="start render clients from this render-client bundle")
     args = parser.parse_args()
-    result = {"render": render, "cycle": cycle, "frame": frame}[args.scenario](args)
+    global CLIENT_BUNDLE
+    CLIENT_BUNDLE = args.client_bundle
+    result = {"render": render, "cycle": cycle, "frame": frame, "matrix": matrix}[args.scenario](args)
     print(json.dumps(result, default=str), flush=True)
     return 0
 

@@ -1,11 +1,16 @@
 """The Blender add-on as a user gets it: the extension zip that tools.build_addon makes, installed
 into Blender (PyPI's bpy, in subprocesses: tests/addon_scenario.py), enabled and driven through its
-operators while a real client renders."""
+operators while a real client renders.
+
+Every Blender runs as a stock one (tools.bpyenv: a venv with only that bpy), and its render clients come
+from the render-client bundle, run by that same Python: the version matrix installs the one zip into
+each of 4.2, 4.5, 5.0 (CPython 3.11) and 5.3 (CPython 3.13), and every scenario runs in each of them
+(a few seconds apiece: the scenes are tiny)."""
 
 from __future__ import annotations
 
 import ast
-import importlib.util
+import functools
 import json
 import os
 import subprocess
@@ -22,7 +27,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from PIL import Image, ImageStat
 
-from tools.build_addon import PLATFORMS, read_project
+from tools.bpyenv import MATRIX, BpyEnvError, StockBlender, ensure, find_python
+from tools.build_addon import PLATFORMS, PYTHON_VERSIONS, python_tag, read_project
 
 SCENARIO = REPO / "tests" / "addon_scenario.py"
 #: The texture of the test scene: bright, and far from Blender's magenta "missing image" colour.
@@ -61,12 +67,35 @@ def addon_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def scenario(name: str, work: Path, *args: str, timeout: float = 300) -> dict[str, Any]:
-    """Run tests/addon_scenario.py in a fresh bpy process with a throw-away Blender user folder, and
-    without the repository on its path (what the add-on imports must come from the zip)."""
+@functools.cache
+def stock_python(entry: StockBlender) -> Path:
+    """The Python of a stock Blender venv; skipped where its CPython is missing, unless on CI (CI=true)."""
+    try:
+        return ensure(entry)
+    except BpyEnvError as exc:
+        if find_python(entry.python) is None and os.environ.get("CI") != "true":
+            pytest.skip(str(exc))
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(params=MATRIX, ids=[entry.line for entry in MATRIX])
+def stock(request: pytest.FixtureRequest) -> tuple[StockBlender, Path]:
+    return request.param, stock_python(request.param)
+
+
+@pytest.fixture(scope="session")
+def client_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The render-client bundle (client, protocol and pure-Python msgpack/zeroconf/ifaddr) a render node gets."""
+    from tools.client_bundle import build_bundle
+    return build_bundle(tmp_path_factory.mktemp("client-bundle"))
+
+
+def scenario(name: str, work: Path, *args: str, python: Path, timeout: float = 300) -> dict[str, Any]:
+    """Run tests/addon_scenario.py in a fresh process of a stock Blender's Python with a throw-away Blender
+    user folder, and without the repository on its path (what the add-on imports must come from the zip)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MICROFARM_TOKEN")}
     env["BLENDER_USER_RESOURCES"] = str(work / "blender-user")
-    result = subprocess.run([sys.executable, str(SCENARIO), name, "--work", str(work), *args], cwd=work, env=env,
+    result = subprocess.run([str(python), str(SCENARIO), name, "--work", str(work), *args], cwd=work, env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -74,10 +103,12 @@ def scenario(name: str, work: Path, *args: str, timeout: float = 300) -> dict[st
 
 # --- the zip --------------------------------------------------------------------------------------
 
-def _compatible(wheel: str, platform: str) -> bool:
+def _compatible(wheel: str, platform: str, python: str) -> bool:
     _, _, _, tags = parse_wheel_filename(wheel)
     platform_ok = PLATFORM_ENVIRONMENTS[platform][1]
-    return any(tag.interpreter in ("py3", "cp311") and tag.abi in ("none", "abi3", "cp311")
+    cp = python_tag(python)
+    return any((tag.interpreter in ("py3", cp) and tag.abi in ("none", cp)
+                or tag.abi == "abi3" and tag.interpreter.startswith("cp3") and int(tag.interpreter[3:]) <= int(cp[3:]))
                and (tag.platform == "any" or platform_ok(tag.platform)) for tag in tags)
 
 
@@ -105,16 +136,24 @@ def test_zip_is_an_installable_extension(addon_zip: Path, tmp_path: Path) -> Non
     assert sorted(listed) == sorted(f"./{name}" for name in wheel_bytes), "every wheel listed and present"
     wheels = [name.removeprefix("./wheels/") for name in listed]
 
-    # Self-contained on every platform: each runtime dependency of pyproject.toml, and each of their
-    # own dependencies (read from the wheels' METADATA), has a wheel for CPython 3.11 there.
+    # Self-contained on every platform and Python: each runtime dependency of pyproject.toml, and each of
+    # their own dependencies (read from the wheels' METADATA), has a wheel for CPython 3.11 (Blender 4.2 to
+    # 5.0) and for CPython 3.13 (Blender 5.1 to 5.3) there, and no wheel is there for any other Python.
+    assert PYTHON_VERSIONS == ("3.11", "3.13")
     metadata = {}
     for wheel in wheels:
         (tmp_path / wheel).write_bytes(wheel_bytes[f"wheels/{wheel}"])
         with zipfile.ZipFile(tmp_path / wheel) as wz:
             meta = next(n for n in wz.namelist() if n.endswith(".dist-info/METADATA"))
             metadata[wheel] = wz.read(meta).decode()
-    for platform, (environment, _) in PLATFORM_ENVIRONMENTS.items():
-        available = {canonicalize_name(parse_wheel_filename(w)[0]): w for w in wheels if _compatible(w, platform)}
+        assert any(_compatible(wheel, platform, python) for platform in PLATFORMS for python in PYTHON_VERSIONS), \
+            f"{wheel} is for no platform and Python the add-on supports"
+    for platform, (environment, _), python in [(p, e, py) for p, e in PLATFORM_ENVIRONMENTS.items()
+                                               for py in PYTHON_VERSIONS]:
+        candidates = [w for w in wheels if _compatible(w, platform, python)]
+        names = [canonicalize_name(parse_wheel_filename(w)[0]) for w in candidates]
+        assert len(names) == len(set(names)), f"two wheels of one package for {platform}, CPython {python}"
+        available = dict(zip(names, candidates, strict=True))
         needed = [Requirement(r) for r in dependencies] + [Requirement("microfarm-protocol")]
         seen: set[str] = set()
         while needed:
@@ -123,11 +162,11 @@ def test_zip_is_an_installable_extension(addon_zip: Path, tmp_path: Path) -> Non
             if name in seen:
                 continue
             seen.add(name)
-            assert name in available, f"no wheel of {name} for {platform}"
+            assert name in available, f"no wheel of {name} for {platform}, CPython {python}"
             for line in metadata[available[name]].splitlines():
                 if line.startswith("Requires-Dist:"):
                     dep = Requirement(line.split(":", 1)[1].strip())
-                    env = {"python_version": "3.11", "python_full_version": "3.11.9",
+                    env = {"python_version": python, "python_full_version": f"{python}.0",
                            "implementation_name": "cpython", "platform_python_implementation": "CPython",
                            "extra": "", **environment}
                     if dep.marker is None or Marker(str(dep.marker)).evaluate(env):
@@ -147,7 +186,8 @@ def test_zip_is_an_installable_extension(addon_zip: Path, tmp_path: Path) -> Non
             for module in modules:
                 assert module.split(".")[0] not in ("tools", "client", "server_addon", "tests"), f"{name}: {module}"
 
-    # The protocol wheel works on its own: unpacked into an empty folder, imported from there.
+    # The protocol wheel works on its own: unpacked into an empty folder, imported from there. It carries
+    # the client package too (for the render-client bundle), which imports without bpy.
     protocol_wheel = next(w for w in wheels if w.startswith("microfarm_protocol-"))
     assert protocol_wheel.endswith("-py3-none-any.whl")
     site = tmp_path / "site"
@@ -155,22 +195,24 @@ def test_zip_is_an_installable_extension(addon_zip: Path, tmp_path: Path) -> Non
         assert wz.testzip() is None
         record = wz.read(f"microfarm_protocol-{version}.dist-info/RECORD").decode()
         wz.extractall(site)
-    assert "protocol/messages.py,sha256=" in record
+    assert "protocol/messages.py,sha256=" in record and "client/app.py,sha256=" in record
+    assert "client/__main__.py,sha256=" in record
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import protocol, protocol.messages, protocol.stream, "
-             "protocol.discovery; print(protocol.__file__)")
+             "protocol.discovery, client, client.app, client.link, client.cache; "
+             "assert 'bpy' not in sys.modules, 'client imported bpy'; print(protocol.__file__); print(client.__file__)")
     result = subprocess.run([sys.executable, "-I", "-c", probe, str(site)], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.strip()).is_relative_to(site)
+    assert all(Path(line).is_relative_to(site) for line in result.stdout.split())
 
 
-def test_blenders_own_validator_accepts_the_zip(addon_zip: Path) -> None:
-    # The command-line half of Blender's extension system (`blender --command extension validate`),
-    # taken from PyPI's bpy without importing bpy into this process.
-    spec = importlib.util.find_spec("bpy")
-    assert spec is not None and spec.origin is not None
-    (validator,) = Path(spec.origin).parent.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py")
-    result = subprocess.run([sys.executable, str(validator), "validate", str(addon_zip)], capture_output=True,
+def test_blenders_own_validator_accepts_the_zip(addon_zip: Path, stock: tuple[StockBlender, Path]) -> None:
+    # The command-line half of Blender's extension system (`blender --command extension validate`), as each
+    # stock Blender ships it, run by its own Python.
+    _, python = stock
+    site = python.parent.parent / "lib" / f"python{stock[0].python}" / "site-packages"
+    (validator,) = site.glob("bpy/*/scripts/addons_core/bl_pkg/cli/blender_ext.py")
+    result = subprocess.run([str(python), str(validator), "validate", str(addon_zip)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "Success" in result.stdout, result.stdout + result.stderr
 
@@ -197,10 +239,12 @@ def mean_rgb(path: Path, box: tuple[int, int, int, int]) -> tuple[float, ...]:
         return tuple(ImageStat.Stat(image.convert("RGB").crop(box)).mean)
 
 
-def test_install_start_and_render_a_packed_job(addon_zip: Path, tmp_path: Path) -> None:
+def test_install_start_and_render_a_packed_job(addon_zip: Path, client_bundle: Path,
+                                               stock: tuple[StockBlender, Path], tmp_path: Path) -> None:
     texture = tmp_path / "texture.png"  # next to the .blend, which uses it as //texture.png
     Image.new("RGB", (16, 16), TEXTURE_RGB).save(texture)
-    result = scenario("render", tmp_path, "--zip", str(addon_zip), "--texture", str(texture))
+    result = scenario("render", tmp_path, "--zip", str(addon_zip), "--texture", str(texture),
+                      "--client-bundle", str(client_bundle), python=stock[1])
 
     # Installed as an extension: protocol and the dependencies came from the zip's wheels, which Blender
     # unpacked into the throw-away user folder (ahead of this Python's own site-packages).
@@ -262,8 +306,11 @@ def test_install_start_and_render_a_packed_job(addon_zip: Path, tmp_path: Path) 
     assert result["port_free_after_stop"]
 
 
-def test_enable_disable_enable_leaves_nothing_behind(addon_zip: Path, tmp_path: Path) -> None:
-    result = scenario("cycle", tmp_path, "--zip", str(addon_zip))
+def test_enable_disable_enable_leaves_nothing_behind(addon_zip: Path, stock: tuple[StockBlender, Path],
+                                                     tmp_path: Path) -> None:
+    # Timers, threads, zeroconf and the web interface (aiohttp from the zip's wheels for that Python) come
+    # and go with the add-on.
+    result = scenario("cycle", tmp_path, "--zip", str(addon_zip), python=stock[1])
     baseline = result["baseline"]
     for round_ in result["rounds"]:
         assert "microfarm-server" in round_["running_threads"], round_
@@ -281,10 +328,12 @@ def test_enable_disable_enable_leaves_nothing_behind(addon_zip: Path, tmp_path: 
     assert final["threads_after_stop"] == baseline and final["threads_after_disable"] == baseline
 
 
-def test_render_current_frame_split_and_shown(addon_zip: Path, tmp_path: Path) -> None:
+def test_render_current_frame_split_and_shown(addon_zip: Path, client_bundle: Path,
+                                              stock: tuple[StockBlender, Path], tmp_path: Path) -> None:
     texture = tmp_path / "texture.png"
     Image.new("RGB", (16, 16), TEXTURE_RGB).save(texture)
-    result = scenario("frame", tmp_path, "--zip", str(addon_zip), "--texture", str(texture))
+    result = scenario("frame", tmp_path, "--zip", str(addon_zip), "--texture", str(texture),
+                      "--client-bundle", str(client_bundle), python=stock[1])
     for label in ("split", "whole"):
         entry = result["results"][label]
         job = entry["job"]
@@ -309,3 +358,55 @@ def test_render_current_frame_split_and_shown(addon_zip: Path, tmp_path: Path) -
     after["image_paths"] = [path for path in after["image_paths"] if path not in loaded]
     assert result["before"] == after
     assert all(s < OPERATOR_BOUND_S for s in result["timings"].values()), result["timings"]
+
+
+# --- the version matrix ---------------------------------------------------------------------------
+
+def test_every_blender_installs_the_zip_and_renders_with_its_own_version(
+        addon_zip: Path, stock: tuple[StockBlender, Path], tmp_path: Path) -> None:
+    entry, python = stock
+    texture = tmp_path / "texture.png"
+    Image.new("RGB", (16, 16), TEXTURE_RGB).save(texture)
+    result = scenario("matrix", tmp_path, "--zip", str(addon_zip), "--texture", str(texture), python=python)
+    assert result["blender"].split()[0] == entry.bpy and result["python"] == entry.python
+
+    # Installed and enabled from the one zip: what the add-on imports came from the wheels for this Python,
+    # which Blender unpacked into the throw-away user folder; the client package came along, without bpy work.
+    site = tmp_path / "blender-user" / "extensions" / ".local" / "lib" / f"python{entry.python}" / "site-packages"
+    modules = result["module_files"]
+    assert {"protocol", "msgpack", "zeroconf"} <= set(modules), modules
+    assert all(Path(f).is_relative_to(site) for f in modules.values()), modules
+    assert Path(result["client_modules"]["client"]).is_relative_to(site)
+    assert not result["client_modules"]["render_imported"]
+    compiled = sorted(p.name for p in (site / "msgpack").glob("_cmsgpack*"))
+    assert compiled and all(python_tag(entry.python)[2:] in name for name in compiled), compiled
+
+    # Started by its operator, a job created by its operator: every frame rendered by a client of this same
+    # Blender, run by this stock Python from the bundle that Save Render Client built from the installed
+    # extension's own files (client and protocol from its wheel, msgpack/zeroconf/ifaddr from its wheels).
+    job = result["job"]
+    assert job["state"] == "done" and job["frames_done"] == job["frames_total"] == 4, job
+    assert result["rendered_by"] == ["matrix-client"]
+    bundle = Path(result["bundle"])
+    assert bundle == tmp_path / "render-node" / "microfarm-client" and (bundle / "client" / "__main__.py").is_file()
+    assert not list(bundle.rglob("*.so")) and not list(bundle.rglob("*.pyd")), "the bundle is pure Python"
+    log = (tmp_path / "matrix-client.log").read_text(errors="replace")
+    assert f"(Blender {result['blender']}," in log, log[-2000:]
+    (client,) = result["clients"]
+    assert client["blender"] in ("", result["blender"]), client
+    assert result["packed_images"] == {"texture.png": texture.stat().st_size}, "packed on the way to the farm"
+    assert result["before"] == result["after"], "the artist's file is left as it was"
+    assert result["port_free_after_stop"] and result["notice_level"] in (None, "INFO"), result["notice"]
+    assert all(s < OPERATOR_BOUND_S for s in result["timings"].values()), result["timings"]
+
+    # The frames: all there, the size asked for, the texture where the plane is, and moving.
+    frames = [Path(p) for p in result["frames"]]
+    assert [p.name for p in frames] == [f"frame_{n:04d}.png" for n in range(1, 5)]
+    for path in frames:
+        assert Image.open(path).size == (64, 36)
+    first, last = mean_rgb(frames[0], (0, 0, 64, 36)), mean_rgb(frames[-1], (0, 0, 64, 36))
+    assert all(abs(got - want) <= 6 for got, want in zip(first, TEXTURE_RGB, strict=True)), first
+    assert sum(last) < sum(first) / 2, (first, last)
+    # The plane slides out of view to the side: the frames darken, frame by frame (the first two alike).
+    means = [sum(mean_rgb(p, (0, 0, 64, 36))) for p in frames]
+    assert means == sorted(means, reverse=True) and len({round(m) for m in means}) >= 3, means

@@ -4,10 +4,16 @@
 
 The zip holds the add-on package (server_addon with core/ and addon/, without the headless
 entry point), its blender_manifest.toml with `version` and `wheels` filled in, and ./wheels/:
-a wheel of the `protocol` package made here, plus the wheels of pyproject.toml's runtime
-dependencies (and theirs) for Linux x64/arm64, Windows x64 and macOS arm64/x64, for CPython 3.11
-(the Python of Blender 4.2, 4.5 and 5.0). Downloaded wheels are cached per platform, keyed by the
-dependency list, so a second build downloads nothing.
+a wheel made here of the `protocol` and `client` packages (the client travels with the add-on so
+that a render-client bundle can be made from the installed files), plus the wheels of
+pyproject.toml's runtime dependencies (and theirs) for Linux x64/arm64, Windows x64 and macOS
+arm64/x64, for CPython 3.11 (Blender 4.2, 4.5, 5.0) and 3.13 (Blender 5.1 to 5.3).
+
+One zip serves every one of those Blenders: Blender reads the Python versions an extension supports
+from its wheels' tags (the union over all wheels, `python_versions_from_wheels` in bl_pkg), and
+installs only the wheels that match its own platform and Python (`_extensions_wheel_filter_for_this_system`).
+Downloaded wheels are cached per Python version and platform (build/wheels/cp311/linux-x64/...),
+keyed by the dependency list, so a second build downloads nothing.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from pathlib import Path
 
 from .localfarm import REPO
 
-PYTHON_VERSION = "3.11"
+#: The CPython versions of the Blenders the add-on supports: 4.2, 4.5, 5.0 run 3.11; 5.1 to 5.3 run 3.13.
+PYTHON_VERSIONS = ("3.11", "3.13")
 ADDON_PACKAGE = "server_addon"
 PROTOCOL_PACKAGE = "protocol"
+#: The top-level packages of the self-built wheel: the wire format, and the render client that uses it.
+WHEEL_PACKAGES = (PROTOCOL_PACKAGE, "client")
 PROTOCOL_DIST = "microfarm_protocol"
 EXTENSION_ID = "microfarm"
 #: Blender 4.2's Linux builds need glibc 2.28; a manylinux wheel for an older glibc works too.
@@ -95,29 +104,33 @@ def _package_files(root: Path) -> Iterator[Path]:
         yield path
 
 
-def build_protocol_wheel(source: Path, version: str, requires: list[str], dest: Path) -> Path:
-    """A pure-Python wheel of the protocol package (PEP 427), written with the standard library."""
+def build_protocol_wheel(repo: Path, version: str, requires: list[str], dest: Path) -> Path:
+    """A pure-Python wheel (PEP 427) of the protocol and client packages, written with the standard library.
+
+    The client imports bpy only when it renders, so `import client` works anywhere protocol does."""
     dist_info = f"{PROTOCOL_DIST}-{version}.dist-info"
     metadata = "\n".join([
         "Metadata-Version: 2.1",
         f"Name: {PROTOCOL_DIST}",
         f"Version: {version}",
-        "Summary: MicroFarm's wire format, shared by the server add-on, the render clients and the tools",
+        "Summary: MicroFarm's wire format (protocol) and render client (client), as the add-on carries them",
         "License: GPL-3.0-or-later",
-        f"Requires-Python: >={PYTHON_VERSION}",
+        f"Requires-Python: >={min(PYTHON_VERSIONS)}",
         *(f"Requires-Dist: {requirement}" for requirement in requires),
         "",
     ])
     wheel = "\n".join(["Wheel-Version: 1.0", "Generator: microfarm tools.build_addon", "Root-Is-Purelib: true",
                        "Tag: py3-none-any", ""])
-    entries: list[tuple[str, bytes]] = [
-        (f"{PROTOCOL_PACKAGE}/{path.relative_to(source).as_posix()}", path.read_bytes())
-        for path in _package_files(source)
-    ]
-    if not any(name == f"{PROTOCOL_PACKAGE}/__init__.py" for name, _ in entries):
-        raise BuildError(f"{source} is not the protocol package (no __init__.py)")
+    entries: list[tuple[str, bytes]] = []
+    for package in WHEEL_PACKAGES:
+        source = repo / package
+        files = [(f"{package}/{path.relative_to(source).as_posix()}", path.read_bytes())
+                 for path in _package_files(source)]
+        if not any(name == f"{package}/__init__.py" for name, _ in files):
+            raise BuildError(f"{source} is not the {package} package (no __init__.py)")
+        entries += files
     entries += [(f"{dist_info}/METADATA", metadata.encode()), (f"{dist_info}/WHEEL", wheel.encode()),
-                (f"{dist_info}/top_level.txt", f"{PROTOCOL_PACKAGE}\n".encode())]
+                (f"{dist_info}/top_level.txt", "".join(f"{p}\n" for p in WHEEL_PACKAGES).encode())]
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in entries)
     record += f"{dist_info}/RECORD,,\n"
     dest.mkdir(parents=True, exist_ok=True)
@@ -131,16 +144,23 @@ def build_protocol_wheel(source: Path, version: str, requires: list[str], dest: 
 
 # --- third-party wheels -----------------------------------------------------------------------
 
-def _cache_key(requirements: list[str], tags: tuple[str, ...]) -> str:
-    text = json.dumps({"requirements": sorted(requirements), "tags": tags, "python": PYTHON_VERSION})
+def _cache_key(requirements: list[str], tags: tuple[str, ...], python: str) -> str:
+    text = json.dumps({"requirements": sorted(requirements), "tags": tags, "python": python})
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def download_wheels(requirements: list[str], cache: Path, platform: str, tags: tuple[str, ...]) -> list[Path]:
-    """The wheels of `requirements` and their dependencies for one platform, from the cache or PyPI."""
-    folder = cache / platform
+def python_tag(python: str) -> str:
+    """"3.13" -> "cp313", the name of that Python's wheel cache."""
+    return "cp" + python.replace(".", "")
+
+
+def download_wheels(requirements: list[str], cache: Path, platform: str, tags: tuple[str, ...],
+                    python: str) -> list[Path]:
+    """The wheels of `requirements` and their dependencies for one platform and CPython version, from the
+    cache or PyPI."""
+    folder = cache / python_tag(python) / platform
     stamp = folder / ".stamp.json"
-    key = _cache_key(requirements, tags)
+    key = _cache_key(requirements, tags, python)
     if stamp.is_file():
         recorded = json.loads(stamp.read_text())
         wheels = [folder / name for name in recorded.get("wheels", [])]
@@ -152,16 +172,18 @@ def download_wheels(requirements: list[str], cache: Path, platform: str, tags: t
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input", "--quiet",
-           "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp",
+           "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
            *(arg for tag in tags for arg in ("--platform", tag)), "--dest", str(folder), *requirements]
-    print(f"downloading wheels for {platform}: {', '.join(requirements)}", file=sys.stderr, flush=True)
+    print(f"downloading wheels for {platform}, CPython {python}: {', '.join(requirements)}", file=sys.stderr,
+          flush=True)
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise BuildError(f"pip download for {platform} took longer than {PIP_TIMEOUT_S} s") from None
+        raise BuildError(f"pip download for {platform}, CPython {python} took longer than {PIP_TIMEOUT_S} s") \
+            from None
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise BuildError(f"pip could not download the wheels for {platform}: {detail}")
+        raise BuildError(f"pip could not download the wheels for {platform}, CPython {python}: {detail}")
     wheels = sorted(folder.glob("*.whl"))
     stamp.write_text(json.dumps({"key": key, "wheels": [w.name for w in wheels]}, indent=1))
     return wheels
@@ -199,11 +221,12 @@ def build(out: Path, cache: Path, *, repo: Path = REPO) -> Path:
 
 def _build(out: Path, cache: Path, repo: Path, version: str, requirements: list[str], staging: Path) -> Path:
     wheels: dict[str, Path] = {}
-    protocol_wheel = build_protocol_wheel(repo / PROTOCOL_PACKAGE, version, requirements, staging)
+    protocol_wheel = build_protocol_wheel(repo, version, requirements, staging)
     wheels[protocol_wheel.name] = protocol_wheel
-    for platform, tags in PLATFORMS.items():
-        for wheel in download_wheels(requirements, cache, platform, tags):
-            wheels.setdefault(wheel.name, wheel)  # a py3-none-any wheel is listed once
+    for python in PYTHON_VERSIONS:
+        for platform, tags in PLATFORMS.items():
+            for wheel in download_wheels(requirements, cache, platform, tags, python):
+                wheels.setdefault(wheel.name, wheel)  # a py3-none-any or abi3 wheel is listed once
     names = sorted(wheels)
     package = repo / ADDON_PACKAGE
     manifest = manifest_text((package / "blender_manifest.toml").read_text(encoding="utf-8"), version, names)
@@ -231,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build the MicroFarm Blender extension zip.")
     parser.add_argument("--out", type=Path, default=REPO / "dist", help="folder for the zip (default: dist/)")
     parser.add_argument("--cache", type=Path, default=REPO / "build" / "wheels",
-                        help="downloaded wheels, per platform (default: build/wheels/)")
+                        help="downloaded wheels, per Python version and platform (default: build/wheels/)")
     args = parser.parse_args(argv)
     try:
         target = build(args.out.resolve(), args.cache.resolve())
