@@ -69,14 +69,26 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 PIP_TIMEOUT_S = 600
 
 
+#: Packages that Blender 4.2 to 5.3 bundle in their own Python: the headless server installs them from
+#: pyproject.toml, the extension does not ship them again (a second copy would only shadow Blender's).
+BLENDER_PROVIDES = frozenset({"numpy", "requests", "zstandard"})
+
+
 class BuildError(Exception):
     """The add-on could not be built; the message says why."""
 
 
 def read_project(pyproject: Path) -> tuple[str, list[str]]:
-    """The version and the runtime dependencies from pyproject.toml."""
+    """The version and the runtime dependencies from pyproject.toml that the extension must carry (those
+    every supported Blender's Python already holds are left out)."""
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    return project["version"], list(project.get("dependencies", []))
+    requirements = [r for r in project.get("dependencies", []) if _requirement_name(r) not in BLENDER_PROVIDES]
+    return project["version"], requirements
+
+
+def _requirement_name(requirement: str) -> str:
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else requirement
 
 
 # --- the protocol wheel -----------------------------------------------------------------------
