@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         link = Link(resolve, name=args.name, secret=args.token or None, cache=cache, blender=blender_version(),
-                    device=device.backend, devices=inventory())
+                    device=device.backend, devices=inventory(), allow_scripts=args.allow_scripts)
         worker = Worker(link, Renderer(allow_scripts=args.allow_scripts, device=device, threads=args.threads))
 
         def stop(signum: int, _frame: object) -> None:

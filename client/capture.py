@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 
 #: How much of the end of a frame's output is kept and sent with a failure.
 LOG_TAIL_BYTES = 8 * 1024
+#: Lines of the whole output that match what a caller watches for (kept wherever they are, not only in the tail).
+MAX_MATCHED_LINES = 64
 
 
 def _flush_c_stdio() -> None:
@@ -31,9 +34,21 @@ def _flush_c_stdio() -> None:
 class Tail:
     text: str = ""
 
+    def __init__(self) -> None:
+        self.matched: list[str] = []
+
+
+def _match_lines(tail: Tail, watch: re.Pattern[str], data: bytes) -> None:
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        if len(tail.matched) >= MAX_MATCHED_LINES:
+            return
+        if watch.search(line):
+            tail.matched.append(line)
+
 
 @contextmanager
-def capture_output() -> Iterator[Tail]:
+def capture_output(watch: re.Pattern[str] | None = None) -> Iterator[Tail]:
+    """Capture fds 1 and 2; the tail of the output lands in .text, lines matching `watch` in .matched."""
     tail = Tail()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -59,7 +74,13 @@ def capture_output() -> Iterator[Tail]:
             os.close(saved[1])
             size = sink.seek(0, os.SEEK_END)
             sink.seek(0)
+            rest = b""
             for block in iter(lambda: sink.read(1024 * 1024), b""):
                 os.write(1, block)
+                if watch is not None:
+                    lines, _, rest = (rest + block).rpartition(b"\n")
+                    _match_lines(tail, watch, lines)
+            if watch is not None:
+                _match_lines(tail, watch, rest)
             sink.seek(max(0, size - LOG_TAIL_BYTES))
             tail.text = sink.read().decode("utf-8", errors="replace")

@@ -69,7 +69,8 @@ class _Upload:
 
 class Link:
     def __init__(self, resolve: Resolver, *, name: str, secret: str | None, cache: BlendCache,
-                 blender: str = "", device: str = "CPU", devices: list[str] | None = None) -> None:
+                 blender: str = "", device: str = "CPU", devices: list[str] | None = None,
+                 allow_scripts: bool = False) -> None:
         self.resolve = resolve
         self.device = device  # reported with every heartbeat: a GPU that failed turns into "CPU"
         self.devices = devices or [device]
@@ -79,6 +80,7 @@ class Link:
         self.secret = secret
         self.cache = cache
         self.blender = blender
+        self.allow_scripts = allow_scripts  # told to the server: jobs that need scripts come only to such clients
         self.tasks: queue.Queue[Task] = queue.Queue()
         self.fatal: str | None = None
         self.connected = threading.Event()
@@ -91,6 +93,7 @@ class Link:
         self._stream: MessageStream | None = None
         self._outbox: asyncio.Queue[m.Message | _Upload] | None = None
         self._download: tuple[str, FileSink | None, asyncio.Future[Path]] | None = None
+        self._download_size: int | None = None  # what the manifest says the file being downloaded holds
         self._stopping = False
         self._lock = threading.Lock()
 
@@ -165,12 +168,13 @@ class Link:
         self._call_soon(self._post, epoch, _Upload(begin, path))
 
     def fetch_blend(self, epoch: int, sha256: str, size: int, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+        """A job file (the .blend or one it needs) from the store, downloaded first if it is not there intact."""
         try:
             cached = self.cache.lookup(sha256, size)
         except ValueError as exc:
-            raise LinkLost(f"the server named a .blend badly: {exc}") from None
+            raise LinkLost(f"the server named a file badly: {exc}") from None
         if cached is not None:
-            log.info("blend %s found in the cache", sha256[:12])
+            log.info("file %s found in the cache", sha256[:12])
             return cached
         if self._loop is None:
             raise LinkLost("not connected")
@@ -181,7 +185,7 @@ class Link:
             raise LinkLost("the connection closed during the download") from None
         except TimeoutError:
             future.cancel()
-            raise LinkLost(f"the .blend did not arrive within {timeout:.0f} s") from None
+            raise LinkLost(f"the file {sha256[:12]} did not arrive within {timeout:.0f} s") from None
 
     def _call_soon(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         if self._loop is not None:
@@ -219,7 +223,8 @@ class Link:
             raise ProtocolError("a download is already running")
         future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._download = (sha256, None, future)
-        log.info("downloading blend %s (%d bytes)", sha256[:12], size)
+        self._download_size = size
+        log.info("downloading file %s (%d bytes)", sha256[:12], size)
         self._outbox.put_nowait(m.BlendRequest(sha256=sha256))
         try:
             return await future
@@ -287,7 +292,8 @@ class Link:
     async def _session(self, stream: MessageStream) -> None:
         welcome, accepted = await client_handshake(stream, role=Role.WORKER, name=self.name,
                                                    secret=self.secret, blender=self.blender,
-                                                   device=self.device, devices=self.devices)
+                                                   device=self.device, devices=self.devices,
+                                                   allow_scripts=self.allow_scripts)
         log.info("connected to farm %r at %s:%d as %s", welcome.farm, self.host, self.port, accepted.client_id)
         self._outbox = asyncio.Queue()
         self._stream = stream
@@ -363,7 +369,9 @@ class Link:
 
     def _download_begin(self, begin: m.BlendBegin) -> None:
         if self._download is None or self._download[0] != begin.sha256 or self._download[1] is not None:
-            raise ProtocolError("the server sent a .blend that was not asked for")
+            raise ProtocolError("the server sent a file that was not asked for")
+        if self._download_size is not None and begin.size != self._download_size:
+            raise ProtocolError(f"the server sent {begin.size} bytes for a file of {self._download_size}")
         sink = self.cache.sink(begin.sha256, begin.size)
         self._download = (begin.sha256, sink, self._download[2])
 
@@ -374,7 +382,7 @@ class Link:
         if sink is not None:
             sink.abort()
         if not future.done():
-            future.set_exception(LinkLost(f"the server will not send the .blend: {refused.reason}"))
+            future.set_exception(LinkLost(f"the server will not send the file: {refused.reason}"))
 
     def _download_sink(self) -> FileSink:
         if self._download is None or self._download[1] is None:
@@ -391,6 +399,6 @@ class Link:
             sink.abort()
             raise
         path = self.cache.commit(sink, sha)
-        log.info("blend %s downloaded and verified", sha[:12])
+        log.info("file %s downloaded and verified", sha[:12])
         if not future.done():
             future.set_result(path)

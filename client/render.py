@@ -12,10 +12,11 @@ from typing import Any
 
 import bpy
 
+from protocol.assets import LOG_MISSING, log_warnings, missing_sentence
 from protocol.settings import Assignment, SceneInfo
 from protocol.tiles import TileSpec
 
-from . import devices
+from . import assets, devices
 from .capture import capture_output
 from .devices import Device
 
@@ -58,6 +59,9 @@ class Renderer:
         self._original: dict[str, Any] = {}
         self._job_device = device  # the device of the current assignment
         self._split: TileSpec | None = None  # the current assignment renders tiles of one frame
+        self.needs = assets.Needs()  # what the open file lacks (files) or needs (scripts)
+        self.frame_warnings: list[str] = []  # the last frame's: files Blender found missing while rendering it
+        self._blend_dir = ""
 
     def open(self, path: Path, sha256: str) -> None:
         """Open the .blend unless it is already the open one (warm: one open per job file)."""
@@ -75,8 +79,17 @@ class Renderer:
             "exr_codec": scene.render.image_settings.exr_codec,
             "border": {name: getattr(scene.render, name) for name in _BORDER_SETTINGS},
         }
+        # Every file the scene uses is looked for before anything renders (never a silent wrong frame).
+        self.needs = assets.scan()
+        self._blend_dir = str(path.resolve().parent)
         self.current_sha = sha256
         log.info("opened %s (scene %r, engine %s)", path.name, scene.name, scene.render.engine)
+
+    @property
+    def missing_sentence(self) -> str:
+        """'missing files: //textures/wood.png (image "wood")' for the open file, '' when nothing is missing."""
+        needs = self.needs
+        return missing_sentence(needs.missing, needs.missing_total) if needs.missing else ""
 
     def scene_info(self) -> SceneInfo:
         scene = bpy.context.scene
@@ -93,6 +106,8 @@ class Renderer:
             percentage=render.resolution_percentage, file_format=file_format,
             has_camera=scene.camera is not None,
             split_margin=split_margin(scene), quality=settings.quality, exr_codec=settings.exr_codec,
+            missing=self.needs.missing, missing_total=self.needs.missing_total,
+            python_drivers=self.needs.python_drivers, registered_texts=self.needs.registered_texts,
         )
 
     def apply(self, job: Assignment) -> None:
@@ -168,11 +183,14 @@ class Renderer:
             raise RenderError(f"Blender cannot render frame {frame}: it is outside Blender's frame range")
         scene.render.filepath = str(directory / name)
         error = None
-        with capture_output() as output:
+        self.frame_warnings = []
+        with capture_output(LOG_MISSING) as output:
             try:
                 bpy.ops.render.render(write_still=True, scene=scene.name)
             except RuntimeError as exc:
                 error = _clean(exc)
+        # Blender's own words about files it could not find, with this client's folder shown as '//'.
+        self.frame_warnings = log_warnings("\n".join(output.matched), self._blend_dir)
         if error is not None:
             raise RenderError(error, output.text)
         path = Path(scene.render.filepath + scene.render.file_extension)

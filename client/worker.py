@@ -10,8 +10,10 @@ from pathlib import Path
 
 from protocol import messages as m
 from protocol.errors import ProtocolError
+from protocol.manifest import Manifest
 from protocol.settings import validate_assignment
 
+from .layout import JobFolders, LayoutError
 from .link import Link, LinkLost
 from .render import Renderer, RenderError
 
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: How often the idle main loop wakes to check for a fatal link error or a stop request.
 POLL_S = 0.5
+#: A job folder left unused this long is removed (its job has most likely ended; the client is not told).
+JOB_FOLDER_IDLE_S = 120.0
 
 
 class Worker:
@@ -26,7 +30,9 @@ class Worker:
         self.link = link
         self.renderer = renderer
         self.scratch = Path(tempfile.mkdtemp(prefix="microfarm-frames-"))
+        self.folders = JobFolders(link.cache)
         self.stopping = False
+        self._idle_since = time.monotonic()
 
     def run(self) -> int:
         """Work until stopped; returns the process exit code."""
@@ -36,6 +42,7 @@ class Worker:
                     return 2
                 task = self.link.next_task(POLL_S)
                 if task is None:
+                    self._idle()
                     continue
                 try:
                     if isinstance(task.message, m.Probe):
@@ -46,21 +53,37 @@ class Worker:
                     log.warning("task abandoned: %s", exc)
                 finally:
                     self.link.set_state("idle")
+                    self._idle_since = time.monotonic()
             return 0
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            self.folders.close()
 
-    def _open(self, epoch: int, job_id: str, sha256: str, size: int) -> None:
-        if self.renderer.current_sha == sha256:
+    def _idle(self) -> None:
+        if self.renderer.current_sha is not None and time.monotonic() - self._idle_since > JOB_FOLDER_IDLE_S:
+            log.info("no work for %.0f s: removing the job folder", JOB_FOLDER_IDLE_S)
+            self.folders.remove_others(keep=None)
+            self.renderer.current_sha = None  # laid out and opened afresh if its job sends more work
+
+    def _open(self, epoch: int, job_id: str, manifest: Manifest) -> None:
+        """Fetch the job's files this client lacks, lay them out in the job's folder, open its .blend there."""
+        key = f"{job_id}/{manifest.main_file.sha256}"  # a job folder per job: the same .blend may need other files
+        if self.renderer.current_sha == key:
             return
         self.link.set_state("downloading", job_id, epoch=epoch)
-        path = self.link.fetch_blend(epoch, sha256, size)
+        for entry in manifest.by_sha().values():
+            self.link.fetch_blend(epoch, entry.sha256, entry.size)
+        try:
+            path = self.folders.lay_out(job_id, manifest)
+        except (LayoutError, OSError) as exc:
+            raise RenderError(f"the job's files cannot be laid out: {exc}") from None
         self.link.set_state("opening", job_id, epoch=epoch)
-        self.renderer.open(path, sha256)
+        self.renderer.open(path, key)
+        self.folders.remove_others(keep=job_id)
 
     def _probe(self, epoch: int, probe: m.Probe) -> None:
         try:
-            self._open(epoch, probe.job_id, probe.blend_sha256, probe.blend_size)
+            self._open(epoch, probe.job_id, probe.manifest())
             info = self.renderer.scene_info()
         except RenderError as exc:
             self.link.send(epoch, m.ProbeResult(lease_id=probe.lease_id, ok=False, error=m.clip(str(exc))))
@@ -82,8 +105,12 @@ class Worker:
             self.link.send(epoch, m.LeaseDone(lease_id=lease))  # taken back before it began
             return
         try:
-            self._open(epoch, assign.job_id, assign.blend_sha256, assign.blend_size)
+            self._open(epoch, assign.job_id, assign.manifest())
             self.renderer.apply(job)
+            missing = self.renderer.missing_sentence
+            if missing and not job.allow_missing:
+                # Files the probing client had may be missing here (a mount that is not there): say which.
+                raise RenderError(f"{missing} (on this client)")
         except RenderError as exc:
             for frame in assign.frames:
                 self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame,
@@ -107,8 +134,11 @@ class Worker:
             split = self.renderer.split
             what = f"tile {frame} of {split.tiles} of frame {split.frame}" if split else f"frame {frame}"
             log.info("job %s: %s rendered in %.2f s", assign.job_id, what, elapsed)
+            warnings = ([missing] if missing else []) + self.renderer.frame_warnings
+            if warnings:
+                log.warning("job %s: %s rendered with files missing: %s", assign.job_id, what, "; ".join(warnings))
             begin = m.FrameBegin(lease_id=lease, job_id=assign.job_id, frame=frame, ext=path.suffix.lstrip("."),
-                                 size=path.stat().st_size, render_s=elapsed)
+                                 size=path.stat().st_size, render_s=elapsed, warnings=warnings)
             # Uploads are queued: the next frame renders while this one travels.
             self.link.upload(epoch, begin, path)
         self.link.send(epoch, m.LeaseDone(lease_id=lease))

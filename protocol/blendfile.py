@@ -22,12 +22,18 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 #: Enough of the (decompressed) file for either header form.
 HEADER_BYTES = 32
+#: Compressed bytes read at most to find the header (Blender's first zstd frame is a few KiB).
+MAX_COMPRESSED_HEAD = 1 << 20
 _HEADER = re.compile(rb"BLENDER(?:[_-][vV](\d{3})|\d{2}-\d{2}[vV](\d{4}))")
-_VERSION = re.compile(r"^\s*(\d{1,3})\.(\d{1,3})(?:\.(\d{1,4}))?")
+_VERSION = re.compile(r"^\s*(\d{1,3})\.(\d{1,3})(?:\.(\d{1,4}))?(?![\d.])")
 
 
 class BlendHeaderError(ValueError):
     """A file that is not a .blend, or one whose header cannot be read here."""
+
+
+class HeaderUnreadable(BlendHeaderError):
+    """The file is compressed in a way this Python cannot undo (no zstandard module): its version is unknown."""
 
 
 @dataclass(frozen=True, order=True)
@@ -67,7 +73,7 @@ def _zstd_head(raw: BinaryIO) -> bytes:
     try:
         import zstandard  # Blender's Python bundles it; the headless server installs it
     except ImportError:
-        raise BlendHeaderError("the file is zstd-compressed and this Python has no zstandard module "
+        raise HeaderUnreadable("the file is zstd-compressed and this Python has no zstandard module "
                                "to read its header") from None
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as reader:
@@ -84,7 +90,7 @@ def read_version(source: Path | BinaryIO) -> BlenderVersion:
     head = source.read(HEADER_BYTES)
     if head.startswith(b"BLENDER"):
         return parse_header(head)
-    rest = io.BytesIO(head + source.read(64 * 1024))  # enough compressed bytes for the first block
+    rest = io.BytesIO(head + source.read(MAX_COMPRESSED_HEAD))
     if head.startswith(GZIP_MAGIC):
         try:
             with gzip.GzipFile(fileobj=rest) as reader:

@@ -33,6 +33,7 @@ class Peer:
     blender: str
     device: str = ""
     devices: tuple[str, ...] = ()
+    allow_scripts: bool = False
 
 
 async def _expect(stream: MessageStream, kind: type[Message]) -> Message:
@@ -81,7 +82,8 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
             await _refuse(stream, "wrong or missing farm secret")
             raise AuthError(f"client {name!r} failed the farm secret check")
         peer = Peer(role=role, name=name, host=_clean_name(hello.host), blender=_clean_name(hello.blender),
-                    device=_clean_name(hello.device), devices=tuple(_clean_name(d) for d in hello.devices[:16]))
+                    device=_clean_name(hello.device), devices=tuple(_clean_name(d) for d in hello.devices[:16]),
+                    allow_scripts=hello.allow_scripts)
         client_id = assign_id(peer)
         await stream.send(Accepted(client_id=client_id, heartbeat_s=heartbeat_s))
         return peer, client_id
@@ -89,13 +91,14 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
 
 async def client_handshake(stream: MessageStream, *, role: Role, name: str, secret: str | None,
                            blender: str = "", device: str = "", devices: list[str] | None = None,
+                           allow_scripts: bool = False,
                            timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple[Welcome, Accepted]:
     """Run the client side; raises AuthError if the server cannot prove the secret."""
     async with asyncio.timeout(timeout):
         nonce = new_nonce()
         await stream.send(Hello(version=PROTOCOL_VERSION, role=role.value, name=name, nonce=nonce,
                                 host=socket.gethostname(), blender=blender, device=device,
-                                devices=list(devices or [])))
+                                devices=list(devices or []), allow_scripts=allow_scripts))
         welcome = await _expect(stream, Welcome)
         assert isinstance(welcome, Welcome)
         if welcome.version != PROTOCOL_VERSION:

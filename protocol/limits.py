@@ -36,3 +36,12 @@ NONCE_BYTES = 32
 MAX_NAME_CHARS = 128
 MAX_ERROR_CHARS = 16 * 1024
 MAX_FRAMES_PER_JOB = 1_000_000
+
+#: Bounds on a job's project (protocol.manifest): files in all, bytes in all, and one relative path.
+#: A manifest of MAX_PROJECT_FILES paths of MAX_RELPATH_BYTES each still fits in one message.
+MAX_PROJECT_FILES = 2000
+MAX_PROJECT_BYTES = 256 * 1024**3
+MAX_RELPATH_BYTES = 400
+MAX_RELPATH_PARTS = 32
+#: One part of a relative path (a folder or file name), as most filesystems bound it.
+MAX_PATH_PART_BYTES = 255

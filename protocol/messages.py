@@ -14,7 +14,8 @@ from enum import StrEnum
 from typing import Any, ClassVar, Union
 
 from .errors import ProtocolError
-from .limits import MAX_ERROR_CHARS
+from .limits import MAX_ERROR_CHARS, MAX_PROJECT_FILES
+from .manifest import Manifest, ManifestError
 
 
 class MessageType(StrEnum):
@@ -135,6 +136,19 @@ def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
+def _project(message: Any, required: bool) -> Manifest | None:
+    """The manifest a Probe, Assign or Submit carries (checked on construction, so on receipt too)."""
+    if not message.files:
+        if required and message.main:
+            raise ManifestError(f"{message.TYPE.value} names a main file but lists no files")
+        return None
+    manifest = Manifest.from_wire(message.files, message.main)
+    main = manifest.main_file
+    if (main.sha256, main.size) != (message.blend_sha256, message.blend_size):
+        raise ManifestError(f"{message.TYPE.value}: the main file's checksum or size is not the .blend's")
+    return manifest
+
+
 # --- handshake -------------------------------------------------------------------------
 
 @_message
@@ -148,6 +162,7 @@ class Hello(Message):
     blender: str = ""
     device: str = ""  # what a render client renders on: "CPU", "OPTIX", "CUDA", ...
     devices: list[str] = dataclasses.field(default_factory=list)  # everything it could use
+    allow_scripts: bool = False  # a render client started with --allow-scripts runs the scripts of .blend files
 
 
 @_message
@@ -201,6 +216,15 @@ class Probe(Message):
     blend_sha256: str
     blend_size: int
     allow_scripts: bool = False
+    files: list[dict] = dataclasses.field(default_factory=list)  # the job's manifest (protocol.manifest)
+    main: str = ""  # the relative path of the .blend among files
+
+    def __post_init__(self) -> None:
+        _project(self, True)
+
+    def manifest(self) -> Manifest:
+        """The job's files; a server that sends none means the .blend alone."""
+        return _project(self, True) or Manifest.single("scene.blend", self.blend_sha256, self.blend_size)
 
 
 @_message
@@ -223,6 +247,14 @@ class Assign(Message):
     blend_size: int
     frames: list[int]
     settings: dict
+    files: list[dict] = dataclasses.field(default_factory=list)  # as in Probe
+    main: str = ""
+
+    def __post_init__(self) -> None:
+        _project(self, True)
+
+    def manifest(self) -> Manifest:
+        return _project(self, True) or Manifest.single("scene.blend", self.blend_sha256, self.blend_size)
 
 
 @_message
@@ -251,6 +283,9 @@ class FrameBegin(Message):
     ext: str
     size: int
     render_s: float = 0.0
+    # Files missing while it rendered (what the client's scan found, and Blender's own lines), named as the
+    # artist wrote them; the frame is kept, the job carries the warning (protocol.assets bounds them).
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 @_message
@@ -267,6 +302,8 @@ class FrameFailed(Message):
 
 @_message
 class BlendRequest(Message):
+    """Send me this file of a job I was given (any file of its manifest, the .blend or what it needs)."""
+
     TYPE = MessageType.BLEND_REQUEST
     sha256: str
 
@@ -280,7 +317,7 @@ class BlendBegin(Message):
 
 @_message
 class BlendRefused(Message):
-    """The server will not send this .blend (its job was paused, cancelled or deleted): drop the task."""
+    """The server will not send this file (no running job of this client uses it): drop the task."""
 
     TYPE = MessageType.BLEND_REFUSED
     sha256: str
@@ -303,7 +340,11 @@ class End(Message):
 
 @_message
 class Submit(Message):
-    """Create a job. The server answers UPLOAD_READY; the .blend follows if it asks for it."""
+    """Create a job. The server answers UPLOAD_READY; the files it lacks follow, in the order it asked.
+
+    files is the project's manifest (main the .blend's relative path among them); without it the job is
+    the .blend alone, as blend_sha256 and blend_size describe it (which are the main file's in any case).
+    """
 
     TYPE = MessageType.SUBMIT
     name: str
@@ -313,12 +354,25 @@ class Submit(Message):
     priority: int = 0
     start: bool = True
     video: dict | None = None
+    files: list[dict] = dataclasses.field(default_factory=list)
+    main: str = ""
+
+    def __post_init__(self) -> None:
+        _project(self, True)
+
+    def manifest(self) -> Manifest | None:
+        return _project(self, True)
 
 
 @_message
 class UploadReady(Message):
     TYPE = MessageType.UPLOAD_READY
     need_bytes: bool
+    need: list[str] = dataclasses.field(default_factory=list)  # the sha256 of each file to send, in order
+
+    def __post_init__(self) -> None:
+        if len(self.need) > MAX_PROJECT_FILES or not all(len(sha) == 64 for sha in self.need):
+            raise ManifestError("upload_ready asks for more files than a project has, or names one badly")
 
 
 @_message

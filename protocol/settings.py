@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .assets import MAX_MISSING_FILES, MissingFile, missing_from_wire
 from .errors import ProtocolError
 from .limits import MAX_FRAMES_PER_JOB
 from .tiles import MAX_MARGIN, MAX_TILES, MIN_TILES, SPLIT_FORMATS, TileSpec
@@ -54,6 +55,15 @@ def _int_or_none(raw: dict[str, Any], key: str, low: int, high: int) -> int | No
     return value
 
 
+def _bool(raw: dict[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise SettingsError(f"{key} must be true or false, not {value!r}")
+    return value
+
+
 def _blender_choice(value: Any) -> str | None:
     if value is None or value == BLENDER_FILE:
         return value
@@ -78,6 +88,10 @@ class JobRequest:
     # Which Blender renders it: None, the first client to render pins the job to its version; "file",
     # the version that saved the .blend; "5.3" any 5.3.x (then pinned to the first one); "5.3.1" exactly.
     blender: str | None = None
+    # Render even though the probe found files missing (the job carries the list as a warning).
+    allow_missing: bool = False
+    # Only clients started with --allow-scripts render it (and read its scene): the scene needs its Python.
+    needs_scripts: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +116,8 @@ class JobRequest:
             device=device,
             split=_int_or_none(raw, "split", 0, MAX_TILES),
             blender=_blender_choice(raw.get("blender")),
+            allow_missing=_bool(raw, "allow_missing"),
+            needs_scripts=_bool(raw, "needs_scripts"),
         )
         if request.split == 1:
             raise SettingsError(f"split must be 0 (auto) or between {MIN_TILES} and {MAX_TILES}, not 1")
@@ -131,17 +147,30 @@ class SceneInfo:
     split_margin: int = 0
     quality: int = 90  # JPEG quality
     exr_codec: str = "ZIP"
+    # What the scene needs beyond the .blend (protocol.assets): files the probing client could not find
+    # (at most MAX_MISSING_FILES by name, missing_total in all), and what only Python evaluates.
+    missing: tuple[MissingFile, ...] = ()
+    missing_total: int = 0
+    python_drivers: int = 0
+    registered_texts: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        wire = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        wire["missing"] = [m.to_wire() for m in self.missing]
+        return wire
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> SceneInfo:
+        values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
+        # An older client sends no list: nothing known to be missing.
+        values["missing"] = missing_from_wire(values.get("missing", ()))
         try:
-            info = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+            info = cls(**values)
         except TypeError as exc:
             raise ProtocolError(f"probe result is incomplete: {exc}") from None
         for field in dataclasses.fields(cls):
+            if field.name == "missing":
+                continue
             value = getattr(info, field.name)
             expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(field.type)]
             if not isinstance(value, expected) or (field.type == "int" and isinstance(value, bool)):
@@ -155,6 +184,10 @@ class SceneInfo:
             raise ProtocolError("probe result has an impossible frame rate, resolution or percentage")
         if not (0 <= info.split_margin <= MAX_MARGIN and 0 <= info.quality <= 100 and len(info.exr_codec) <= 32):
             raise ProtocolError("probe result has an impossible split margin, quality or EXR codec")
+        counts = (info.missing_total, info.python_drivers, info.registered_texts)
+        if not all(0 <= n <= 1 << 31 for n in counts) or len(info.missing) > max(info.missing_total,
+                                                                                   MAX_MISSING_FILES):
+            raise ProtocolError("probe result has impossible counts of missing files or scripts")
         return info
 
 
@@ -173,6 +206,7 @@ class RenderSettings:
     device: str | None = None
     tiles: int = 0  # a split frame: its work items are tiles 0..tiles-1 of frames[0]; 0: whole frames
     margin: int = 0  # rows rendered beyond each tile's band (see protocol.tiles)
+    allow_missing: bool = False  # a client renders even where files of the scene are missing
 
     @property
     def ext(self) -> str:
@@ -196,7 +230,7 @@ class RenderSettings:
 
     def to_assignment(self) -> dict[str, Any]:
         wire = {"file_format": self.file_format, "samples": self.samples, "percentage": self.percentage,
-                "device": self.device}
+                "device": self.device, "allow_missing": self.allow_missing}
         if self.split is not None:
             wire["split"] = self.split.to_wire()
         return wire
@@ -244,6 +278,7 @@ def resolve(request: JobRequest, scene: SceneInfo, auto_tiles: int = MIN_TILES) 
         device=request.device,
         tiles=tiles,
         margin=margin,
+        allow_missing=request.allow_missing,
     )
 
 
@@ -256,6 +291,7 @@ class Assignment:
     percentage: int | None
     device: str | None
     split: TileSpec | None = None
+    allow_missing: bool = False
 
 
 def validate_assignment(raw: dict[str, Any]) -> Assignment:
@@ -275,4 +311,7 @@ def validate_assignment(raw: dict[str, Any]) -> Assignment:
         split = TileSpec.from_wire(raw["split"])
         if file_format not in SPLIT_FORMATS:
             raise ProtocolError(f"assignment asks to split a {file_format} frame")
-    return Assignment(file_format, samples, percentage, device, split)
+    allow_missing = raw.get("allow_missing", False)
+    if not isinstance(allow_missing, bool):
+        raise ProtocolError(f"assignment has a bad allow_missing {allow_missing!r}")
+    return Assignment(file_format, samples, percentage, device, split, allow_missing)

@@ -125,7 +125,7 @@ def test_submission_stores_the_copy_and_creates_the_job(running: Runtime, animat
     jobs = running.thread.call(lambda s: [j.view() for j in s.farm.jobs.values()])
     assert len(jobs) == 2 and all(j["chunk"] == 3 for j in jobs)
     store, shas = running.thread.call(lambda s: (s.blends.root, {j.blend_sha256 for j in s.farm.jobs.values()}))
-    assert [p.name for p in store.iterdir()] == [f"{sha}.blend" for sha in shas]
+    assert [p.name for p in store.iterdir()] == sorted(shas)  # stored under the sha256 alone
     assert not any(p.exists() for p in drops)
 
 

@@ -56,7 +56,7 @@ async def test_stopping_the_server_charges_no_frame_to_a_client(tmp_path: Path) 
     thread = ServerThread(ServerConfig(output_dir=tmp_path / "out", host="127.0.0.1", port=0))
     thread.start()
     sha = "a" * 64
-    (thread.server.blends.root / f"{sha}.blend").write_bytes(b"BLENDER-v405")
+    thread.server.blends.path(sha).write_bytes(b"BLENDER-v405")
     thread.call(lambda s: s.create_job("x.blend", sha, 12, JobRequest(chunk=2)))
     reader, writer = await asyncio.open_connection("127.0.0.1", thread.port)
     stream = MessageStream(reader, writer)

@@ -108,7 +108,7 @@ def test_blend_store_rejects_bad_digests(tmp_path, sha):
 
 def test_blend_store_path_is_named_by_the_digest(tmp_path):
     blends = BlendStore(tmp_path / "blends")
-    assert blends.path(SHA) == tmp_path / "blends" / f"{SHA}.blend"
+    assert blends.path(SHA) == tmp_path / "blends" / SHA
 
 
 @pytest.mark.parametrize("name", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import random
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,14 @@ def test_client_versions_parse_as_blender_reports_them() -> None:
     assert BlenderVersion.parse("5.0.1") == BlenderVersion(5, 0, 1)
     assert BlenderVersion.parse("5.3") == BlenderVersion(5, 3)
     assert BlenderVersion.parse("") is None and BlenderVersion.parse("banana") is None
+    assert BlenderVersion.parse("5.0123") is None and BlenderVersion.parse("4.2.23456") is None
+
+
+def test_a_header_behind_a_large_first_compressed_block_is_found() -> None:
+    noise = bytes(b & 0x3F for b in random.Random(1).randbytes(300_000))
+    raw = zstandard.ZstdCompressor(level=1).compress(HEADER_4_5 + noise)
+    assert len(raw) > 64 * 1024
+    assert read_version(io.BytesIO(raw)) == BlenderVersion(4, 5)
 
 
 @pytest.mark.parametrize("value", ["file", "4.5", "5.3.1", None])
@@ -160,12 +169,69 @@ def test_a_pinned_job_waits_for_its_version_when_those_clients_are_gone() -> Non
     farm.probe_succeeded(probe.id, scene())
     lease = farm.next_work("a")
     assert lease is not None and job.pinned_blender == "5.0.1"
+    assert farm.frame_stored(job.id, lease.frames[0], "a", lease_id=lease.id)
     farm.disconnect_client("a")
     connect(farm, "b", "4.5.15")
     assert farm.next_work("b") is None
     farm.note_waiting()
     assert job.waiting == ("waiting for a client with Blender 5.0.1 (its first frames were rendered with it); "
                            "connected: 4.5.15")
+
+
+def test_a_pin_without_a_rendered_frame_is_dropped_with_its_lease() -> None:
+    """A client that takes the first chunk and vanishes (crashed, switched off, or lied about a made-up
+    version) must not hold the job to its version."""
+    farm, job = farm_of({"liar": "99.0.0"}, saved_by="5.0")
+    probe = farm.next_work("liar")
+    farm.probe_succeeded(probe.id, scene())
+    assert farm.next_work("liar") is not None and job.pinned_blender == "99.0.0"
+    connect(farm, "good", "5.0.1")
+    assert farm.next_work("good") is None
+    farm.disconnect_client("liar")
+    assert job.pinned_blender == ""
+    assert set(render_all(farm, job).values()) == {"good"} and job.pinned_blender == "5.0.1"
+
+
+def test_a_tie_never_goes_to_the_newest_claim() -> None:
+    farm, job = farm_of({"liar": "99.0.0", "good": "5.0.1"}, saved_by="4.5")
+    assert set(render_all(farm, job).values()) == {"good"}
+
+
+def test_an_idle_client_is_not_held_back_by_a_busy_majority() -> None:
+    farm, job = farm_of({"b1": "4.2.23", "b2": "4.2.23"}, saved_by="4.2")
+    other = Job(id="job-0", name="long.blend", blend_sha256="cd" * 32, blend_size=10, request=CHUNK_2,
+                created=0.0, priority=5, file_blender=BlenderVersion(4, 2))
+    farm.add_job(other)
+    for client in ("b1", "b2"):  # both 4.2 clients busy on the other, higher-priority job
+        lease = farm.next_work(client)
+        if lease.kind is LeaseKind.PROBE:
+            farm.probe_succeeded(lease.id, scene())
+            lease = farm.next_work(client) or lease
+    connect(farm, "idle", "5.0.1")
+    by = render_all(farm, job)
+    assert job.state is JobState.DONE and set(by.values()) >= {"idle"}
+    assert len({farm.clients[c].blender for c in by.values()}) == 1
+
+
+def test_a_client_lost_while_opening_the_file_is_asked_again_once() -> None:
+    farm, job = farm_of({"only": "5.0.1"})
+    first = farm.next_work("only")
+    farm.disconnect_client("only")  # a restart, or a network blip, while it opened the file
+    assert job.state is JobState.PROBING and not job.probe_failed_on
+    connect(farm, "only", "5.0.1")
+    again = farm.next_work("only")
+    assert again is not None and again.kind is LeaseKind.PROBE and again.id != first.id
+    farm.disconnect_client("only")  # lost again on the same file: Blender crashes on it
+    assert job.state is JobState.FAILED and "lost 2 times while opening" in job.error
+
+
+@pytest.mark.parametrize("name", ["shot\\1.blend", "C:\\x.blend", "a\\g<0>.blend"])
+def test_a_file_name_with_backslashes_is_no_regex_template(name: str) -> None:
+    farm, job = farm_of({"a": "5.0.1"})
+    job.name = name
+    lease = farm.next_work("a")
+    farm.probe_failed(lease.id, f"Cannot read file '/c a c h e/{'ab' * 32}.blend': damaged")
+    assert job.state is JobState.FAILED and f"Cannot read file '{name}': damaged" in job.error
 
 
 def test_a_failed_open_counts_per_client_and_the_error_names_the_users_file() -> None:

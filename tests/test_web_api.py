@@ -78,6 +78,15 @@ def test_upload_creates_a_job_and_stores_the_blend(farm: Farm, web: Http) -> Non
     assert [p.name for p in stored.parent.iterdir()] == [stored.name]
 
 
+def test_upload_chooses_the_blender_version(farm: Farm, web: Http) -> None:
+    job_id = upload_job(web, blender="5.3")
+    job = farm.job(job_id)
+    assert (job["blender_request"], job["blender_file"]) == ("5.3", "5.0")
+    assert job["waiting"] == "waiting for a client with Blender 5.3; connected: none"
+    older = web.upload(FAKE_BLEND, blender="4.2")
+    assert older.status == 400 and "shot.blend was saved by Blender 5.0; Blender 4.2 cannot open it" in older.error
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ({"chunk": "two"}, "chunk must be a whole number"),
     ({"frame_start": "9", "frame_end": "3"}, "ends before it starts"),
@@ -87,6 +96,7 @@ def test_upload_creates_a_job_and_stores_the_blend(farm: Farm, web: Http) -> Non
     ({"colour": "red"}, "unknown field 'colour'"),
     ({"split": "1"}, "split must be 0 (auto) or between"),
     ({"device": "tpu"}, "device must be one of"),
+    ({"blender": "latest"}, "blender must be 'file' or a version"),
 ])
 def test_upload_rejects_bad_settings(farm: Farm, web: Http, fields: dict[str, str], message: str) -> None:
     reply = web.upload(FAKE_BLEND, **fields)

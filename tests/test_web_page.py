@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Clients, Farm, connected
+from conftest import REPO, Clients, Farm, connected, repo_env
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from web_support import Http, launch_chromium, start_web_on, stop_web
@@ -241,3 +243,22 @@ def test_login_with_the_farm_secret(tmp_path: Path, page: Page) -> None:
     finally:
         stop_web(farm, server)
         farm.stop()
+
+
+def test_missing_files_warning_on_the_job_card(farm: Farm, clients: Clients, page: Page, web: WebServer,
+                                               tmp_path: Path) -> None:
+    """A single .blend uploaded whose texture stays behind: allowed in the form, the card says what is missing."""
+    subprocess.run([sys.executable, "-m", "tools.projects", str(tmp_path / "project"), "--texture"], cwd=REPO,
+                   env=repo_env(), check=True, capture_output=True, timeout=120)
+    clients.start("worker", farm.address)
+    open_page(page, web)
+    farm.wait_until(connected(1), what="a client")
+    page.set_input_files("#blend-file", str(tmp_path / "project" / "scene.blend"))
+    page.check("input[name=allow_missing]")
+    page.click("#upload-button")
+    expect(page.locator("#upload-status")).to_contain_text("created", timeout=30_000)
+    job_id = re.search(r"Job (\S+) created", page.inner_text("#upload-status")).group(1)
+    done = card_in(page, "completed", job_id)
+    expect(done.locator(".badge")).to_have_text("done", timeout=RENDER_TIMEOUT_MS)
+    expect(done.locator(".warnings")).to_contain_text('Warning: missing files: //textures/wood.png (image "wood")')
+    assert farm.job(job_id)["allow_missing"]

@@ -78,7 +78,10 @@ def find_python(minor: str) -> Path | None:
         return None
     candidates = [v.strip() for v in listed.stdout.splitlines() if v.strip().startswith(minor + ".")]
     for name in sorted(candidates, reverse=True):
-        prefix = subprocess.run([pyenv, "prefix", name], capture_output=True, text=True, timeout=30).stdout.strip()
+        try:
+            prefix = subprocess.run([pyenv, "prefix", name], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            continue
         python = Path(prefix) / "bin" / "python3"
         if python.is_file():
             return python

@@ -32,6 +32,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .bpyenv import find_python
 from .localfarm import REPO
 
 #: The CPython versions of the Blenders the add-on supports: 4.2, 4.5, 5.0 run 3.11; 5.1 to 5.3 run 3.13.
@@ -161,6 +162,15 @@ def _cache_key(requirements: list[str], tags: tuple[str, ...], python: str) -> s
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _python_version(python: Path) -> str:
+    try:
+        out = subprocess.run([str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BuildError(f"{python} does not run: {exc}") from None
+    return out.stdout.strip() or "?"
+
+
 def python_tag(python: str) -> str:
     """"3.13" -> "cp313", the name of that Python's wheel cache."""
     return "cp" + python.replace(".", "")
@@ -172,7 +182,15 @@ def download_wheels(requirements: list[str], cache: Path, platform: str, tags: t
     cache or PyPI."""
     folder = cache / python_tag(python) / platform
     stamp = folder / ".stamp.json"
-    key = _cache_key(requirements, tags, python)
+    # pip picks wheels by the target's tags but evaluates dependency markers (python_version < "3.13")
+    # for the Python that runs it: run the target's own Python where this machine has one.
+    pip_python = find_python(python)
+    if pip_python is None:
+        pip_python = Path(sys.executable)
+        print(f"warning: no CPython {python} here; the dependency markers of its wheels are evaluated for "
+              f"{sys.version_info.major}.{sys.version_info.minor}", file=sys.stderr)
+    resolver = _python_version(pip_python)
+    key = _cache_key(requirements, (*tags, f"resolved-by-{resolver}"), python)
     if stamp.is_file():
         recorded = json.loads(stamp.read_text())
         wheels = [folder / name for name in recorded.get("wheels", [])]
@@ -183,7 +201,7 @@ def download_wheels(requirements: list[str], cache: Path, platform: str, tags: t
     # Another dependency list (or a broken cache): start over, so no outdated wheel is shipped.
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input", "--quiet",
+    cmd = [str(pip_python), "-m", "pip", "download", "--disable-pip-version-check", "--no-input", "--quiet",
            "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
            *(arg for tag in tags for arg in ("--platform", tag)), "--dest", str(folder), *requirements]
     print(f"downloading wheels for {platform}, CPython {python}: {', '.join(requirements)}", file=sys.stderr,

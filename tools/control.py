@@ -7,12 +7,14 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from protocol import messages as m
 from protocol.errors import ProtocolError
 from protocol.handshake import client_handshake
+from protocol.manifest import Manifest, ManifestError, ProjectFile
 from protocol.messages import Role
 from protocol.stream import MessageStream, sha256_file
 
@@ -46,6 +48,30 @@ def parse_server(text: str) -> tuple[str, int]:
 
 def default_token() -> str | None:
     return os.environ.get("MICROFARM_TOKEN") or None
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """What a submission sends: the whole project, and the contents the server lacks."""
+
+    manifest: Manifest
+    need: list[str]
+    upload_bytes: int
+
+    def describe(self) -> str:
+        files, total = len(self.manifest.files), self.manifest.total_bytes
+        kept = sum(1 for f in self.manifest.files if f.sha256 not in self.need)
+        return (f"{files} file{'s' if files != 1 else ''} ({human_bytes(total)}); the farm has {kept} of them "
+                f"already; uploading {len(self.need)} ({human_bytes(self.upload_bytes)})")
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} bytes"
 
 
 class Control:
@@ -98,29 +124,58 @@ class Control:
 
     async def submit(self, blend: Path, settings: dict[str, Any], *, priority: int = 0, start: bool = True,
                      video: dict[str, Any] | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> tuple[str, bool]:
-        """Send a job; returns its id and whether the .blend bytes had to be uploaded."""
-        size = blend.stat().st_size
-        sha = await asyncio.to_thread(sha256_file, blend)
-        await self.stream.send(m.Submit(name=blend.name, blend_sha256=sha, blend_size=size, settings=settings,
-                                        priority=priority, start=start, video=video))
+                     progress: Callable[[int, int], None] | None = None,
+                     files: list[tuple[str, Path]] | None = None, main: str | None = None,
+                     on_plan: Callable[[UploadPlan], None] | None = None) -> tuple[str, bool]:
+        """Send a job; returns its id and whether any bytes had to be uploaded.
+
+        files: the project, (relative path in the job, file on this disk), main the .blend's relative path
+        among them (default: the .blend alone, under its own name). The server says which contents it
+        lacks; only those are sent (on_plan hears what travels before any byte does).
+        """
+        if files is None:
+            files, main = [(blend.name, blend)], blend.name
+        assert main is not None
+        entries: list[ProjectFile] = []
+        local: dict[str, Path] = {}
+        for relpath, path in files:
+            sha = await asyncio.to_thread(sha256_file, path)
+            entries.append(ProjectFile(relpath, sha, path.stat().st_size))
+            local.setdefault(sha, path)
+        try:
+            manifest = Manifest.build(entries, main)
+        except ManifestError as exc:
+            raise ToolError(str(exc)) from None
+        blend_entry = manifest.main_file
+        await self.stream.send(m.Submit(name=blend.name, blend_sha256=blend_entry.sha256, blend_size=blend_entry.size,
+                                        settings=settings, priority=priority, start=start, video=video,
+                                        **manifest.to_wire()))
         ready = await self._reply(m.UploadReady)
         assert isinstance(ready, m.UploadReady)
-        if ready.need_bytes:
-            counter = [0]
-            task = asyncio.create_task(self.stream.send_file(None, blend, counter=counter))
+        need = list(ready.need) if ready.need or not ready.need_bytes else [blend_entry.sha256]  # an older server
+        sizes = {f.sha256: f.size for f in manifest.files}
+        if any(sha not in sizes for sha in need):
+            raise ToolError("the server asked for a file that is not part of this job")
+        plan = UploadPlan(manifest, need, sum(sizes[sha] for sha in need))
+        if on_plan:
+            on_plan(plan)
+        counter = [0]
+        for sha in need:
+            task = asyncio.create_task(self.stream.send_file(None, local[sha], counter=counter))
             while not task.done():
                 if progress:
-                    progress(counter[0], size)
+                    progress(counter[0], plan.upload_bytes)
                 await asyncio.wait({task}, timeout=0.2)
             try:
-                task.result()
+                sent = task.result()
             except ProtocolError as exc:
                 # The server may have refused the upload (the file changed while it was sent): say why.
                 raise ToolError(await self._refusal() or f"the upload was cut off: {exc}") from None
+            if sent != sha:
+                raise ToolError(f"{local[sha]} changed while it was being sent; submit again")
         submitted = await self._reply(m.Submitted)
         assert isinstance(submitted, m.Submitted)
-        return submitted.job_id, ready.need_bytes
+        return submitted.job_id, bool(need)
 
     async def job_action(self, action: str, job_id: str = "", **args: Any) -> m.JobControlDone:
         await self.stream.send(m.JobControl(action=action, job_id=job_id, args=args))

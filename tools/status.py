@@ -26,6 +26,9 @@ def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> st
     if jobs:
         def note(j: dict[str, Any]) -> str:
             text = j.get("error") or j.get("waiting") or j.get("video_error") or ""
+            if not text and j.get("warnings"):
+                count = len(j["warnings"])
+                text = f"warning: {j['warnings'][0]}" + (f" (+{count - 1} more)" if count > 1 else "")
             return text.splitlines()[0][:120] if text else ""
         def progress(j: dict[str, Any]) -> str:
             done = f"{j['frames_done']}/{j['frames_total']}"
@@ -34,6 +37,8 @@ def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> st
             return done
         rows = [[j["id"], j["name"], j["state"], progress(j), job_blender(j), note(j)] for j in jobs]
         out.append(format_table(rows, ["JOB", "FILE", "STATE", "FRAMES", "BLENDER", "NOTE"]))
+        for j in jobs:  # warnings in full: a job that rendered without some of its files must not look fine
+            out.extend(f"warning: {j['id']}: {w}" for w in j.get("warnings") or ())
     else:
         out.append("no jobs")
     out.append("")

@@ -1,10 +1,12 @@
 """Submit a .blend to a MicroFarm server.
 
     python -m tools.submit FILE.blend --server HOST:PORT [--frames 1-24 | --frame N [--split auto|K]]
-        [--step N] [--chunk 4] [--format PNG|JPEG|OPEN_EXR] [--samples N] [--percentage P] [--wait]
+        [--step N] [--chunk 4] [--format PNG|JPEG|OPEN_EXR] [--samples N] [--percentage P]
+        [--allow-missing] [--needs-scripts] [--wait]
 
 Prints the job id. With --wait, shows progress and exits 0 when the job is done, 1 with the
-reason when it failed or was cancelled.
+reason when it failed or was cancelled. A job whose files are missing on the clients fails naming them,
+unless --allow-missing: then it renders without them and the warning stays with the job.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from protocol.blendfile import BlendHeaderError, read_version
 from protocol.settings import BLENDER_FILE, IMAGE_FORMATS, JobRequest, SettingsError
 
-from .control import Control, ToolError, default_token, run_tool
+from .control import Control, ToolError, UploadPlan, default_token, run_tool
+from .trace import OUTSIDE_DIR, Trace, TraceError, bat_available, traced
 
 _RANGE = re.compile(r"^\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+))?\s*$")
 
@@ -76,7 +80,8 @@ def build_settings(args: argparse.Namespace) -> dict[str, Any]:
     raw = {"frame_start": start, "frame_end": end, "frame_step": args.step, "chunk": args.chunk,
            "file_format": args.format, "samples": args.samples, "percentage": args.percentage,
            "device": args.device.upper() if args.device else None, "split": split,
-           "blender": args.blender}
+           "blender": args.blender, "allow_missing": getattr(args, "allow_missing", False),
+           "needs_scripts": getattr(args, "needs_scripts", False)}
     try:
         return JobRequest.from_wire(raw).to_wire()
     except SettingsError as exc:
@@ -112,12 +117,52 @@ async def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ToolError(f"cannot read {blend}: {exc.strerror or exc}") from None
     settings = build_settings(args)
+    try:
+        read_version(blend)  # the server's own check, before the tracer reads further than the header
+    except BlendHeaderError as exc:
+        if not str(exc).startswith("the file is zstd"):  # a compressed save the server may still take
+            raise ToolError(f"{blend.name}: {exc}") from None
+    except OSError as exc:
+        raise ToolError(f"cannot read {blend}: {exc.strerror or exc}") from None
+    if args.blend_only:
+        return await _submit(args, blend, settings, None)
+    why = bat_available()
+    if why:
+        print(f"warning: cannot trace what the .blend needs: {why}; only the .blend travels", file=sys.stderr)
+        return await _submit(args, blend, settings, None)
+    try:
+        with traced(blend, args.project) as trace:
+            _check_trace(trace, args.allow_missing)
+            return await _submit(args, blend, settings, trace)
+    except TraceError as exc:
+        raise ToolError(str(exc)) from None
+
+
+def _check_trace(trace: Trace, allow_missing: bool) -> None:
+    """Say what is missing on this disk (and stop, unless allowed) and what comes from outside the project."""
+    for entry in trace.outside:
+        print(f"outside the project: {entry.original} travels as //{entry.relpath}", file=sys.stderr)
+    if not trace.missing:
+        return
+    names = ", ".join(trace.missing[:10]) + (f" and {len(trace.missing) - 10} more" if len(trace.missing) > 10 else "")
+    if not allow_missing:
+        raise ToolError(f"{len(trace.missing)} file(s) the scene needs are missing on this disk: {names} "
+                        "(submit with --allow-missing to render without them)")
+    print(f"warning: missing on this disk, the job renders without them: {names}", file=sys.stderr)
+
+
+def _show_plan(plan: UploadPlan) -> None:
+    print(f"travels: {plan.describe()}", file=sys.stderr, flush=True)
+
+
+async def _submit(args: argparse.Namespace, blend: Path, settings: dict[str, Any], trace: Trace | None) -> int:
+    files, main = (trace.pairs(), trace.main) if trace is not None else (None, None)
     control = await Control.connect(args.server, args.token)
     try:
         video = ({"codec": args.video, "quality": args.quality, "location": args.video_location}
                  if args.video else None)
         job_id, uploaded = await control.submit(blend, settings, priority=args.priority, start=not args.queue,
-                                                video=video)
+                                                video=video, files=files, main=main, on_plan=_show_plan)
         print(job_id, flush=True)
         if not args.wait:
             return 0
@@ -131,6 +176,8 @@ async def run(args: argparse.Namespace) -> int:
                 last = line
         if tty:
             print(file=sys.stderr)
+        for warning in job.get("warnings") or ():
+            print(f"warning: job {job_id}: {warning}", file=sys.stderr)
         if job.get("state") != "done":
             reason = job.get("error") or job.get("state")
             print(f"error: job {job_id} {job.get('state')}: {reason}", file=sys.stderr)
@@ -166,6 +213,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blender", type=blender_value, metavar="VERSION|file",
                         help="the Blender that renders every frame: 'file' (the version that saved it), 4.5 "
                              "(any 4.5.x) or 4.5.15 (default: the version most connected clients run)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="render even if files the scene uses are missing on the clients (the job carries the "
+                             "list as a warning; default: the job fails naming them)")
+    parser.add_argument("--needs-scripts", action="store_true",
+                        help="the scene needs its Python (drivers, registered text blocks): send it only to clients "
+                             "started with --allow-scripts")
     parser.add_argument("--priority", type=priority_value, default=0,
                         help="higher renders first, -1000000 to 1000000 (default: 0)")
     parser.add_argument("--queue", action="store_true", help="queue the job without starting it (tools.jobs resume)")
@@ -174,6 +227,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--video-location", choices=["frames", "parent", "root"], default="frames",
                         help="where the video goes: beside the frames, the job folder's parent, the output root")
     parser.add_argument("--wait", action="store_true", help="show progress and wait until the job ends")
+    parser.add_argument("--project", type=Path, default=None, metavar="DIR",
+                        help="the project folder: files inside it keep their place relative to it (default: the "
+                             f".blend's folder); files outside it travel under {OUTSIDE_DIR}/")
+    parser.add_argument("--blend-only", action="store_true",
+                        help="send only the .blend, not what it needs (a farm whose clients see the files)")
     parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
     return parser.parse_args(argv)
 

@@ -83,7 +83,8 @@ def job_request(scene: bpy.types.Scene) -> JobRequest:
         start, end = scene.frame_start, scene.frame_end
     file_format = None if settings.file_format == "SCENE" else settings.file_format
     return JobRequest.from_wire({"frame_start": start, "frame_end": end, "frame_step": scene.frame_step,
-                                 "chunk": settings.chunk, "file_format": file_format})
+                                 "chunk": settings.chunk, "file_format": file_format,
+                                 "allow_missing": settings.allow_missing, "needs_scripts": settings.needs_scripts})
 
 
 def current_frame_request(scene: bpy.types.Scene) -> JobRequest:
@@ -92,7 +93,8 @@ def current_frame_request(scene: bpy.types.Scene) -> JobRequest:
     file_format = None if settings.file_format == "SCENE" else settings.file_format
     split = settings.split_tiles if settings.use_split else None
     return JobRequest.from_wire({"frame_start": scene.frame_current, "frame_end": scene.frame_current, "chunk": 1,
-                                 "file_format": file_format, "split": split})
+                                 "file_format": file_format, "split": split,
+                                 "allow_missing": settings.allow_missing, "needs_scripts": settings.needs_scripts})
 
 
 class _SendCopy:

@@ -114,6 +114,8 @@ class MICROFARM_PT_create_job(_FarmPanel, bpy.types.Panel):
         col.prop(settings, "chunk")
         col.prop(settings, "file_format")
         col.prop(settings, "pack_textures")
+        col.prop(settings, "allow_missing")
+        col.prop(settings, "needs_scripts")
         col.prop(settings, "priority")
         col.prop(settings, "use_video")
         if settings.use_video:
@@ -175,6 +177,8 @@ def draw_job(box: bpy.types.UILayout, job: Mapping[str, Any]) -> None:
         box.label(text=str(job["error"])[:200], icon='ERROR')
     elif job.get("waiting"):
         box.label(text=str(job["waiting"])[:200], icon='TIME')
+    for warning in (job.get("warnings") or ())[:5]:  # missing files and scripts: shown to the end
+        box.label(text=str(warning)[:200], icon='ERROR')
     box.label(text=f"Blender {job_blender(job)}", icon='BLENDER')
     if job.get("video_state"):
         detail = f": {job['video_error']}" if job.get("video_error") else ""

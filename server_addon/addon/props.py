@@ -84,6 +84,12 @@ class MicroFarmSceneSettings(bpy.types.PropertyGroup):
     pack_textures: BoolProperty(name="Pack Textures", default=True,
                                 description="Pack external images into the copy sent to the farm "
                                             "(the open file is left as it is)")
+    allow_missing: BoolProperty(name="Render With Missing Files", default=False,
+                                description="Render even if files the scene uses are missing on the farm's "
+                                            "clients (the job shows which); otherwise such a job fails naming them")
+    needs_scripts: BoolProperty(name="Needs Scripts", default=False,
+                                description="The scene needs its Python (drivers, registered text blocks): only "
+                                            "clients started with --allow-scripts render it")
     use_video: BoolProperty(name="Build a Video", default=False,
                             description="Turn the finished frames into a video with ffmpeg")
     video_codec: EnumProperty(name="Codec", items=CODEC_ITEMS, default="h264")

@@ -55,7 +55,7 @@ class JobActions:
             if args.get("files"):
                 await asyncio.to_thread(self._delete_files, job)
                 message += " with its files"
-            self._forget_blend(job.blend_sha256)
+            self._forget_files(job)
         elif action == "video":
             job = farm.job(job_id)
             if job.state is not JobState.DONE:
@@ -71,7 +71,7 @@ class JobActions:
         elif action == "clear_completed":
             cleared = farm.clear_finished()
             for job in cleared:
-                self._forget_blend(job.blend_sha256)
+                self._forget_files(job)
             message = f"cleared {len(cleared)} finished jobs"
         else:
             raise JobActionError(f"unknown job action {action!r}; known: {', '.join(JOB_ACTIONS)}")
@@ -87,9 +87,11 @@ class JobActions:
             with contextlib.suppress(OSError):
                 Path(job.video_path).unlink()
 
-    def _forget_blend(self, sha256: str) -> None:
-        """Remove a .blend from the store once no job uses it."""
-        if any(j.blend_sha256 == sha256 for j in self.server.farm.jobs.values()):
-            return
-        with contextlib.suppress(OSError, UnsafeName):
-            self.server.blends.path(sha256).unlink()
+    def _forget_files(self, job: Job) -> None:
+        """Remove a job's files from the store once no other job uses them."""
+        used = set()
+        for other in self.server.farm.jobs.values():
+            used |= other.manifest.shas()
+        for sha in job.manifest.shas() - used:
+            with contextlib.suppress(OSError, UnsafeName):
+                self.server.blends.path(sha).unlink()

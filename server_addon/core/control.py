@@ -78,15 +78,20 @@ class ControlConnections:
         sha = submit.blend_sha256
         blends = self.server.blends
         blends.path(sha)
-        need = not blends.has(sha)
-        await stream.send(m.UploadReady(need_bytes=need))
+        project = submit.manifest()  # validated with the message: safe relative paths, bounded
+        wanted = {f.sha256: f.size for f in project.files} if project else {sha: submit.blend_size}
+        # Each distinct content once, and only what the store lacks: a second job of a project sends its changes.
+        need = [digest for digest, size in wanted.items() if not blends.has(digest, size)]
+        await stream.send(m.UploadReady(need_bytes=bool(need), need=need))
         if request.split is not None and video is not None:
             raise ProtocolError("a split job renders one frame; it makes no video")
+        for digest in need:
+            await self._receive_blend(stream, digest, wanted[digest])
         if need:
-            await self._receive_blend(stream, sha, submit.blend_size)
+            log.info("%s: received %d of the job's %d files from %s", name, len(need), len(wanted), peer.name)
         try:
             job = self.server.create_job(name, sha, submit.blend_size, request, start=submit.start,
-                                         priority=submit.priority, video=video)
+                                         priority=submit.priority, video=video, project=project)
         except ValueError as exc:  # e.g. a file that is no .blend: the submitter gets the sentence
             await stream.send(m.Error(reason=str(exc)))
             return
@@ -113,11 +118,13 @@ class ControlConnections:
                     sink.finish(message.sha256)
                     break
                 else:
-                    raise ProtocolError(f"{message.TYPE.value} inside a .blend upload")
+                    raise ProtocolError(f"{message.TYPE.value} inside a file upload")
         except BaseException:
             sink.abort()
             raise
         blends.commit(sink, sha)
+        self.server.stats.upload_bytes_received += size
+        self.server.stats.files_received += 1
 
     async def _watch(self, stream: MessageStream, job_id: str) -> None:
         server = self.server

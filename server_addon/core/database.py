@@ -16,6 +16,7 @@ from pathlib import Path
 
 from protocol.blendfile import BlenderVersion
 from protocol.errors import ProtocolError
+from protocol.manifest import Manifest
 from protocol.settings import JobRequest, SceneInfo, SettingsError, resolve
 
 from .jobs import FrameRecord, FrameState, Job, JobState
@@ -23,11 +24,15 @@ from .storage import OutputStore, UnsafeName, frame_name, tile_name
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 #: Columns added after the first schema, with the statement that adds them to an older database.
 _MIGRATIONS = {
     2: "ALTER TABLE jobs ADD COLUMN versions TEXT NOT NULL DEFAULT '{}'",  # Blender versions (issue: one per job)
+    3: "ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",  # missing files, scripts (issue 10)
+    4: "ALTER TABLE jobs ADD COLUMN project TEXT NOT NULL DEFAULT ''",  # the job's files (protocol.manifest)
 }
+#: The column each migration adds, to tell which an older database lacks.
+_MIGRATION_COLUMNS = {2: "versions", 3: "warnings", 4: "project"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -49,7 +54,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     video_state TEXT NOT NULL,
     video_path TEXT NOT NULL,
     video_error TEXT NOT NULL,
-    versions TEXT NOT NULL DEFAULT '{}'
+    versions TEXT NOT NULL DEFAULT '{}',
+    warnings TEXT NOT NULL DEFAULT '[]',
+    project TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS frames (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -68,7 +75,7 @@ CREATE TABLE IF NOT EXISTS frames (
 
 _JOB_COLUMNS = ("seq", "name", "blend_sha256", "blend_size", "request", "scene", "state", "priority", "error",
                 "forced", "probe_failures", "client_failures", "created", "finished_at", "video", "video_state",
-                "video_path", "video_error", "versions")
+                "video_path", "video_error", "versions", "warnings", "project")
 _JOB_UPDATE = ", ".join(f"{column} = excluded.{column}" for column in _JOB_COLUMNS)
 
 
@@ -99,8 +106,9 @@ class Database:
             raise DatabaseError(f"the job database {path} was written by a newer MicroFarm (schema {version})")
         columns = {row[1] for row in self.conn.execute("PRAGMA table_info(jobs)")}
         self.conn.executescript(_SCHEMA)
-        if columns and "versions" not in columns:  # a database of schema 1
-            self.conn.execute(_MIGRATIONS[2])
+        for number, column in _MIGRATION_COLUMNS.items():
+            if columns and column not in columns:  # a database from before that schema
+                self.conn.execute(_MIGRATIONS[number])
         self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -112,13 +120,14 @@ class Database:
         # An upsert, not INSERT OR REPLACE: a REPLACE deletes the row first, and the cascade would
         # take the job's frame rows with it.
         self.conn.execute(
-            "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             f"ON CONFLICT(id) DO UPDATE SET {_JOB_UPDATE}",
             (job.id, job.seq, job.name, job.blend_sha256, job.blend_size, json.dumps(job.request.to_wire()),
              json.dumps(job.scene.to_wire()) if job.scene else None, job.state.value, job.priority, job.error,
              int(job.forced), job.probe_failures, json.dumps(job.client_failures), job.created, job.finished_at,
              json.dumps(job.video) if job.video is not None else None, job.video_state, job.video_path,
-             job.video_error, json.dumps(_versions(job))))
+             job.video_error, json.dumps(_versions(job)), json.dumps(job.warnings),
+             json.dumps(job.project.to_wire()) if job.project else ""))
 
     def save_frame(self, job: Job, frame: FrameRecord) -> None:
         self.conn.execute(
@@ -156,10 +165,14 @@ class Database:
                   probe_failures=r["probe_failures"], client_failures=json.loads(r["client_failures"]),
                   finished_at=r["finished_at"], video=json.loads(r["video"]) if r["video"] else None,
                   video_state=r["video_state"], video_path=r["video_path"], video_error=r["video_error"])
+        if r.get("project"):
+            project = json.loads(r["project"])
+            job.project = Manifest.from_wire(project.get("files"), project.get("main"))
         versions = json.loads(r["versions"] or "{}")
         job.file_blender = BlenderVersion.parse(versions.get("file") or "")
         job.pinned_blender = str(versions.get("pinned") or "")
         job.probe_failed_on = {str(k): str(v) for k, v in dict(versions.get("probe_failed_on") or {}).items()}
+        job.warnings = [str(w) for w in json.loads(r.get("warnings") or "[]")]
         if scene is not None:
             job.settings = resolve(request, scene)
             job.frames = {n: FrameRecord(n) for n in job.settings.items}

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from protocol.blendfile import BlenderVersion
+from protocol.manifest import Manifest, safe_blend_name
 from protocol.settings import JobRequest, RenderSettings, SceneInfo
 
 
@@ -72,6 +73,7 @@ class Job:
     probe_lease: int | None = None
     probe_failures: int = 0
     probe_failed_on: dict[str, str] = field(default_factory=dict)  # client name -> "Blender 4.2.23: error"
+    probe_losses: dict[str, int] = field(default_factory=dict)  # client name -> times lost while opening the file
     file_blender: BlenderVersion | None = None  # the version that saved the .blend (major.minor), if readable
     pinned_blender: str = ""  # the exact Blender version all of the job's frames are rendered with
     client_failures: dict[str, int] = field(default_factory=dict)  # client name -> failed frames
@@ -82,6 +84,18 @@ class Job:
     video_error: str = ""
     waiting: str = ""  # why no client can take the job's frames now, for the user
     stitched: bool = False  # a split job: its tiles were stitched into the frame, which is on disk
+    project: Manifest | None = None  # the files it needs (None: the .blend alone, see manifest)
+
+    @property
+    def manifest(self) -> Manifest:
+        """Every file the job needs, with the .blend's relative path; a job of a bare .blend names it after
+        the job (its file name), so that a client lays it out like the artist's file."""
+        if self.project is not None:
+            return self.project
+        return Manifest.single(safe_blend_name(self.name), self.blend_sha256, self.blend_size)
+    # What the user must know about frames that rendered: files missing (allowed by the submitter, or seen in
+    # Blender's output), scripts the clients do not run. Carried to the end, shown with the job.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def settled(self) -> bool:
@@ -133,11 +147,16 @@ class Job:
             "mean_frame_s": self.mean_frame_s(),
             "forced": self.forced,
             "device": self.request.device,
+            "files": len(self.project.files) if self.project else 1,
+            "files_bytes": self.project.total_bytes if self.project else self.blend_size,
             "blender_file": str(self.file_blender) if self.file_blender else None,
             "blender_request": self.request.blender,
             "blender": self.pinned_blender or None,
             "waiting": self.waiting,
             "error": self.error,
+            "warnings": list(self.warnings),
+            "allow_missing": self.request.allow_missing,
+            "needs_scripts": self.request.needs_scripts,
             "file_format": s.file_format if s else None,
             "fps": s.fps if s else None,
             "resolution": [s.resolution_x, s.resolution_y] if s else None,
@@ -185,6 +204,7 @@ class ClientRecord:
     devices: tuple[str, ...] = ()
     ready: bool = False  # has reported its state since it connected
     busy: bool = False  # still finishing work from before a reconnect
+    allow_scripts: bool = False  # started with --allow-scripts: it runs the scripts of the files it opens
 
     def view(self, leases: dict[int, Lease], excluded_from: list[str]) -> dict[str, Any]:
         lease = leases.get(self.lease_id) if self.lease_id is not None else None
@@ -203,7 +223,7 @@ class ClientRecord:
             "job_id": lease.job_id if lease else None, "frame": self.frame,
             "frames_rendered": self.frames_rendered, "failures": self.failures,
             "excluded_from": excluded_from, "device": self.device, "devices": list(self.devices),
-            "blender": self.blender,
+            "blender": self.blender, "allow_scripts": self.allow_scripts,
         }
 
 

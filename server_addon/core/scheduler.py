@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from protocol.assets import MAX_WARNING_CHARS, clip_text, missing_sentence, scripts_sentence
 from protocol.settings import SceneInfo, SettingsError, resolve
 
 from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation
@@ -25,17 +26,54 @@ log = logging.getLogger(__name__)
 
 #: A frame that fails this many times (on different clients where there are any) fails its job.
 MAX_FRAME_ATTEMPTS = 3
+#: A client lost this many times while opening a job's file counts as unable to open it.
+MAX_PROBE_LOSSES = 2
 #: A client that fails this many frames of one job gets no more of that job's frames.
 MAX_CLIENT_JOB_FAILURES = 3
+#: Warnings a job keeps (the first ones: later frames mostly repeat them).
+MAX_JOB_WARNINGS = 32
 
 
 def _device_fits(job: Job, client: ClientRecord) -> bool:
     return not (job.request.device == "GPU" and client.device == "CPU")
 
 
+def _scripts_fit(job: Job, client: ClientRecord) -> bool:
+    """A job that needs its scene's scripts goes only to clients started with --allow-scripts."""
+    return client.allow_scripts or not job.request.needs_scripts
+
+
+def _opens(job: Job, client: ClientRecord) -> bool:
+    """The client may read the job's scene: its Blender may render the job, and it runs the scripts if need be."""
+    return version_fits(job, client) and _scripts_fit(job, client)
+
+
 def _fits(job: Job, client: ClientRecord) -> bool:
-    """The client's device and Blender version may render this job."""
-    return _device_fits(job, client) and version_fits(job, client)
+    """The client's device, Blender version and scripts setting may render this job."""
+    return _device_fits(job, client) and _opens(job, client)
+
+
+def as_submitted(job: Job, text: str) -> str:
+    """A client's words with its cache names replaced by the file's own: clients keep a job's .blend as
+    <sha256>.blend, so Blender names it (and its disk caches, blendcache_<sha256>/) by the checksum."""
+    stem = job.name[:-len(".blend")] if job.name.endswith(".blend") else job.name
+    text = text.replace(f"blendcache_{job.blend_sha256}", f"blendcache_{stem}")
+    cached = re.escape(job.blend_sha256) + r"\.blend"
+    pattern = rf"'[^']*{cached}'|\"[^\"]*{cached}\"|(?:[A-Za-z]:)?[^\s'\":]*{cached}"
+    return re.sub(pattern, lambda match: _quoted_like(match.group(0), job.name), text)
+
+
+def _quoted_like(found: str, name: str) -> str:
+    return f"{found[0]}{name}{found[0]}" if found[:1] in ("'", '"') else name
+
+
+def add_warning(job: Job, text: str) -> bool:
+    """Note a warning on the job once; False if it was there already or the job has enough of them."""
+    text = clip_text(text, MAX_WARNING_CHARS)
+    if text in job.warnings or len(job.warnings) >= MAX_JOB_WARNINGS:
+        return False
+    job.warnings.append(text)
+    return True
 
 
 class JobActionError(ValueError):
@@ -141,6 +179,8 @@ class Farm:
             job.client_failures.clear()
             job.probe_failures = 0
             job.probe_failed_on.clear()
+            job.probe_losses.clear()
+        self._unpin_if_unused(job)
         job.state = JobState.RENDERING if job.settings is not None else JobState.PROBING
         job.error = ""
         job.forced = False
@@ -190,9 +230,9 @@ class Farm:
     # --- clients --------------------------------------------------------------------------
 
     def connect_client(self, client_id: str, name: str, host: str, device: str = "CPU",
-                       devices: tuple[str, ...] = (), blender: str = "") -> ClientRecord:
+                       devices: tuple[str, ...] = (), blender: str = "", allow_scripts: bool = False) -> ClientRecord:
         record = ClientRecord(id=client_id, name=name, host=host, device=device or "CPU", devices=devices,
-                              blender=blender)
+                              blender=blender, allow_scripts=allow_scripts)
         self.clients[client_id] = record
         return record
 
@@ -210,13 +250,24 @@ class Farm:
             # Blender crashing on a file or a frame looks like a lost client: it counts as a failure,
             # so a file that kills every client ends its job instead of looping forever.
             if lease.kind is LeaseKind.PROBE:
-                self.probe_failed(lease.id, f"client {record.name} was lost while opening the .blend")
+                self._probe_lost(lease, record)
             elif working_on in lease.frames:
                 self.frame_failed(lease.id, working_on, client_id,
                                   f"client {record.name} was lost while rendering this frame")
             self._drop_lease(lease)
         record.frame = None
         return taken
+
+    def _probe_lost(self, lease: Lease, record: ClientRecord) -> None:
+        """A restart or a network blip while a client opens a file is no verdict on the file; Blender
+        crashing on it every time is: the second loss on the same client counts as a failed open."""
+        job = self.jobs.get(lease.job_id)
+        if job is None:
+            return
+        job.probe_losses[record.name] = job.probe_losses.get(record.name, 0) + 1
+        if job.probe_losses[record.name] >= MAX_PROBE_LOSSES:
+            self.probe_failed(lease.id, f"client {record.name} was lost {MAX_PROBE_LOSSES} times while opening "
+                                        "the .blend")
 
     def forget_client(self, client_id: str) -> None:
         self.disconnect_client(client_id)
@@ -236,6 +287,8 @@ class Farm:
         if job is not None:
             if job.probe_lease == lease.id:
                 job.probe_lease = None
+            if lease.kind is LeaseKind.RENDER:
+                self._unpin_if_unused(job)
             for number in lease.frames:
                 frame = job.frames.get(number)
                 if frame is not None and frame.state is FrameState.LEASED and frame.lease_id == lease.id:
@@ -246,6 +299,17 @@ class Farm:
             client.lease_id = None
             client.frame = None
             client.frame_started = None
+
+    def _unpin_if_unused(self, job: Job) -> None:
+        """A job is pinned to a Blender version when its first frames are handed out; until one of them is
+        on disk, losing those leases (a client that crashed, left or lied) frees the job for any version."""
+        if not job.pinned_blender or any(f.state is FrameState.DONE for f in job.frames.values()):
+            return
+        if any(lease.job_id == job.id and lease.kind is LeaseKind.RENDER for lease in self.leases.values()):
+            return
+        log.info("job %s: no frame rendered with Blender %s yet; any version may take it", job.id, job.pinned_blender)
+        job.pinned_blender = ""
+        self.store.save_job(job)
 
     def drain_revocations(self) -> list[Revocation]:
         out, self._revocations = self._revocations, []
@@ -264,6 +328,11 @@ class Farm:
         if not versions:
             gpu = " rendering on a GPU" if job.request.device == "GPU" else ""
             return f"waiting for a client with {wanted_sentence(job)}{gpu}; connected: {connected_summary(connected)}"
+        if job.request.needs_scripts and not any(c.allow_scripts for c in versions):
+            names = ", ".join(sorted(c.name for c in versions))
+            return ("waiting for a client started with --allow-scripts (the job needs the scene's scripts); "
+                    f"connected clients run with scripts off: {names}")
+        versions = [c for c in versions if _scripts_fit(job, c)]
         if job.request.device == "GPU" and not any(_device_fits(job, c) for c in versions):
             return "waiting for a client that renders on a GPU"
         if job.state is JobState.PROBING and all(c.name in job.probe_failed_on for c in versions):
@@ -281,7 +350,7 @@ class Farm:
             if job.state is JobState.PROBING:
                 # Reading a scene renders nothing (any device will do), but only a Blender that may
                 # render the job reads it, and a client that could not open the file is not asked again.
-                if job.probe_lease is None and version_fits(job, client) and client.name not in job.probe_failed_on:
+                if job.probe_lease is None and _opens(job, client) and client.name not in job.probe_failed_on:
                     return self._lease(job, client, LeaseKind.PROBE, [])
                 continue
             if not _fits(job, client):
@@ -293,7 +362,9 @@ class Farm:
             if client.name in excluded and takers:
                 continue  # it failed too many of this job's frames, and others can do them
             if not job.pinned_blender:
-                candidates = [c for c in connected if c.ready and _fits(job, c) and c.name in (takers or capable)]
+                # Among the clients that could start it now (idle ones): a busy majority holds nothing back.
+                candidates = [c for c in connected if (c is client or (c.ready and not c.busy and c.lease_id is None))
+                              and _fits(job, c) and c.name in (takers or capable)]
                 if preferred_version(job, candidates) not in (None, client_version(client)):
                     continue  # the job will be pinned to the Blender most of its possible clients run
             frames = self._eligible_frames(job, client.name, takers or capable)
@@ -350,6 +421,15 @@ class Farm:
         if not scene.has_camera:
             self.fail_job(job, f"scene {scene.scene!r} has no camera to render from")
             return job
+        if scene.missing:
+            missing = as_submitted(job, missing_sentence(scene.missing, scene.missing_total))
+            if not job.request.allow_missing:
+                self.fail_job(job, f"{missing}; add the files to the project, or submit with --allow-missing to "
+                                   "render without them")
+                return job
+            add_warning(job, missing)
+        if (scene.python_drivers or scene.registered_texts) and not job.request.needs_scripts:
+            add_warning(job, scripts_sentence(scene.python_drivers, scene.registered_texts))
         job.scene = scene
         job.settings = settings
         if settings.tiles:
@@ -376,13 +456,13 @@ class Farm:
         name = client.name if client else lease.client_id
         version = client.blender if client else "?"
         # Clients name the file by its place in their cache; the user knows it by its own name.
-        error = re.sub(r"(?:[A-Za-z]:)?[^\s'\":]*" + job.blend_sha256 + r"\.blend", job.name, error)
+        error = as_submitted(job, error)
         job.probe_failures += 1
         job.probe_failed_on[name] = f"Blender {version}: {error}"
         self.store.save_job(job)
         # The job fails once every connected client that may take it has failed to open the file.
         others = [c for c in self.clients.values()
-                  if c.connected and version_fits(job, c) and c.name not in job.probe_failed_on]
+                  if c.connected and _opens(job, c) and c.name not in job.probe_failed_on]
         if not others:
             saved = f"saved by Blender {job.file_blender}" if job.file_blender else "saved by an unknown Blender"
             tried = "; ".join(f"{n} ({why})" for n, why in sorted(job.probe_failed_on.items()))
@@ -398,8 +478,9 @@ class Farm:
         return frame is not None and frame.state is not FrameState.DONE
 
     def frame_stored(self, job_id: str, number: int, client_id: str, render_s: float | None = None,
-                     lease_id: int | None = None) -> bool:
-        """Record that a frame's file is on disk. Returns False if it was already stored."""
+                     lease_id: int | None = None, warnings: tuple[str, ...] | list[str] = ()) -> bool:
+        """Record that a frame's file is on disk, with what its client found missing while rendering it
+        (a warning on the job). Returns False if it was already stored."""
         if not self.wants_frame(job_id, number):
             return False
         job = self.jobs[job_id]
@@ -415,6 +496,16 @@ class Farm:
         frame.render_s = render_s
         if client is not None:
             client.frames_rendered += 1
+        what = f"tile {number}" if job.settings and job.settings.tiles else f"frame {number}"
+        noted = False
+        for warning in warnings:
+            warning = as_submitted(job, warning)
+            # The probe's list again, or a line an earlier frame showed: once is enough.
+            if warning not in job.warnings and not any(w.endswith(f": {warning}") for w in job.warnings):
+                noted = add_warning(job, f"{what}: {warning}") or noted
+        if noted:
+            log.warning("job %s: %s rendered with files missing: %s", job.id, what, "; ".join(warnings))
+            self.store.save_job(job)
         self.store.save_frame(job, frame)
         if job.state is JobState.RENDERING and job.complete:
             log.info("job %s: done, %d frames", job.id, len(job.frames))

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from protocol import messages as m
-from protocol.blendfile import BlenderVersion, BlendHeaderError, read_version
+from protocol.blendfile import BlenderVersion, BlendHeaderError, HeaderUnreadable, read_version
 from protocol.errors import ConnectionClosed, ProtocolError
 from protocol.handshake import Peer, server_handshake
 from protocol.limits import HANDSHAKE_MAX_BYTES, HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, MAX_MESSAGE_BYTES
+from protocol.manifest import Manifest
 from protocol.messages import Role
 from protocol.settings import BLENDER_FILE, JobRequest
 from protocol.stream import MessageStream
@@ -37,7 +38,7 @@ from .database import Database, DatabaseError
 from .finishing import Finishing
 from .jobs import Job, Lease, LeaseKind
 from .scheduler import Farm
-from .storage import BlendStore, OutputStore, UnsafeName, new_job_id
+from .storage import ContentStore, OutputStore, UnsafeName, new_job_id
 from .video import remove_leftovers
 from .workers import HANG_FACTOR, HANG_MIN_S, HANG_MIN_SAMPLES, MAX_LOST_CLIENTS_SHOWN, Workers
 
@@ -80,7 +81,10 @@ class ServerConfig:
 
 @dataclass
 class ServerStats:
-    blend_bytes_sent: int = 0
+    blend_bytes_sent: int = 0  # job files (the .blend and what it needs) sent to render clients
+    files_sent: int = 0
+    upload_bytes_received: int = 0  # job files received from submitters (only what the store lacked)
+    files_received: int = 0
     frames_stored: int = 0
     duplicate_frames: int = 0
     connections_refused: int = 0
@@ -92,7 +96,8 @@ class FarmServer:
         self.clock = clock
         try:
             self.outputs = OutputStore(config.output_dir)
-            self.blends = BlendStore(config.resolved_data_dir / "blends")
+            # Every file of every job by sha256 (the name stays: the add-on and the web upload store .blends in it).
+            self.blends = ContentStore(config.resolved_data_dir / "files", legacy=config.resolved_data_dir / "blends")
             self.db = Database(config.resolved_data_dir / "jobs.sqlite3")
         except OSError as exc:
             raise ServerStartError(f"cannot use {exc.filename or config.output_dir}: {exc.strerror or exc}") from None
@@ -102,6 +107,11 @@ class FarmServer:
         self.blends.remove_partials()
         remove_leftovers(self.outputs.root)
         for job in self.db.load(self.outputs):
+            if job.file_blender is None and not job.state.finished:
+                # A job stored before versions were kept: read its file's header now, so that no older
+                # client is given it.
+                with contextlib.suppress(BlendHeaderError, OSError):
+                    job.file_blender = read_version(self.blends.path(job.blend_sha256))
             self.farm.restore_job(job)
             # What a killed server left half-written: uploads and video builds.
             if self.outputs.job_dir(job.id).is_dir():
@@ -205,9 +215,17 @@ class FarmServer:
     # --- job operations (used by control connections and by the add-on) ------------------
 
     def create_job(self, name: str, blend_sha256: str, blend_size: int, request: JobRequest, *,
-                   start: bool = True, priority: int = 0, video: dict[str, Any] | None = None) -> Job:
+                   start: bool = True, priority: int = 0, video: dict[str, Any] | None = None,
+                   project: Manifest | None = None) -> Job:
         if not self.blends.has(blend_sha256):
             raise ValueError("the .blend for this job is not on the server")
+        if project is not None:
+            main = project.main_file
+            if (main.sha256, main.size) != (blend_sha256, blend_size):
+                raise ValueError("the project's main file is not the job's .blend")
+            lacking = [f.relpath for f in project.files if not self.blends.has(f.sha256, f.size)]
+            if lacking:
+                raise ValueError(f"files of this job are not on the server: {', '.join(lacking[:5])}")
         if request.split is not None and video is not None:
             raise ValueError("a split job renders one frame; it makes no video")
         job_id = new_job_id(name)
@@ -215,7 +233,8 @@ class FarmServer:
             job_id = new_job_id(name)
         file_blender = self._file_version(name, blend_sha256, request)
         job = Job(id=job_id, name=name, blend_sha256=blend_sha256, blend_size=blend_size,
-                  request=request, created=time.time(), priority=priority, video=video, file_blender=file_blender)
+                  request=request, created=time.time(), priority=priority, video=video, file_blender=file_blender,
+                  project=project)
         self.farm.add_job(job, start=start)
         self._dispatch()
         self._notify()
@@ -224,15 +243,21 @@ class FarmServer:
     def _file_version(self, name: str, blend_sha256: str, request: JobRequest) -> BlenderVersion | None:
         """The Blender that saved the job's file (its header: a few bytes, decompressed if need be)."""
         try:
-            return read_version(self.blends.path(blend_sha256))
-        except BlendHeaderError as exc:
-            if request.blender == BLENDER_FILE or not str(exc).startswith("the file is zstd"):
-                raise ValueError(f"{name}: {exc}") from None
+            saved = read_version(self.blends.path(blend_sha256))
+        except HeaderUnreadable as exc:
+            if request.blender == BLENDER_FILE:
+                raise ValueError(f"{name}: {exc}, so --blender file cannot be honoured") from None
             # Without zstandard the version stays unknown: clients that cannot open the file say so.
             log.warning("%s: %s; the version that saved it is unknown", name, exc)
             return None
+        except BlendHeaderError as exc:
+            raise ValueError(f"{name}: {exc}") from None
         except OSError as exc:
             raise ValueError(f"{name}: the stored .blend cannot be read: {exc}") from None
+        wanted = BlenderVersion.parse(request.blender or "")
+        if wanted is not None and wanted.line < saved.line:
+            raise ValueError(f"{name} was saved by Blender {saved}; Blender {request.blender} cannot open it")
+        return saved
 
     async def job_action(self, action: str, job_id: str = "", args: dict[str, Any] | None = None) -> str:
         """Carry out a job action; returns a sentence for the user. Raises JobActionError."""
@@ -261,12 +286,13 @@ class FarmServer:
         if lease.kind is LeaseKind.PROBE:
             log.info("job %s: probing the scene on client %s", job.id, lease.client_id)
             return m.Probe(lease_id=lease.id, job_id=job.id, blend_sha256=job.blend_sha256,
-                           blend_size=job.blend_size)
+                           blend_size=job.blend_size, **job.manifest.to_wire())
         assert job.settings is not None
         log.info("job %s: frames %s to client %s (lease %d)", job.id, ",".join(map(str, lease.frames)),
                  lease.client_id, lease.id)
         return m.Assign(lease_id=lease.id, job_id=job.id, blend_sha256=job.blend_sha256,
-                        blend_size=job.blend_size, frames=lease.frames, settings=job.settings.to_assignment())
+                        blend_size=job.blend_size, frames=lease.frames, settings=job.settings.to_assignment(),
+                        **job.manifest.to_wire())
 
     # --- connections ----------------------------------------------------------------------
 

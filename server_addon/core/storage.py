@@ -2,7 +2,7 @@
 
 No name that arrives from the network becomes a path directly: job ids are generated here and
 checked against a strict pattern, frame file names are built from an integer and an extension
-from a fixed list, and .blend files are stored under their own sha256.
+from a fixed list, and job files (.blend files and what they need) are stored under their own sha256.
 """
 
 from __future__ import annotations
@@ -110,20 +110,39 @@ class OutputStore:
         return destination
 
 
-class BlendStore:
-    """Content-addressed .blend files: blends/<sha256>.blend, written once, shared by jobs."""
+class ContentStore:
+    """Content-addressed files: <root>/<sha256>, written once (verified, then renamed into place), read-only,
+    shared by every job that uses the same bytes: .blend files and everything they need."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, legacy: Path | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        if legacy is not None and legacy.is_dir():
+            self._adopt(legacy)
+
+    def _adopt(self, legacy: Path) -> None:
+        """Move the .blend files of an older server (<legacy>/<sha256>.blend) into this store."""
+        for old in legacy.glob("*.blend"):
+            if is_sha256(old.stem):
+                os.replace(old, self.root / old.stem)
+        for partial in legacy.glob(f"{PARTIAL_PREFIX}*"):
+            partial.unlink(missing_ok=True)
+        try:
+            legacy.rmdir()
+        except OSError:
+            pass
 
     def path(self, sha256: str) -> Path:
         if not is_sha256(sha256):
             raise UnsafeName(f"invalid sha256 {sha256!r}")
-        return self.root / f"{sha256}.blend"
+        return self.root / sha256
 
-    def has(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+    def has(self, sha256: str, size: int | None = None) -> bool:
+        try:
+            stat = self.path(sha256).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or stat.st_size == size
 
     def sink(self, sha256: str, size: int) -> FileSink:
         self.path(sha256)  # validates the name before anything is written
@@ -138,3 +157,7 @@ class BlendStore:
         sink.commit(destination)
         os.chmod(destination, 0o444)
         return destination
+
+
+#: The store once held only .blend files; every place that reaches it by this name still works.
+BlendStore = ContentStore

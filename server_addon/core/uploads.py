@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from protocol import messages as m
+from protocol.assets import MAX_LOG_WARNINGS, MAX_WARNING_CHARS, clip_text
 from protocol.errors import ProtocolError
 from protocol.limits import MAX_FRAME_BYTES
 from protocol.stream import FileSink
@@ -123,7 +124,8 @@ class FrameUploads:
             sink.abort()
             self._storage_failed(server.farm.jobs[begin.job_id], exc)
             return
-        server.farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s, begin.lease_id)
+        server.farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s, begin.lease_id,
+                                 [clip_text(w, MAX_WARNING_CHARS) for w in begin.warnings[:MAX_LOG_WARNINGS + 1]])
         server.stats.frames_stored += 1
         log.info("job %s: frame %d stored from %s (%.2f s) -> %s", begin.job_id, begin.frame, conn.peer.name,
                  begin.render_s, path.name)

@@ -19,11 +19,14 @@ from protocol.settings import BLENDER_FILE
 
 from .jobs import ClientRecord, Job
 
+#: What a client that reports no Blender version is pinned as (an empty pin would mean "not pinned").
+UNKNOWN = "unknown"
+
 
 def client_version(client: ClientRecord) -> str:
     """A client's version as jobs are pinned to it: '4.2.23' for '4.2.23 LTS'; the raw text if unreadable."""
     parsed = BlenderVersion.parse(client.blender)
-    return str(parsed) if parsed is not None else client.blender.strip()
+    return str(parsed) if parsed is not None else (client.blender.strip() or UNKNOWN)
 
 
 def can_open(job: Job, client: ClientRecord) -> bool:
@@ -56,7 +59,8 @@ def version_fits(job: Job, client: ClientRecord) -> bool:
 
 def preferred_version(job: Job, candidates: Iterable[ClientRecord]) -> str | None:
     """The version an unpinned job should be pinned to, among clients that may render it: the one most of
-    them run; on a tie the file's own release line, then the newest."""
+    them run; on a tie the file's own release line, then the oldest (the closest to the file; a client
+    claiming a made-up newer version wins nothing by it)."""
     counts = Counter(client_version(c) for c in candidates)
     if not counts:
         return None
@@ -64,7 +68,7 @@ def preferred_version(job: Job, candidates: Iterable[ClientRecord]) -> str | Non
 
     def rank(version: str) -> tuple[int, bool, tuple[int, ...]]:
         parsed = BlenderVersion.parse(version)
-        numbers = (parsed.major, parsed.minor, parsed.patch or 0) if parsed else ()
+        numbers = (-parsed.major, -parsed.minor, -(parsed.patch or 0)) if parsed else (-10**6,)
         return counts[version], parsed is not None and parsed.line == file_line, numbers
     return max(counts, key=rank)
 

@@ -62,7 +62,8 @@ class WorkerConnection:
                         await self.stream.send_file(begin, path, counter=counter)
                     finally:
                         self.server.stats.blend_bytes_sent += counter[0]
-                    log.info("client %s: sent .blend %s (%d bytes)", self.peer.name, begin.sha256[:12], counter[0])
+                        self.server.stats.files_sent += 1
+                    log.info("client %s: sent file %s (%d bytes)", self.peer.name, begin.sha256[:12], counter[0])
                 else:
                     await self.stream.send(item)
         except (ProtocolError, OSError) as exc:
@@ -86,7 +87,7 @@ class Workers:
         conn = WorkerConnection(server, stream, client_id, peer)
         self._forget_lost(peer)
         server.farm.connect_client(client_id, peer.name, peer.host or stream.peer.rsplit(":", 1)[0], peer.device,
-                                   peer.devices, peer.blender)
+                                   peer.devices, peer.blender, peer.allow_scripts)
         self.connections[client_id] = conn
         conn.writer_task = server._spawn(conn.write_loop())
         log.info("client %s connected from %s as %s (Blender %s)", peer.name, stream.peer, client_id,
@@ -184,11 +185,16 @@ class Workers:
                                    "install one, or render the frame as PNG or OpenEXR")
 
     def _blend_request(self, conn: WorkerConnection, message: m.BlendRequest) -> None:
+        """Send a file of the job this client works on; nothing else leaves the store, whatever it asks."""
+        farm = self.server.farm
         path = self.server.blends.path(message.sha256)
-        wanted = any(j.blend_sha256 == message.sha256 and j.state.running for j in self.server.farm.jobs.values())
+        record = farm.clients.get(conn.client_id)
+        lease = farm.leases.get(record.lease_id) if record is not None and record.lease_id is not None else None
+        job = farm.jobs.get(lease.job_id) if lease is not None else None
+        wanted = job is not None and job.state.running and message.sha256 in job.manifest.shas()
         if not wanted or not path.is_file():
             # The job was paused, cancelled or deleted since the client was given work: not its fault.
-            conn.post(m.BlendRefused(sha256=message.sha256, reason="no running job uses this .blend any more"))
+            conn.post(m.BlendRefused(sha256=message.sha256, reason="no running job of this client uses this file"))
             return
         conn.post((m.BlendBegin(sha256=message.sha256, size=path.stat().st_size), path))
 

@@ -43,7 +43,10 @@ MAX_FIELD_BYTES = 1024
 MAX_PARTS = 32
 MAX_PRIORITY = 1_000_000
 INT_FIELDS = ("frame_start", "frame_end", "frame_step", "chunk", "samples", "percentage", "split")
-TEXT_FIELDS = ("name", "file_format", "priority", "start", "video", "video_quality", "video_location", "device")
+TEXT_FIELDS = ("name", "file_format", "priority", "start", "video", "video_quality", "video_location", "device",
+               "allow_missing", "needs_scripts", "blender")
+#: Check boxes: "1"/"on"/"true" or "0"/"off"/"false"; absent is off.
+BOOL_FIELDS = ("allow_missing", "needs_scripts")
 FILE_FIELD = "file"
 _INTEGER = re.compile(r"^[+-]?\d{1,12}$")
 _TRUE = frozenset({"", "1", "true", "yes", "on", "start"})
@@ -77,6 +80,11 @@ def parse_options(fields: dict[str, str]) -> JobOptions:
         raw["file_format"] = fields.get("file_format", "").strip() or None
         raw["device"] = fields.get("device", "").strip().upper() or None
         raw["blender"] = fields.get("blender", "").strip().lower() or None
+        for key in BOOL_FIELDS:
+            text = fields.get(key, "0").strip().lower() or "0"
+            if text not in (_TRUE | _FALSE) - {"start", "queue"}:
+                raise SettingsError(f"{key} must be 1 or 0, not {fields[key]!r}")
+            raw[key] = text in _TRUE
         request = JobRequest.from_wire(raw)
         priority = _integer("priority", fields.get("priority", "")) or 0
         if abs(priority) > MAX_PRIORITY:

@@ -196,6 +196,7 @@ function createCard(jobId) {
   card.meta = el("div", { className: "meta" });
   card.error = el("div", { className: "error", hidden: true });
   card.waiting = el("div", { className: "waiting", hidden: true });
+  card.warnings = el("div", { className: "warnings", hidden: true });
   card.videoBox = el("div", { className: "video", hidden: true });
   card.videoNote = el("div", { className: "video-note", hidden: true });
 
@@ -233,7 +234,7 @@ function createCard(jobId) {
       el("div", { className: "title" }, card.name, card.badge, card.jobId),
       el("div", { className: "progress" }, card.bar, card.percent),
       el("div", { className: "line" }, card.frames, card.meta),
-      card.error, card.waiting, card.videoNote, card.videoBox, actions));
+      card.error, card.warnings, card.waiting, card.videoNote, card.videoBox, actions));
   return card;
 }
 
@@ -256,6 +257,10 @@ function updateCard(card, job) {
   card.error.hidden = !job.error;
   card.waiting.textContent = job.waiting || "";
   card.waiting.hidden = !job.waiting || Boolean(job.error);
+  // Files missing (the submitter allowed it, or Blender said so while rendering), scripts not run: kept to the end.
+  const warnings = job.warnings || [];
+  card.warnings.textContent = warnings.map((w) => `Warning: ${w}`).join("\n");
+  card.warnings.hidden = warnings.length === 0;
 
   if (job.thumbnail_url) {
     if (card.img.dataset.src !== job.thumbnail_url) {
@@ -478,7 +483,7 @@ function submitUpload(event) {
   const data = new FormData();
   for (const control of form.elements) {
     if (!control.name || control.type === "file" || control.value === "") continue;
-    if (control.type === "radio" && !control.checked) continue;
+    if ((control.type === "radio" || control.type === "checkbox") && !control.checked) continue;
     data.append(control.name, control.value);
   }
   data.append("file", chosenFile, chosenFile.name); // last: the settings are checked before the bytes are stored
