@@ -19,9 +19,9 @@ from typing import Any
 
 from protocol.blendfile import BlendHeaderError, read_version
 from protocol.settings import BLENDER_FILE, IMAGE_FORMATS, JobRequest, SettingsError
+from server_addon.core.trace import OUTSIDE_DIR, Trace, TraceError, bat_available, traced
 
 from .control import Control, ToolError, UploadPlan, default_token, run_tool
-from .trace import OUTSIDE_DIR, Trace, TraceError, bat_available, traced
 
 _RANGE = re.compile(r"^\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+))?\s*$")
 

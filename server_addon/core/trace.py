@@ -1,0 +1,165 @@
+"""What a .blend needs, found without Blender: blender-asset-tracer (BAT 1.23) followed through linked libraries.
+
+No bpy: tools.submit, the web upload and the add-on (on a worker thread) trace with it; `python -m
+tools.trace FILE.blend [--project DIR]` prints a trace.
+
+A project is a folder (by default the .blend's own); inside it every file keeps its relative place.
+A file the scene reaches by an absolute path, or outside the project, is placed under `_outside_project/`
+in the job and the .blend files that name it are rewritten (BAT's Packer rewrites the path fields in
+copies; the originals are never touched). Nothing is copied: BAT's transfer step is replaced by a plan of
+(relative path in the job, file to read), so a 2 GB project costs no temporary disk beyond rewritten .blends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+
+log = logging.getLogger(__name__)
+
+#: Where BAT puts what lies outside the project, inside the job folder.
+OUTSIDE_DIR = "_outside_project"
+
+
+class TraceError(Exception):
+    """The .blend cannot be traced (unreadable, or BAT is not there)."""
+
+
+@dataclass(frozen=True)
+class TracedFile:
+    relpath: str  # its place in the job folder (posix, relative to the project root)
+    source: Path  # the file to send: the original, or a rewritten copy of a .blend
+    original: Path  # where it lies on this disk
+    rewritten: bool = False
+
+
+@dataclass
+class Trace:
+    main: str
+    files: list[TracedFile] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # as the artist wrote them where that is known
+    outside: list[TracedFile] = field(default_factory=list)  # absolute or outside the project: moved in
+
+    def pairs(self) -> list[tuple[str, Path]]:
+        return [(f.relpath, f.source) for f in self.files]
+
+
+def bat_available() -> str:
+    """'' if BAT can trace here, else the sentence why not."""
+    try:
+        import blender_asset_tracer  # noqa: F401
+        from blender_asset_tracer import pack  # noqa: F401
+    except ImportError as exc:
+        return (f"blender-asset-tracer is not installed ({exc}); pip install "
+                "'blender-asset-tracer==1.23'")
+    return ""
+
+
+def _patch_bat() -> None:
+    """BAT 1.23 reads the node tree of every ID from `compositing_node_group` in Blender 5.0 files, where only
+    scenes moved theirs: the images of a *linked* material (a library's textures) were never found. Scenes
+    keep BAT's lookup; materials, worlds, lights and textures read their own `nodetree` again."""
+    from blender_asset_tracer.trace import expanders
+
+    if getattr(expanders, "_microfarm_nodetree_fix", False):
+        return
+
+    def nodetree_id(block):  # type: ignore[no-untyped-def]
+        field = b"nodetree"
+        if block.code == b"SC" and block.bfile.header.version >= 500 and block.bfile.file_subversion >= 4:
+            field = b"compositing_node_group"
+        try:
+            tree = block.get_pointer(field, None)
+        except KeyError:
+            tree = None
+        if tree is not None:
+            yield from expanders._expand_generic_nodetree(tree)
+
+    expanders._expand_generic_nodetree_id = nodetree_id
+    expanders._microfarm_nodetree_fix = True
+
+
+def _shown(path: Path, blend_dir: Path) -> str:
+    """'//textures/wood.png' for a file below the .blend's folder, else the path itself."""
+    try:
+        return "//" + path.relative_to(blend_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+@contextlib.contextmanager
+def traced(blend: Path, project: Path | None = None) -> Iterator[Trace]:
+    """Trace `blend` inside `project` (default: its folder). Rewritten .blend copies live until the block ends."""
+    why = bat_available()
+    if why:
+        raise TraceError(why)
+    from blender_asset_tracer import blendfile
+    from blender_asset_tracer.blendfile.exceptions import BlendFileError
+    from blender_asset_tracer.pack import Packer
+
+    _patch_bat()
+
+    class Planner(Packer):  # type: ignore[misc]
+        """BAT's pack, with the copying replaced by a list of what goes where."""
+
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            self.plan: list[tuple[Path, PurePath, bool]] = []
+
+        def _start_file_transferrer(self) -> None:
+            pass
+
+        def _perform_file_transfer(self) -> None:
+            for asset_path, action in self._actions.items():
+                self._copy_asset_and_deps(asset_path, action)
+
+        def _send_to_target(self, asset_path: Path, target: PurePath, may_move: bool = False) -> None:
+            self.plan.append((Path(asset_path), target, may_move))
+
+    blend = blend.absolute()
+    root = (project or blend.parent).absolute()
+    try:
+        main = blend.relative_to(root).as_posix()
+    except ValueError:
+        raise TraceError(f"{blend} is not inside the project folder {root}") from None
+    # Never written to: the target only gives the job folder's paths a place to be relative to.
+    target = Path(tempfile.gettempdir()) / "microfarm-trace-target"
+    with Planner(blend, root, str(target)) as packer:
+        try:
+            packer.strategise()
+            packer.execute()
+            trace = _trace(packer, blend, main, target)
+        except OSError as exc:
+            blendfile.close_all_cached()
+            raise TraceError(f"cannot trace {blend}: {exc.strerror or exc}") from None
+        except (ValueError, KeyError, AssertionError, BlendFileError) as exc:
+            blendfile.close_all_cached()
+            raise TraceError(f"cannot trace {blend}: {exc}") from None
+        try:
+            yield trace
+        finally:
+            blendfile.close_all_cached()
+
+
+def _trace(packer, blend: Path, main: str, target: Path) -> Trace:  # type: ignore[no-untyped-def]
+    trace = Trace(main=main)
+    seen: set[str] = set()
+    read_from = {action.read_from: path for path, action in packer._actions.items() if action.read_from}
+    for source, placed, _moved in packer.plan:
+        relpath = PurePath(placed).relative_to(target).as_posix()
+        if relpath in seen:
+            continue
+        seen.add(relpath)
+        original = read_from.get(source, source)
+        entry = TracedFile(relpath, source, original, rewritten=source in read_from)
+        trace.files.append(entry)
+        if relpath.startswith(OUTSIDE_DIR + "/"):
+            trace.outside.append(entry)
+    trace.missing = sorted(_shown(Path(p), blend.parent) for p in packer.missing_files)
+    if main not in seen:  # BAT lists the main file as its own first action; be sure of it anyway
+        trace.files.insert(0, TracedFile(main, blend, blend))
+    return trace
