@@ -14,6 +14,7 @@ from pathlib import Path
 from protocol.errors import DiscoveryError
 
 from .cache import BlendCache, default_cache_dir
+from .pathmap import Mapping, PathMapError
 
 
 class UsageError(Exception):
@@ -76,6 +77,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where .blend files are cached (default: ~/.cache/microfarm)")
     parser.add_argument("--allow-scripts", action="store_true",
                         help="run Python scripts stored in .blend files (drivers, handlers); off by default")
+    parser.add_argument("--path-map", dest="path_map", action="append", default=[], metavar="FROM=TO",
+                        help="a farm on shared storage: read files whose absolute path starts with FROM (as the "
+                             "artist's machine names it, e.g. P:\\projects) from TO on this machine (e.g. "
+                             "/mnt/projects); repeatable, the first that matches wins")
     parser.add_argument("--device", default="auto",
                         help="Cycles device: auto (best GPU, else CPU), CPU, OPTIX, CUDA, HIP, METAL or ONEAPI")
     parser.add_argument("--gpu-index", type=int, default=None, metavar="N",
@@ -97,7 +102,8 @@ def main(argv: list[str]) -> int:
             raise UsageError("--threads must be at least 1")
         if args.gpu_index is not None and args.gpu_index < 0:
             raise UsageError("--gpu-index must be 0 or more")
-    except UsageError as exc:
+        path_map = tuple(Mapping.parse(text) for text in args.path_map)
+    except (UsageError, PathMapError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -130,7 +136,8 @@ def main(argv: list[str]) -> int:
             return 2
         link = Link(resolve, name=args.name, secret=args.token or None, cache=cache, blender=blender_version(),
                     device=device.backend, devices=inventory(), allow_scripts=args.allow_scripts)
-        worker = Worker(link, Renderer(allow_scripts=args.allow_scripts, device=device, threads=args.threads))
+        worker = Worker(link, Renderer(allow_scripts=args.allow_scripts, device=device, threads=args.threads,
+                                       path_map=path_map))
 
         def stop(signum: int, _frame: object) -> None:
             log.info("stopping (signal %d)", signum)

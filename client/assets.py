@@ -107,7 +107,9 @@ def _missing() -> Iterator[MissingFile]:
         seen.add(library.filepath)
         if _packed(library):
             continue
-        if getattr(library, "is_missing", False) or not os.path.isfile(_abs(library.filepath, library.parent)):
+        # Blender keeps every library's path relative to the main file, an indirect one's too (rebased on
+        # load): resolved against its parent it would point one folder too deep.
+        if getattr(library, "is_missing", False) or not os.path.isfile(_abs(library.filepath, None)):
             missing_libraries.add(library.name)
             yield _file(library.filepath, "library", library=library.parent)
     for image in bpy.data.images:

@@ -52,12 +52,13 @@ class BlendCache:
             raise ValueError(f"invalid sha256 {sha256!r}")
         return self.root / sha256
 
-    def lookup(self, sha256: str, size: int) -> Path | None:
+    def lookup(self, sha256: str, size: int, name: str = "") -> Path | None:
         """The stored file if it is there, of that size, and its content still has that sha256.
 
         A file whose checksum no longer matches (a damaged disk, a program that wrote into a job folder)
         is removed, so that it is fetched again. Hashing is skipped for a file this process already
-        verified and that has not changed since (same inode, size and modification time).
+        verified and that has not changed since (same inode, size and modification time). `name` (the file's
+        place in a job) is what the log calls it.
         """
         path = self.path(sha256)
         try:
@@ -65,7 +66,7 @@ class BlendCache:
         except FileNotFoundError:
             return None
         if stat.st_size != size:
-            self._discard(path, sha256, f"is {stat.st_size} bytes, not {size}")
+            self._discard(path, sha256, f"is {stat.st_size} bytes, not {size}", name)
             return None
         if self._verified.get(sha256) == _identity(stat):
             return path
@@ -74,13 +75,13 @@ class BlendCache:
             while block := handle.read(HASH_BLOCK_BYTES):
                 digest.update(block)
         if digest.hexdigest() != sha256:
-            self._discard(path, sha256, "no longer matches its checksum")
+            self._discard(path, sha256, "no longer matches its checksum", name)
             return None
         self._verified[sha256] = _identity(stat)
         return path
 
-    def _discard(self, path: Path, sha256: str, why: str) -> None:
-        log.warning("stored file %s %s: fetching it again", sha256[:12], why)
+    def _discard(self, path: Path, sha256: str, why: str, name: str = "") -> None:
+        log.warning("stored file %s%s %s: fetching it again", f"//{name} " if name else "", sha256[:12], why)
         self._verified.pop(sha256, None)
         with contextlib.suppress(OSError):
             path.unlink()

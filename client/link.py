@@ -167,10 +167,12 @@ class Link:
         self._upload_slots.acquire()
         self._call_soon(self._post, epoch, _Upload(begin, path))
 
-    def fetch_blend(self, epoch: int, sha256: str, size: int, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-        """A job file (the .blend or one it needs) from the store, downloaded first if it is not there intact."""
+    def fetch_blend(self, epoch: int, sha256: str, size: int, timeout: float = DOWNLOAD_TIMEOUT_S,
+                    name: str = "") -> Path:
+        """A job file (the .blend or one it needs, at `name` in the job) from the store, downloaded first if it is
+        not there intact."""
         try:
-            cached = self.cache.lookup(sha256, size)
+            cached = self.cache.lookup(sha256, size, name)
         except ValueError as exc:
             raise LinkLost(f"the server named a file badly: {exc}") from None
         if cached is not None:

@@ -16,7 +16,7 @@ from protocol.assets import LOG_MISSING, log_warnings, missing_sentence
 from protocol.settings import Assignment, SceneInfo
 from protocol.tiles import TileSpec
 
-from . import assets, devices
+from . import assets, devices, pathmap
 from .capture import capture_output
 from .devices import Device
 
@@ -51,8 +51,9 @@ def blender_version() -> str:
 
 class Renderer:
     def __init__(self, *, allow_scripts: bool = False, device: Device = devices.CPU,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, path_map: tuple[pathmap.Mapping, ...] = ()) -> None:
         self.allow_scripts = allow_scripts
+        self.path_map = path_map  # shared storage reached by another prefix here
         self.device = device  # the client's device; CPU after a GPU failed
         self.threads = threads
         self.current_sha: str | None = None
@@ -72,6 +73,11 @@ class Renderer:
             bpy.ops.wm.open_mainfile(filepath=str(path), load_ui=False, use_scripts=self.allow_scripts)
         except RuntimeError as exc:
             raise RenderError(_clean(exc)) from None
+        if self.path_map:
+            try:
+                pathmap.apply(self.path_map)
+            except RuntimeError as exc:  # a library that cannot be reloaded from its mapped place
+                raise RenderError(f"path map: {_clean(exc)}") from None
         scene = bpy.context.scene
         self._original = {
             "samples": _get_samples(scene),

@@ -69,10 +69,17 @@ class Worker:
         """Fetch the job's files this client lacks, lay them out in the job's folder, open its .blend there."""
         key = f"{job_id}/{manifest.main_file.sha256}"  # a job folder per job: the same .blend may need other files
         if self.renderer.current_sha == key:
-            return
+            damaged = self._damaged(job_id, manifest)
+            if not damaged:
+                return
+            # Something removed or changed a file of the open job (a cleaner, a full disk, a user): never
+            # rendered around; fetched again where needed, laid out and opened afresh.
+            log.warning("job %s: %s gone or changed on this client: fetching and opening again", job_id,
+                        ", ".join(f"//{relpath}" for relpath in damaged[:10]))
+            self.renderer.current_sha = None
         self.link.set_state("downloading", job_id, epoch=epoch)
         for entry in manifest.by_sha().values():
-            self.link.fetch_blend(epoch, entry.sha256, entry.size)
+            self.link.fetch_blend(epoch, entry.sha256, entry.size, name=entry.relpath)
         try:
             path = self.folders.lay_out(job_id, manifest)
         except (LayoutError, OSError) as exc:
@@ -80,6 +87,20 @@ class Worker:
         self.link.set_state("opening", job_id, epoch=epoch)
         self.renderer.open(path, key)
         self.folders.remove_others(keep=job_id)
+
+    def _damaged(self, job_id: str, manifest: Manifest) -> list[str]:
+        """The files of the open job missing from its folder or the store, or no longer as they were sent (a
+        stat each; a file is hashed again only if it changed)."""
+        folder = self.folders.job_dir(job_id)
+        damaged = []
+        for entry in manifest.files:
+            try:
+                intact = (folder / entry.relpath).stat().st_size == entry.size
+            except OSError:
+                intact = False
+            if not intact or self.link.cache.lookup(entry.sha256, entry.size, entry.relpath) is None:
+                damaged.append(entry.relpath)
+        return damaged
 
     def _probe(self, epoch: int, probe: m.Probe) -> None:
         try:
@@ -134,6 +155,14 @@ class Worker:
             split = self.renderer.split
             what = f"tile {frame} of {split.tiles} of frame {split.frame}" if split else f"frame {frame}"
             log.info("job %s: %s rendered in %.2f s", assign.job_id, what, elapsed)
+            if self.renderer.frame_warnings and not job.allow_missing:
+                # Blender could not find files while rendering (gone since the file was opened): not a frame.
+                error = f"files missing while rendering (on this client): {'; '.join(self.renderer.frame_warnings)}"
+                log.warning("job %s: %s failed: %s", assign.job_id, what, error)
+                path.unlink(missing_ok=True)
+                self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame,
+                                                    error=m.clip(error)))
+                continue
             warnings = ([missing] if missing else []) + self.renderer.frame_warnings
             if warnings:
                 log.warning("job %s: %s rendered with files missing: %s", assign.job_id, what, "; ".join(warnings))

@@ -4,6 +4,7 @@
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py cycle --zip Z --work W
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py frame --zip Z --work W --texture T
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py matrix --zip Z --work W --texture T
+    BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py project --zip Z --work W
 
 `python` is the Python of a stock Blender (tools.bpyenv: a venv with only PyPI's bpy). With
 --client-bundle B, render clients run from the render-client bundle B (B/client/__main__.py) with
@@ -342,6 +343,7 @@ def render(args: argparse.Namespace) -> dict[str, Any]:
 
         # An unsaved file works too: its copy is sent with the texture packed.
         build_scene(texture, frames=2, relative_to=None)
+        bpy.context.scene.microfarm.pack_textures = True
         unsaved_before = file_state(None)
         assert bpy.ops.microfarm.create_job() == {"FINISHED"}
         job_c = wait_until(rt, lambda s: next((j for j in s.farm.jobs if j not in (job_a, job_b)), None), "job C")
@@ -498,6 +500,143 @@ def matrix(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def repo_run(*argv: str, timeout: float = 300) -> str:
+    """This stock Blender's Python running a repository tool in another process (this one is the artist's and
+    keeps the repository off its path)."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "BLENDER_USER_RESOURCES"}
+    # A stock Blender has no msgpack: the render-client bundle's pure-Python one, as on a render node.
+    vendor = [str(CLIENT_BUNDLE / "vendor")] if CLIENT_BUNDLE is not None else []
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *vendor])
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{argv}: {result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def drain_until(rt: Any, predicate: Callable[[list[Any]], Any], what: str, timeout: float = WAIT_S) -> list[Any]:
+    """Drain the runtime's queues as the timer does (timers do not fire here) until predicate(notices so far)."""
+    notices: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        notices += rt.drain()[1]
+        if predicate(notices):
+            return notices
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {[n.text for n in notices]}")
+
+
+def check_view(check: Any) -> dict[str, Any] | None:
+    return None if check is None else {"filepath": check.filepath, "files": check.files, "size": check.size,
+                                       "on_farm": check.on_farm, "to_send": check.to_send,
+                                       "outside": list(check.outside), "missing": list(check.missing),
+                                       "packed": check.packed, "job_id": check.job_id}
+
+
+def project(args: argparse.Namespace) -> dict[str, Any]:
+    """The open file as a project: a folder made by tools.projects (//textures/wood.png on the floor, a collection
+    linked from //lib/props.blend with the library's own //tex/marble.png, and a texture at an absolute path outside
+    the folder), Pack Textures off, the cube moved and not saved. Check Files, then Create Job; the folder (and the
+    outside texture) are moved away before the render client starts, so the farm has only what the add-on sent.
+    Then a texture missing: Create Job refuses; with Render With Missing Files the job renders with a warning."""
+    work: Path = args.work
+    folder, external = work / "project", work / "external"
+    repo_run("-m", "tools.projects", str(folder), "--texture", "--library", "--external", str(external))
+    blend = folder / "scene.blend"
+    install(args.zip, enable=True)
+    configure(work / "output")
+    runtime = addon_module("addon.runtime")
+    bpy.ops.wm.open_mainfile(filepath=str(blend))  # the artist opens the shot and moves the cube, unsaved
+    cube = bpy.data.objects["Cube"]
+    cube.animation_data_clear()
+    cube.location = (0.4, -0.9, 1.4)
+    before = file_state(blend)
+    # What the farm must match: this same Blender rendering the file as it is in memory (a copy saved elsewhere,
+    # its paths remapped to the project), before anything is moved away.
+    reference = work / "reference" / "scene.blend"
+    reference.parent.mkdir()
+    bpy.ops.wm.save_as_mainfile(filepath=str(reference), copy=True, relative_remap=True, check_existing=False)
+    local, saved = work / "local", work / "local-saved"
+    repo_run("-m", "tools.render_local", str(reference), "1", "2", str(local))
+    repo_run("-m", "tools.render_local", str(blend), "1", "2", str(saved))  # the file on disk: without the move
+    rt = start_server()
+    settings = bpy.context.scene.microfarm
+    timings: dict[str, float] = {}
+    result: dict[str, Any] = {"before": before, "local": str(local), "local_saved": str(saved),
+                              "pack_default": settings.pack_textures}
+    clients = []
+    try:
+        assert timed("check_files", timings, bpy.ops.microfarm.check_files) == {"FINISHED"}
+        drain_until(rt, lambda n: rt.check is not None, "Check Files")
+        result["check"] = check_view(rt.check)
+        result["check_panel"] = draw_panels()
+        assert timed("create_job", timings, bpy.ops.microfarm.create_job) == {"FINISHED"}
+        job_id = wait_until(rt, lambda s: next(iter(s.farm.jobs), None), "the job on the server")
+        drain_until(rt, lambda n: rt.check is not None and rt.check.job_id == job_id, "the job's files")
+        result["sent"] = check_view(rt.check)
+        result["project"] = rt.thread.call(lambda s: s.farm.jobs[job_id].project.to_wire())
+        during = file_state(blend)
+        away = {folder: work / "project-away", external: work / "external-away"}
+        for there, hidden in away.items():
+            there.rename(hidden)  # no client has started yet: none can have read them
+
+        address = f"127.0.0.1:{rt.address[1]}"
+        clients.append(start_client(address, work, "project-client"))
+        wait_until(rt, lambda s: s.farm.jobs[job_id].state.finished, "the job to end")
+        result["job"] = rt.thread.call(lambda s: s.farm.jobs[job_id].view())
+        result["frames"] = rt.thread.call(lambda s: [
+            str(s.outputs.frame_path(job_id, n, s.farm.jobs[job_id].settings.ext))
+            for n in s.farm.jobs[job_id].settings.frames])
+        for there, hidden in away.items():
+            hidden.rename(there)
+        result["during"], result["after"] = during, file_state(blend)
+
+        # The same project again, unchanged: the farm has every file but the new copy of the open file.
+        bpy.ops.microfarm.check_files()
+        drain_until(rt, lambda n: rt.check is not None and not rt.check.job_id, "the second check")
+        result["recheck"] = check_view(rt.check)
+
+        # A texture gone from this disk: refused, naming it, before anything is sent.
+        wood = folder / "textures" / "wood.png"
+        wood.rename(work / "wood-away.png")
+        stored = rt.thread.call(lambda s: sorted(p.name for p in s.blends.root.iterdir()))
+        settings.allow_missing = False
+        assert timed("create_job_refused", timings, bpy.ops.microfarm.create_job) == {"FINISHED"}
+        notices = drain_until(rt, lambda n: any(x.level == "ERROR" for x in n), "the refusal")
+        result["refusal"] = [x.text for x in notices if x.level == "ERROR"]
+        result["refused_check"] = check_view(rt.check)
+        result["refused_panel"] = draw_panels()
+        result["jobs_after_refusal"] = rt.thread.call(lambda s: list(s.farm.jobs))
+        result["store_unchanged"] = stored == rt.thread.call(lambda s: sorted(p.name for p in s.blends.root.iterdir()))
+
+        settings.allow_missing = True
+        assert timed("create_job_allowed", timings, bpy.ops.microfarm.create_job) == {"FINISHED"}
+        allowed = wait_until(rt, lambda s: next((j for j in s.farm.jobs if j != job_id), None), "the allowed job")
+        notices = drain_until(rt, lambda n: any(allowed in x.text for x in n), "the allowed job's notice")
+        result["allowed_notices"] = [[x.level, x.text] for x in notices]
+        wait_until(rt, lambda s: s.farm.jobs[allowed].state.finished, "the allowed job to end")
+        result["allowed_job"] = rt.thread.call(lambda s: s.farm.jobs[allowed].view())
+        result["allowed_frames"] = rt.thread.call(lambda s: [
+            str(s.outputs.frame_path(allowed, n, s.farm.jobs[allowed].settings.ext))
+            for n in s.farm.jobs[allowed].settings.frames])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the panel's view arrives through the queue the timer drains
+            runtime.drain_now()
+            if any(j.get("id") == allowed and j.get("state") == "done" for j in rt.view.jobs):
+                break
+            rt.wait_view(timeout=max(0.0, deadline - time.monotonic()))
+        result["allowed_panel"] = draw_panels()
+        (work / "wood-away.png").rename(wood)
+        result["final"] = file_state(blend)
+        result["timings"] = timings
+        stop_server(rt)
+    finally:
+        for client in clients:
+            client.terminate()
+            client.wait(timeout=30)
+    return result
+
+
 def fetch(url: str) -> str:
     """The first bytes of a page, fetched on a worker thread of this script (as a browser would)."""
     import urllib.request
@@ -554,7 +693,7 @@ def cycle(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["render", "cycle", "frame", "matrix"])
+    parser.add_argument("scenario", choices=["render", "cycle", "frame", "matrix", "project"])
     parser.add_argument("--zip", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--texture", type=Path)
@@ -562,7 +701,8 @@ def main() -> int:
     args = parser.parse_args()
     global CLIENT_BUNDLE
     CLIENT_BUNDLE = args.client_bundle
-    result = {"render": render, "cycle": cycle, "frame": frame, "matrix": matrix}[args.scenario](args)
+    result = {"render": render, "cycle": cycle, "frame": frame, "matrix": matrix,
+              "project": project}[args.scenario](args)
     print(json.dumps(result, default=str), flush=True)
     return 0
 

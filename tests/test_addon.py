@@ -360,6 +360,87 @@ def test_render_current_frame_split_and_shown(addon_zip: Path, client_bundle: Pa
     assert all(s < OPERATOR_BOUND_S for s in result["timings"].values()), result["timings"]
 
 
+def pixels(path: Path) -> Any:
+    import numpy as np
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGBA"), dtype=np.int16)
+
+
+def test_the_open_file_travels_as_a_project(addon_zip: Path, client_bundle: Path,
+                                            stock: tuple[StockBlender, Path], tmp_path: Path) -> None:
+    # A project folder as an artist lays it out (a texture at //textures/wood.png, a collection linked from
+    # //lib/props.blend with the library's own texture, a texture at an absolute path elsewhere), opened, the cube
+    # moved and not saved, Pack Textures off. The add-on traces the saved copy as if it lay where the open file
+    # lies and puts every file into the server's store; the folder is gone before the client starts.
+    import numpy as np
+    result = scenario("project", tmp_path, "--zip", str(addon_zip), "--client-bundle", str(client_bundle),
+                      python=stock[1])
+    assert result["pack_default"] is False, "packing is no longer needed: the files travel"
+    blend = tmp_path / "project" / "scene.blend"
+    outside = str(tmp_path / "external" / "noise.png")
+
+    # Check Files: what travels, before anything is sent; the panel shows it.
+    check = result["check"]
+    assert check["filepath"] == str(blend) and check["job_id"] == ""
+    assert (check["files"], check["on_farm"], check["missing"], check["outside"]) == (5, 0, [], [outside]), check
+    assert ["label", outside] in result["check_panel"]
+    assert any(item[0] == "label" and item[1].startswith("5 files (") and "the farm has 0 of them already" in item[1]
+               for item in result["check_panel"]), result["check_panel"]
+
+    # The job is the artist's folder: the .blend under its own name, every file in its relative place, the
+    # outside texture moved in; each file by content, in the server's store.
+    project = result["project"]
+    assert project["main"] == "scene.blend"
+    assert sorted(f["relpath"] for f in project["files"]) == sorted([
+        "scene.blend", "textures/wood.png", "lib/props.blend", "lib/tex/marble.png",
+        "_outside_project" + outside])
+    assert result["sent"] == {**check, "job_id": result["job"]["id"]}
+    job = result["job"]
+    assert job["state"] == "done" and job["frames_done"] == 2 and job["warnings"] == [], job
+
+    # Rendered by a client that never saw the folder: pixel for pixel the open file with its unsaved change.
+    frames = [Path(p) for p in result["frames"]]
+    assert [p.name for p in frames] == ["frame_0001.png", "frame_0002.png"]
+    local, saved = Path(result["local"]), Path(result["local_saved"])
+    for frame in frames:
+        assert np.array_equal(pixels(frame), pixels(local / frame.name)), f"{frame.name} differs from a local render"
+        assert not np.array_equal(pixels(frame), pixels(saved / frame.name)), "the unsaved change was not sent"
+
+    # The same files again: the farm has them all, but for the new copy of the open file where this Blender's
+    # saves differ from one to the next (5.3's do not: 0 bytes to send).
+    recheck = result["recheck"]
+    main_size = next(f["size"] for f in project["files"] if f["relpath"] == "scene.blend")
+    assert recheck["files"] == 5 and recheck["missing"] == [] and recheck["on_farm"] >= 4, recheck
+    assert recheck["to_send"] == (0 if recheck["on_farm"] == 5 else main_size), recheck
+
+    # A texture gone from this disk: refused in one sentence that names it, before anything is sent.
+    assert result["refusal"] == ["Not sent: 1 file the scene needs is missing on this disk: //textures/wood.png; "
+                                 "turn on Render With Missing Files to send it anyway."]
+    assert result["jobs_after_refusal"] == [job["id"]] and result["store_unchanged"]
+    assert result["refused_check"]["missing"] == ["//textures/wood.png"]
+    panel = result["refused_panel"]
+    assert ["label", "//textures/wood.png"] in panel and any(
+        item[0] == "label" and item[1].startswith("Missing on this disk (1)") for item in panel), panel
+    # Allowed: sent without it, and the job's box in the panel carries the warning to the end.
+    allowed = result["allowed_job"]
+    assert allowed["state"] == "done" and allowed["allow_missing"] and allowed["frames_done"] == 2, allowed
+    assert any("//textures/wood.png" in w for w in allowed["warnings"]), allowed
+    assert ["WARNING", f"Render job {allowed['id']} sent to the farm without //textures/wood.png "
+                       "(missing on this disk)."] in result["allowed_notices"]
+    assert any(item[0] == "label" and "//textures/wood.png" in item[1] and "missing files" in item[1]
+               for item in result["allowed_panel"]), result["allowed_panel"]
+    assert not np.array_equal(pixels(Path(result["allowed_frames"][0])), pixels(frames[0])), "rendered without wood"
+
+    # The artist's file: same bytes on disk, still dirty, same path, nothing packed; the operators returned at once.
+    before = result["before"]
+    assert before == result["during"] == result["after"] == result["final"]
+    # (bpy 5.3 as a module does not flag a change made from Python as unsaved: is_dirty is compared, not required)
+    assert before["filepath"] == str(blend) and before["packed"] == []
+    assert "//textures/wood.png" in before["image_paths"] and outside in before["image_paths"]
+    slow = {name: s for name, s in result["timings"].items() if s >= OPERATOR_BOUND_S}
+    assert not slow, slow
+
+
 # --- the version matrix ---------------------------------------------------------------------------
 
 def test_every_blender_installs_the_zip_and_renders_with_its_own_version(

@@ -178,3 +178,85 @@ def test_nothing_without_a_server(tmp_path: Path) -> None:
         rt.blend_drop_path()
     with pytest.raises(FarmError, match="not running"):
         rt.stop()
+
+
+# --- the open file as a project (the copy keeps the artist's `//` paths; see project.py) ------------------------
+
+PROJECT_SCENE = """\
+import sys
+import bpy
+bpy.ops.wm.read_homefile(use_empty=True)
+bpy.ops.wm.save_as_mainfile(filepath=sys.argv[3])  # where the copy is saved: not the artist's folder
+relative, absolute = bpy.data.images.load(sys.argv[1]), bpy.data.images.load(sys.argv[2])
+relative.use_fake_user = absolute.use_fake_user = True
+relative.filepath = "//textures/wood.png"  # as the artist wrote it, relative to the open file's folder
+bpy.ops.wm.save_mainfile(relative_remap=False)
+"""
+
+
+def saved_copy(running: Runtime, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(the copy in the server's drop folder, the artist's folder, the outside texture)."""
+    artist, outside = tmp_path / "artist", tmp_path / "elsewhere" / "noise.png"
+    for path, rgb in ((artist / "textures" / "wood.png", (9, 8, 7)), (outside, (1, 2, 3))):
+        path.parent.mkdir(parents=True)
+        Image.new("RGB", (4, 4), rgb).save(path)
+    made = tmp_path / "made.blend"
+    subprocess.run([sys.executable, "-c", PROJECT_SCENE, str(artist / "textures" / "wood.png"), str(outside),
+                    str(made)], check=True, capture_output=True, timeout=120)
+    copy = running.blend_drop_path()
+    shutil.copyfile(made, copy)
+    return copy, artist, outside
+
+
+def job_project(running: Runtime) -> dict:
+    return running.thread.call(lambda s: next(iter(s.farm.jobs.values())).project.to_wire())
+
+
+def test_the_copy_is_traced_where_the_open_file_lies(running: Runtime, tmp_path: Path) -> None:
+    copy, artist, outside = saved_copy(running, tmp_path)
+    # The open file itself need not even be on disk (never read): its folder is the project.
+    running.submit(JobSubmission(blend=copy, name="shot.blend", request=JobRequest(), location=artist / "shot.blend",
+                                 pack=False))
+    drain_until(running, lambda n: n.text.startswith("Render job shot-"))
+    project = job_project(running)
+    assert project["main"] == "shot.blend"
+    assert sorted(f["relpath"] for f in project["files"]) == sorted(
+        ["shot.blend", "textures/wood.png", "_outside_project" + str(outside)])
+    check = running.check
+    assert check is not None and (check.files, check.on_farm, check.missing) == (3, 0, ())
+    assert check.outside == (str(outside),) and check.job_id
+    assert not copy.exists() and not (artist / "shot.blend").exists(), "nothing is written into the artist's folder"
+    store = running.thread.call(lambda s: s.blends)
+    assert all(store.has(f["sha256"], f["size"]) for f in project["files"])
+
+
+def test_an_unsaved_file_sends_what_it_uses_from_outside(running: Runtime, tmp_path: Path) -> None:
+    copy, _, outside = saved_copy(running, tmp_path)
+    (tmp_path / "artist" / "textures" / "wood.png").unlink()  # an unsaved file has no folder: `//` resolves nowhere
+    running.submit(JobSubmission(blend=copy, name="untitled.blend", request=JobRequest(allow_missing=True),
+                                 pack=False))
+    drain_until(running, lambda n: n.text.startswith("Render job untitled-"))
+    project = job_project(running)
+    assert project["main"] == "untitled.blend"
+    assert sorted(f["relpath"] for f in project["files"]) == sorted(
+        ["untitled.blend", "_outside_project" + str(outside)])
+
+
+def test_check_files_sends_nothing_and_missing_files_refuse_the_job(running: Runtime, tmp_path: Path) -> None:
+    copy, artist, _ = saved_copy(running, tmp_path)
+    (artist / "textures" / "wood.png").unlink()
+    running.submit(JobSubmission(blend=copy, name="shot.blend", request=JobRequest(), location=artist / "shot.blend",
+                                 pack=False, check_only=True))
+    notices = drain_until(running, lambda n: n.level == "WARNING")
+    assert "missing on this disk: //textures/wood.png" in notices[-1].text
+    assert running.check is not None and running.check.missing == ("//textures/wood.png",)
+    store = running.thread.call(lambda s: s.blends.root)
+    assert list(store.iterdir()) == [] and running.thread.call(lambda s: len(s.farm.jobs)) == 0
+
+    copy, _, _ = saved_copy(running, tmp_path / "again")
+    running.submit(JobSubmission(blend=copy, name="shot.blend", request=JobRequest(), location=artist / "shot.blend",
+                                 pack=False))
+    notices = drain_until(running, lambda n: n.level == "ERROR")
+    assert notices[-1].text == ("Not sent: 1 file the scene needs is missing on this disk: //textures/wood.png; "
+                                "turn on Render With Missing Files to send it anyway.")
+    assert list(store.iterdir()) == [] and running.thread.call(lambda s: len(s.farm.jobs)) == 0

@@ -36,6 +36,7 @@ from server_addon.core.storage import OutputStore
 from server_addon.web.errors import WebError
 from server_addon.web.upload import parse_options
 from tools.client_bundle import build_bundle
+from tools.projects import FONTS
 
 SHA = "ab" * 32
 #: Only the .blend travels (as to a farm whose clients should see the project on shared storage): the files
@@ -43,6 +44,8 @@ SHA = "ab" * 32
 BLEND_ONLY = "--blend-only"
 WOOD = MissingFile("//textures/wood.png", "image", "wood")
 PROPS = MissingFile("//lib/props.blend", "library")
+#: The font tools.projects puts in a project: a free .ttf of this machine, else Blender's own .woff2.
+FONT = "//fonts/title" + next((Path(f).suffix for f in FONTS if Path(f).is_file()), ".woff2")
 
 
 def scene(**overrides) -> SceneInfo:
@@ -254,9 +257,9 @@ def test_missing_texture_library_and_font_fail_the_job_unless_allowed(
     refused = submit(farm, blend, BLEND_ONLY, timeout=90)
     assert refused.returncode == 1, refused.stderr
     assert "missing files: " in refused.stderr
-    for name in ('//textures/wood.png (image "wood")', "//lib/props.blend (library)", "//fonts/title.woff2 (font",
-                 '//seq/flip_0001.png (image sequence "flip")', '//udim/tiles.1001.png (UDIM image "tiles")',
-                 '//udim/tiles.1002.png (UDIM image "tiles")'):
+    for name in ('//textures/wood.png (image "wood")', "//lib/props.blend (library)", f"{FONT} (font",
+                 '//seq/flip_0001.png (image sequence "flip")', '//textures/tiles.1001.png (UDIM image "tiles")',
+                 '//textures/tiles.1002.png (UDIM image "tiles")'):
         assert name in refused.stderr
     assert "blends/" not in refused.stderr  # never by the client's cache path
 
@@ -327,7 +330,7 @@ def test_stock_clients_name_missing_files(line: str, farm: LiveFarm, bundle: Pat
         farm.wait_until(connected(1), timeout=60)
         refused = submit(farm, blend, BLEND_ONLY, timeout=90)
         assert refused.returncode == 1, refused.stderr
-        for name in ('//textures/wood.png (image "wood")', "//lib/props.blend (library)", "//fonts/title.woff2 (font"):
+        for name in ('//textures/wood.png (image "wood")', "//lib/props.blend (library)", f"{FONT} (font"):
             assert name in refused.stderr
         allowed = submit(farm, blend, BLEND_ONLY, "--frame", "1", "--allow-missing", timeout=90)
         assert allowed.returncode == 0, allowed.stderr

@@ -1,6 +1,6 @@
 """A job is a project: the .blend and every file it needs travel by content and are laid out on the client.
 
-Real bpy, real files: a project folder made by tests/project_files_scene.py (a texture at //textures/wood.png,
+Real bpy, real files: a project folder made by tools.projects (a texture at //textures/wood.png,
 a collection linked from //lib/props.blend that has its own texture, an image sequence, a texture at an
 absolute path outside the project) is submitted with tools.submit and deleted before any client sees the
 job; the frames must match a local render of the file where it lay, pixel for pixel.
@@ -238,15 +238,21 @@ async def test_server_refuses_hostile_manifests_and_foreign_files(tmp_path: Path
 
 # --- end to end: real bpy, real files, a project the clients cannot see --------------------------------------
 
-def make_project(src: Path, external: Path) -> None:
-    subprocess.run([sys.executable, "tests/project_files_scene.py", str(src), str(external)], cwd=REPO,
-                   env=repo_env(), check=True, capture_output=True, timeout=180)
-    for leftover in src.rglob("*.blend1"):
-        leftover.unlink()
+#: The project of these tests: a texture, a library with its own texture, an image sequence, an outside texture.
+PROJECT = ("--texture", "--library", "--sequence")
 
 
-def render_local(blend: Path, out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "tools.render_local", str(blend), "1", "2", str(out)], cwd=REPO,
+def make_project(src: Path, external: Path | None = None, *flags: str) -> Path:
+    """A project folder made by tools.projects (PROJECT, or the flags given); returns its .blend."""
+    options = [*(flags or PROJECT), *(["--external", str(external)] if external is not None else [])]
+    subprocess.run([sys.executable, "-m", "tools.projects", str(src), *options], cwd=REPO, env=repo_env(),
+                   check=True, capture_output=True, timeout=180)
+    assert not list(src.rglob("*.blend1"))
+    return src / "scene.blend"
+
+
+def render_local(blend: Path, out: Path, *extra: str) -> None:
+    subprocess.run([sys.executable, "-m", "tools.render_local", str(blend), "1", "2", str(out), *extra], cwd=REPO,
                    env=repo_env(), check=True, capture_output=True, timeout=180)
 
 

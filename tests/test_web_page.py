@@ -262,3 +262,48 @@ def test_missing_files_warning_on_the_job_card(farm: Farm, clients: Clients, pag
     expect(done.locator(".badge")).to_have_text("done", timeout=RENDER_TIMEOUT_MS)
     expect(done.locator(".warnings")).to_contain_text('Warning: missing files: //textures/wood.png (image "wood")')
     assert farm.job(job_id)["allow_missing"]
+
+
+def test_a_project_folder_and_a_zip_through_the_page(farm: Farm, clients: Clients, page: Page, web: WebServer,
+                                                    tmp_path: Path) -> None:
+    """A folder picked in the page (its files sent by their relative paths), then the same project dropped as a
+    .zip: the page shows what travels and what the farm had already; the folder's job renders."""
+    project = tmp_path / "shot"
+    subprocess.run([sys.executable, "-m", "tools.projects", str(project), "--texture", "--library"], cwd=REPO,
+                   env=repo_env(), check=True, capture_output=True, timeout=120)
+    for leftover in project.rglob("*.blend1"):
+        leftover.unlink()
+    clients.start("worker", farm.address)
+    open_page(page, web)
+    farm.wait_until(connected(1), what="a client")
+
+    page.set_input_files("#project-folder", str(project))
+    expect(page.locator("#file-name")).to_contain_text("shot/ (4 files")
+    page.click("#upload-button")
+    expect(page.locator("#upload-status")).to_contain_text("created", timeout=30_000)
+    job_id = re.search(r"Job (\S+) created", page.inner_text("#upload-status")).group(1)
+    summary = page.locator("#upload-summary")
+    expect(summary).to_contain_text("Travels: 4 files")
+    expect(summary).to_contain_text("(main: shot/scene.blend)")
+    expect(summary).to_contain_text("Already on the farm: 0")
+    manifest = farm.call(lambda s: s.farm.jobs[job_id].manifest)
+    assert sorted(f.relpath for f in manifest.files) == ["shot/lib/props.blend", "shot/lib/tex/marble.png",
+                                                          "shot/scene.blend", "shot/textures/wood.png"]
+    done = card_in(page, "completed", job_id)
+    expect(done.locator(".badge")).to_have_text("done", timeout=RENDER_TIMEOUT_MS)
+    expect(done.locator(".warnings")).to_be_hidden()
+    assert sorted(p.name for p in (farm.output / job_id).glob("frame_*.png")) == ["frame_0001.png", "frame_0002.png"]
+
+    archive = tmp_path / "shot.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in sorted(project.rglob("*")):
+            if path.is_file():
+                out.write(path, path.relative_to(tmp_path).as_posix())
+    transfer = page.evaluate_handle(DATA_TRANSFER, ["shot.zip", base64.b64encode(archive.read_bytes()).decode()])
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#file-name")).to_contain_text("shot.zip")
+    page.check("input[name=start][value='0']")
+    page.click("#upload-button")
+    expect(page.locator("#upload-status")).to_contain_text("created", timeout=30_000)
+    expect(summary).to_contain_text("Already on the farm: 4")
+    expect(summary).to_contain_text("stored now: 0 (0 bytes)")

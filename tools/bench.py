@@ -4,6 +4,7 @@
     python -m tools.bench split [--size 640x360] [--samples N] [--clients 2] [--tiles auto|K] [--threads T]
         [--keep DIR]
     python -m tools.bench wire [--python PYTHON ...]
+    python -m tools.bench project [--size-mb 2048] [--files 500] [--keep DIR]
 
 `overhead` renders the same frames once through a farm on 127.0.0.1 (a headless server and N
 clients, connected and idle before the clock starts, with empty .blend caches) and once in a
@@ -17,6 +18,9 @@ whole on one client, once split into tiles over N clients, and prints a JSON obj
 line with one_client_s, split_s, ratio (split/one client), tiles and stitch_s. Both times run from
 submitting the job to the frame on disk (upload, probe, downloads, transfers and, for the split
 frame, the stitch).
+
+`project` sends a generated project of N files totalling SIZE through a local farm with one client, twice,
+and prints the peak memory of the server and the client, the bytes sent and the times (tools.bench_project).
 
 `wire` times the message path (schema to wire map, msgpack, framing, and back) of a 512 KiB CHUNK and of
 a heartbeat, in microseconds per message, with msgpack's compiled extension and with its pure-Python
@@ -39,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import bench_project
 from .control import Control, ToolError
 from .localfarm import REPO, LocalFarm, repo_env
 from .submit import parse_frames
@@ -186,9 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     wire = sub.add_parser("wire", help="µs per message on the wire path, compiled msgpack versus pure Python")
     wire.add_argument("--python", action="append", default=[], help="also measure in this Python (repeatable)")
     wire.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    bench_project.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "wire":
         return wire_main(args)
+    if args.command == "project":
+        try:
+            result = _in_workdir(args, bench_project.project)
+        except (ToolError, subprocess.CalledProcessError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(result))
+        return 0
     try:
         if args.clients < 1:
             raise ToolError("--clients must be at least 1")

@@ -1,6 +1,6 @@
 """Render frames of a .blend in one plain bpy process: the baseline the farm is measured against.
 
-    python -m tools.render_local FILE.blend START END OUT_DIR [--format PNG]
+    python -m tools.render_local FILE.blend START END OUT_DIR [--format PNG] [--allow-scripts]
 
 Uses the client's own render code (open once, render frame by frame), and prints one JSON line
 with the time from opening the file to the last frame written.
@@ -22,13 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("end", type=int)
     parser.add_argument("out", type=Path)
     parser.add_argument("--format", default="PNG")
+    parser.add_argument("--allow-scripts", action="store_true",
+                        help="run the file's scripts (registered text blocks, Python drivers), as a client started "
+                             "with --allow-scripts does")
     args = parser.parse_args(argv)
 
     from client.render import Renderer
     from protocol.settings import Assignment
 
     args.out.mkdir(parents=True, exist_ok=True)
-    renderer = Renderer()
+    renderer = Renderer(allow_scripts=args.allow_scripts)
     started = time.monotonic()
     renderer.open(args.blend, "local")
     renderer.apply(Assignment(args.format, None, None, None))

@@ -2,11 +2,13 @@
 
     python -m tools.submit FILE.blend --server HOST:PORT [--frames 1-24 | --frame N [--split auto|K]]
         [--step N] [--chunk 4] [--format PNG|JPEG|OPEN_EXR] [--samples N] [--percentage P]
-        [--allow-missing] [--needs-scripts] [--wait]
+        [--allow-missing] [--needs-scripts] [--shared-storage | --blend-only] [--wait]
 
 Prints the job id. With --wait, shows progress and exits 0 when the job is done, 1 with the
 reason when it failed or was cancelled. A job whose files are missing on the clients fails naming them,
 unless --allow-missing: then it renders without them and the warning stays with the job.
+With --shared-storage only the .blend travels, its own `//` paths made absolute: the clients read the files
+where they lie (through their --path-map prefixes).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from protocol.blendfile import BlendHeaderError, read_version
 from protocol.settings import BLENDER_FILE, IMAGE_FORMATS, JobRequest, SettingsError
+from server_addon.core.shared import absolute_copy
 from server_addon.core.trace import OUTSIDE_DIR, Trace, TraceError, bat_available, traced
 
 from .control import Control, ToolError, UploadPlan, default_token, run_tool
@@ -126,6 +129,8 @@ async def run(args: argparse.Namespace) -> int:
         raise ToolError(f"cannot read {blend}: {exc.strerror or exc}") from None
     if args.blend_only:
         return await _submit(args, blend, settings, None)
+    if args.shared_storage:
+        return await _submit_shared(args, blend, settings)
     why = bat_available()
     if why:
         print(f"warning: cannot trace what the .blend needs: {why}; only the .blend travels", file=sys.stderr)
@@ -134,6 +139,19 @@ async def run(args: argparse.Namespace) -> int:
         with traced(blend, args.project) as trace:
             _check_trace(trace, args.allow_missing)
             return await _submit(args, blend, settings, trace)
+    except TraceError as exc:
+        raise ToolError(str(exc)) from None
+
+
+async def _submit_shared(args: argparse.Namespace, blend: Path, settings: dict[str, Any]) -> int:
+    try:
+        with absolute_copy(blend) as copy:
+            for written, absolute in copy.rewritten:
+                print(f"shared storage: {written} is read from {absolute}", file=sys.stderr)
+            if copy.unreachable:
+                print("warning: shared storage: baked caches beside the .blend are not reached by a path the "
+                      f"clients can map: {', '.join(copy.unreachable)}", file=sys.stderr)
+            return await _submit(args, copy.path, settings, None)
     except TraceError as exc:
         raise ToolError(str(exc)) from None
 
@@ -230,8 +248,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--project", type=Path, default=None, metavar="DIR",
                         help="the project folder: files inside it keep their place relative to it (default: the "
                              f".blend's folder); files outside it travel under {OUTSIDE_DIR}/")
-    parser.add_argument("--blend-only", action="store_true",
-                        help="send only the .blend, not what it needs (a farm whose clients see the files)")
+    travel = parser.add_mutually_exclusive_group()
+    travel.add_argument("--blend-only", action="store_true",
+                        help="send only the .blend as it is, not what it needs")
+    travel.add_argument("--shared-storage", action="store_true",
+                        help="a farm on shared storage: send only the .blend, its relative paths made absolute; the "
+                             "clients read the files where they lie (mapping prefixes with their --path-map)")
     parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
     return parser.parse_args(argv)
 

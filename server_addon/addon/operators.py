@@ -102,6 +102,7 @@ class _SendCopy:
     registered operator class must not be subclassed)."""
 
     show_result = False  # Render Current Frame: load the frame into the Image Editor when it arrives
+    check_only = False  # Check Files: find what would travel, send nothing
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -125,28 +126,37 @@ class _SendCopy:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
         # A copy: the open file keeps its path, its dirty flag and its (unpacked) images; the file on disk
-        # is not touched. relative_remap keeps relative paths pointing at the same files from the copy's folder.
+        # is not touched. Without relative_remap the copy keeps the artist's `//` paths, relative to the open
+        # file's folder: the tracer reads it as if it lay there (the project), and the job is laid out so.
+        # Uncompressed: the tracer reads and rewrites it without decompressing a temporary copy first.
         try:
-            bpy.ops.wm.save_as_mainfile(filepath=str(copy), copy=True, relative_remap=True, check_existing=False)
+            bpy.ops.wm.save_as_mainfile(filepath=str(copy), copy=True, relative_remap=False, compress=False,
+                                        check_existing=False)
         except RuntimeError as exc:
             self.report({'ERROR'}, f"Could not save a copy of the file for the farm: {exc}")
             return {'CANCELLED'}
-        name = Path(bpy.data.filepath).name if bpy.data.filepath else "untitled.blend"
+        location = Path(bpy.data.filepath) if bpy.data.filepath else None
+        name = location.name if location is not None else "untitled.blend"
         video = ({"codec": settings.video_codec, "quality": settings.video_quality,
                   "location": settings.video_location} if settings.use_video and not self.show_result else None)
         try:
-            rt.submit(JobSubmission(blend=copy, name=name, request=request, pack=settings.pack_textures,
-                                    priority=settings.priority, video=video, show_result=self.show_result))
+            rt.submit(JobSubmission(blend=copy, name=name, request=request, location=location,
+                                    pack=settings.pack_textures, priority=settings.priority, video=video,
+                                    show_result=self.show_result, check_only=self.check_only))
         except FarmError as exc:
             copy.unlink(missing_ok=True)
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
-        self.report({'INFO'}, f"Sending {name} to the farm" + (" (packing textures)" if settings.pack_textures else ""))
+        packing = " (packing textures)" if settings.pack_textures else ""
+        if self.check_only:
+            self.report({'INFO'}, f"Checking the files {name} needs{packing}")
+        else:
+            self.report({'INFO'}, f"Sending {name} and the files it needs to the farm{packing}")
         return {'FINISHED'}
 
 
 class MICROFARM_OT_create_job(_SendCopy, bpy.types.Operator):
-    """Send a saved copy of this file to the farm and render it there; the open file stays as it is"""
+    """Send a copy of this file and the files it needs to the farm; the open file stays as it is"""
 
     bl_idname = "microfarm.create_job"
     bl_label = "Create Render Job"
@@ -164,6 +174,17 @@ class MICROFARM_OT_render_current_frame(_SendCopy, bpy.types.Operator):
 
     def request(self, scene: bpy.types.Scene) -> JobRequest:
         return current_frame_request(scene)
+
+
+class MICROFARM_OT_check_files(_SendCopy, bpy.types.Operator):
+    """List what would travel with this file (textures, libraries, caches), what the farm has, what is missing"""
+
+    bl_idname = "microfarm.check_files"
+    bl_label = "Check Files"
+    check_only = True
+
+    def request(self, scene: bpy.types.Scene) -> JobRequest:
+        return job_request(scene)
 
 
 class _JobAction:
@@ -265,6 +286,7 @@ classes = (
     MICROFARM_OT_stop_server,
     MICROFARM_OT_create_job,
     MICROFARM_OT_render_current_frame,
+    MICROFARM_OT_check_files,
     MICROFARM_OT_cancel_job,
     MICROFARM_OT_pause_job,
     MICROFARM_OT_resume_job,

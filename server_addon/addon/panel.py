@@ -9,6 +9,8 @@ import bpy
 
 from ..core.versions import job_blender
 from . import props, runtime
+from .errors import sentence
+from .project import SHOWN_NAMES, FileCheck
 from .runtime import State
 
 _JOB_ICONS = {"queued": 'TIME', "probing": 'VIEWZOOM', "rendering": 'RENDER_ANIMATION', "paused": 'PAUSE',
@@ -123,7 +125,13 @@ class MICROFARM_PT_create_job(_FarmPanel, bpy.types.Panel):
             sub.prop(settings, "video_codec")
             sub.prop(settings, "video_quality")
             sub.prop(settings, "video_location")
-        layout.operator("microfarm.create_job", icon='RENDER_ANIMATION')
+        row = layout.row(align=True)
+        row.operator("microfarm.create_job", icon='RENDER_ANIMATION')
+        row.operator("microfarm.check_files", icon='VIEWZOOM')
+        rt = runtime.current()
+        check = rt.check if rt is not None else None
+        if check is not None and check.filepath == bpy.data.filepath:
+            draw_check(layout.box(), check)
         col = layout.column()
         col.prop(settings, "use_split")
         sub = col.column()
@@ -131,6 +139,23 @@ class MICROFARM_PT_create_job(_FarmPanel, bpy.types.Panel):
         sub.prop(settings, "split_tiles", text="Tiles (0: Auto)")
         layout.operator("microfarm.render_current_frame", text=f"Render Current Frame ({scene.frame_current})",
                         icon='RENDER_STILL')
+
+
+def draw_check(box: bpy.types.UILayout, check: FileCheck) -> None:
+    """What travels with the open file (Check Files, or the last job sent from it)."""
+    box.label(text=sentence(check.summary()), icon='CHECKMARK' if check.job_id else 'FILE_FOLDER')
+    if check.packed:
+        box.label(text="Textures are packed into the .blend", icon='PACKAGE')
+    if check.outside:
+        box.label(text=f"From outside the project ({len(check.outside)}):", icon='LIBRARY_DATA_BROKEN')
+        for path in check.outside[:SHOWN_NAMES]:
+            box.label(text=path[-200:])
+    if check.missing:
+        box.label(text=f"Missing on this disk ({len(check.missing)}):", icon='ERROR')
+        for name in check.missing[:SHOWN_NAMES]:
+            box.label(text=name[:200])
+        if len(check.missing) > SHOWN_NAMES:
+            box.label(text=f"and {len(check.missing) - SHOWN_NAMES} more")
 
 
 def _progress(layout: bpy.types.UILayout, job: Mapping[str, Any]) -> None:

@@ -81,12 +81,14 @@ class MicroFarmSceneSettings(bpy.types.PropertyGroup):
     frame_end: IntProperty(name="End", default=250, description="Last frame to render")
     file_format: EnumProperty(name="Format", items=FORMAT_ITEMS, default="SCENE",
                               description="Image format of the rendered frames")
-    pack_textures: BoolProperty(name="Pack Textures", default=True,
-                                description="Pack external images into the copy sent to the farm "
-                                            "(the open file is left as it is)")
+    pack_textures: BoolProperty(name="Pack Textures", default=False,
+                                description="Also pack external images and fonts into the copy sent to the farm "
+                                            "(not needed: the files the scene uses travel with it anyway, and are "
+                                            "sent only once; the open file is left as it is)")
     allow_missing: BoolProperty(name="Render With Missing Files", default=False,
-                                description="Render even if files the scene uses are missing on the farm's "
-                                            "clients (the job shows which); otherwise such a job fails naming them")
+                                description="Send and render even if files the scene uses are missing, on this "
+                                            "computer or on the farm's clients (the job shows which); otherwise "
+                                            "Create Job refuses, or the job fails, naming them")
     needs_scripts: BoolProperty(name="Needs Scripts", default=False,
                                 description="The scene needs its Python (drivers, registered text blocks): only "
                                             "clients started with --allow-scripts render it")

@@ -7,8 +7,9 @@ Threads and who owns what:
   an immutable FarmView into a one-slot queue (the panel only needs the latest), at most every
   PUBLISH_INTERVAL_S however busy the farm is.
 - Short-lived worker threads start and stop the server and prepare jobs (pack textures in a
-  separate Blender process, hash, move the .blend into the server's store); they report back
-  through a queue of Notices. The timer drains both queues within a time budget.
+  separate Blender process, trace what the file needs, hash it, put what the server lacks into its
+  content store); they report back through a queue of Notices, and what travels through a one-slot
+  queue of FileChecks. The timer drains the queues within a time budget.
 
 This module imports no bpy (the glue that does lives in its last section, imported lazily), so its
 logic also runs, and is tested, without Blender.
@@ -33,14 +34,17 @@ from types import MappingProxyType
 from typing import Any
 
 from protocol.limits import MAX_NAME_CHARS
+from protocol.manifest import Manifest, safe_blend_name
 
 from ..core.jobs import JobState
 from ..core.scheduler import JobActionError
 from ..core.server import FarmServer, ServerConfig
 from ..core.storage import PARTIAL_PREFIX, UnsafeName
 from ..core.thread import ServerThread
-from . import submit
+from ..core.trace import TraceError, traced
+from . import project, submit
 from .errors import Cancelled, FarmError, sentence
+from .project import FileCheck
 from .submit import JobSubmission
 
 log = logging.getLogger(__name__)
@@ -123,10 +127,13 @@ class Runtime:
         # Main thread only: what the panel draws.
         self.view = FarmView()
         self.notice: Notice | None = None
+        self.check: FileCheck | None = None  # what travels with the open file, as last found
         # Across threads.
         self._views: queue.Queue[FarmView] = queue.Queue(maxsize=1)
         self._notices: queue.Queue[Notice] = queue.Queue()
         self._results: queue.Queue[Path] = queue.Queue()  # frames to show in the Image Editor
+        self._checks: queue.Queue[FileCheck] = queue.Queue(maxsize=1)  # the panel shows the latest
+        self._hashes = project.Hashes()
         self._publish_pending = False  # loop thread only
         self._watched: set[str] = set()  # loop thread only: jobs whose frame goes to the Image Editor
 
@@ -285,14 +292,10 @@ class Runtime:
         return results
 
     def _put_view(self, view: FarmView) -> None:
-        # One slot: a view nobody has drawn yet is replaced by the newer one.
-        while True:
-            try:
-                self._views.put_nowait(view)
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._views.get_nowait()
+        _put_latest(self._views, view)
+
+    def _put_check(self, check: FileCheck) -> None:
+        _put_latest(self._checks, check)
 
     def post(self, level: str, text: str) -> None:
         """A message for the user from any thread; the drain shows it in the panel and reports it."""
@@ -306,6 +309,9 @@ class Runtime:
         changed = False
         with contextlib.suppress(queue.Empty):
             self.view = self._views.get_nowait()
+            changed = True
+        with contextlib.suppress(queue.Empty):
+            self.check = self._checks.get_nowait()
             changed = True
         notices: list[Notice] = []
         while not notices or time.perf_counter() < deadline:
@@ -371,21 +377,14 @@ class Runtime:
         return server.blends.root / f"{PARTIAL_PREFIX}{secrets.token_hex(8)}.blend"
 
     def submit(self, job: JobSubmission) -> None:
-        """Pack, hash, store and create the job on a worker thread; returns at once."""
+        """Pack, trace, hash, store and create the job (or only find what would travel) on a worker thread;
+        returns at once."""
         self._server()
-        self._spawn("microfarm-submit", self._submit, job)
+        self._spawn("microfarm-check" if job.check_only else "microfarm-submit", self._submit, job)
 
     def _submit(self, job: JobSubmission) -> None:
         try:
-            sha, size = submit.prepare(job, self._work, self.blender_binary)
-            thread, _, server = self._server()
-            submit.store(server, job.blend, sha)
-            name = "".join(ch for ch in job.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
-            job_id = thread.call(lambda s: self._create_job(s, job, name, sha, size), timeout=CALL_TIMEOUT_S)
-            if job.show_result:
-                self.post("INFO", f"Frame {job.request.frame_start} sent to the farm as job {job_id}.")
-            else:
-                self.post("INFO", f"Render job {job_id} sent to the farm.")
+            self._send(job)
         except Cancelled:
             pass
         except FarmError as exc:
@@ -398,13 +397,61 @@ class Runtime:
         finally:
             submit.discard(job)
 
+    def _send(self, job: JobSubmission) -> None:
+        """The open file as a project: its folder is the job's, the copy stands where the open file lies."""
+        base = job.location.parent if job.location is not None else None
+        if job.pack:
+            submit.pack(job.blend, self._work, self.blender_binary, base)
+        self._work.check()
+        _, _, server = self._server()
+        location = job.location or project.UNSAVED_LOCATION.with_name(safe_blend_name(job.name))
+        filepath = str(job.location) if job.location is not None else ""
+        try:
+            with traced(job.blend, location=location) as trace:
+                entries = project.survey(trace, job.blend, server.blends, self._hashes, self._work)
+                check = project.check_of(filepath, trace, entries, job.pack)
+                self._put_check(check)
+                if job.check_only:
+                    missing = f"; missing on this disk: {project.listed(check.missing)}" if check.missing else ""
+                    self.post("WARNING" if check.missing else "INFO", sentence(check.summary() + missing))
+                    return
+                if check.missing and not job.request.allow_missing:
+                    raise FarmError(check.refusal())
+                manifest = project.manifest(entries, trace.main)
+                project.send(entries, job.blend, server.blends, self._work)
+        except TraceError as exc:
+            raise FarmError(sentence(f"Could not find the files the scene needs: {exc}")) from None
+        thread, _, _ = self._server()
+        name = "".join(ch for ch in job.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
+        job_id = thread.call(lambda s: self._create_job(s, job, name, manifest), timeout=CALL_TIMEOUT_S)
+        self._put_check(project.sent(check, job_id))
+        if job.show_result:
+            self.post("INFO", f"Frame {job.request.frame_start} sent to the farm as job {job_id}.")
+        elif check.missing:
+            self.post("WARNING", f"Render job {job_id} sent to the farm without {project.listed(check.missing)} "
+                                 "(missing on this disk).")
+        else:
+            self.post("INFO", f"Render job {job_id} sent to the farm.")
 
-    def _create_job(self, server: FarmServer, job: JobSubmission, name: str, sha: str, size: int) -> str:
+    def _create_job(self, server: FarmServer, job: JobSubmission, name: str, manifest: Manifest) -> str:
         """Loop thread: create the job, and follow it when its frame should be shown."""
-        created = server.create_job(name, sha, size, job.request, start=True, priority=job.priority, video=job.video)
+        main = manifest.main_file
+        created = server.create_job(name, main.sha256, main.size, job.request, start=True, priority=job.priority,
+                                    video=job.video, project=manifest)
         if job.show_result:
             self._watched.add(created.id)
         return created.id
+
+
+def _put_latest(slot: queue.Queue[Any], item: Any) -> None:
+    # One slot: what nobody has drawn yet is replaced by the newer one.
+    while True:
+        try:
+            slot.put_nowait(item)
+            return
+        except queue.Full:
+            with contextlib.suppress(queue.Empty):
+                slot.get_nowait()
 
 
 def _url_host(host: str) -> str:

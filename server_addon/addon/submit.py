@@ -1,5 +1,5 @@
-"""Turning the saved copy of the open file into a job's .blend, off Blender's UI thread:
-pack its external files (in a separate Blender process), hash it, move it into the server's store.
+"""Turning the saved copy of the open file into a job's .blend, off Blender's UI thread: pack its external
+files if asked (in a separate Blender process). Tracing, hashing and storing the project: project.py.
 
 The operator has already saved the copy (bpy work, on the main thread) inside the store's folder,
 so the final move is a rename on one filesystem. No bpy here.
@@ -7,19 +7,15 @@ so the final move is a rename on one filesystem. No bpy here.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.limits import MAX_BLEND_BYTES
 from protocol.settings import JobRequest
 
-from ..core.server import FarmServer
 from .errors import Cancelled, FarmError, sentence
 
 log = logging.getLogger(__name__)
@@ -30,15 +26,30 @@ HASH_BLOCK_BYTES = 1 << 20
 PACKED_MARK = "MICROFARM-PACKED"
 
 # Opens the copy in a separate Blender, packs every external file into it and saves it over itself.
-# It finds the copy's path after "--" (Blender's binary and `python -c` both keep it in sys.argv).
+# It finds the copy's path after "--" (Blender's binary and `python -c` both keep it in sys.argv), then the
+# folder its `//` paths are relative to (the open file's: the copy keeps the artist's paths, which do not
+# resolve from where it lies): those are made absolute for packing, and images get their `//` path back.
 PACK_SCRIPT = f"""\
 import sys
 import bpy
-path = sys.argv[sys.argv.index("--") + 1]
+path, base = (sys.argv[sys.argv.index("--") + 1:] + [""])[:2]
 bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
 bpy.context.preferences.filepaths.save_version = 0
+written = []
+for data in (bpy.data.images, bpy.data.fonts, bpy.data.sounds, bpy.data.volumes):
+    for block in data:
+        raw = getattr(block, "filepath", "")
+        if base and block.library is None and block.packed_file is None and raw.startswith("//"):
+            absolute = bpy.path.abspath(raw, start=base)
+            if hasattr(block, "filepath_raw"):
+                block.filepath_raw = absolute
+                written.append((block, raw))
+            else:
+                block.filepath = absolute
 bpy.ops.file.pack_all()
-bpy.ops.wm.save_mainfile(filepath=path)
+for block, raw in written:
+    block.filepath_raw = raw
+bpy.ops.wm.save_mainfile(filepath=path, relative_remap=False)
 print({PACKED_MARK!r}, flush=True)
 """
 
@@ -47,13 +58,15 @@ print({PACKED_MARK!r}, flush=True)
 class JobSubmission:
     """A job to create from a saved copy of the open file."""
 
-    blend: Path  # the copy, inside the server's .blend store folder
+    blend: Path  # the copy, inside the server's .blend store folder, its `//` paths as the artist wrote them
     name: str
     request: JobRequest
+    location: Path | None = None  # the open file, whose folder is the project (None: never saved)
     pack: bool = True
     priority: int = 0
     video: dict[str, str] | None = None
     show_result: bool = False  # load the (one) frame into Blender's Image Editor when it is done
+    check_only: bool = False  # Check Files: find what would travel, send nothing
 
 
 @dataclass
@@ -76,13 +89,15 @@ class Work:
                 pass
 
 
-def pack_command(blend: Path, blender: str = "", python: str = sys.executable) -> list[str]:
-    """The process that packs external files into `blend`: Blender's own binary when there is one,
-    else (PyPI's bpy, where bpy.app.binary_path is empty) this Python, which has bpy."""
+def pack_command(blend: Path, blender: str = "", python: str = sys.executable, base: Path | None = None) -> list[str]:
+    """The process that packs external files into `blend` (whose `//` paths are relative to `base`): Blender's
+    own binary when there is one, else (PyPI's bpy, where bpy.app.binary_path is empty) this Python, which
+    has bpy."""
+    where = [str(blend)] + ([str(base)] if base is not None else [])
     if blender:
         return [blender, "--background", "--factory-startup", "--disable-autoexec", "--python-exit-code", "1",
-                "--python-expr", PACK_SCRIPT, "--", str(blend)]
-    return [python, "-c", PACK_SCRIPT, "--", str(blend)]
+                "--python-expr", PACK_SCRIPT, "--", *where]
+    return [python, "-c", PACK_SCRIPT, "--", *where]
 
 
 def error_line(output: str) -> str:
@@ -95,9 +110,9 @@ def error_line(output: str) -> str:
     return sentence(lines[-1]) if lines else "it printed nothing."
 
 
-def pack(blend: Path, work: Work, blender: str = "") -> None:
+def pack(blend: Path, work: Work, blender: str = "", base: Path | None = None) -> None:
     """Pack the external files of `blend` into it, in a separate process. Raises FarmError."""
-    proc = subprocess.Popen(pack_command(blend, blender), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(pack_command(blend, blender, base=base), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     work.procs.add(proc)
     try:
@@ -115,35 +130,6 @@ def pack(blend: Path, work: Work, blender: str = "") -> None:
     if proc.returncode != 0 or PACKED_MARK not in text:
         log.error("MicroFarm: packing %s failed (exit status %s):\n%s", blend.name, proc.returncode, text)
         raise FarmError(f"Could not pack the textures into the copy for the farm: {error_line(text)}")
-
-
-def sha256(path: Path, work: Work) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(HASH_BLOCK_BYTES):
-            work.check()
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def prepare(job: JobSubmission, work: Work, blender: str = "") -> tuple[str, int]:
-    """Pack (if asked) and hash the copy; returns (sha256, size). Raises FarmError."""
-    if job.pack:
-        pack(job.blend, work, blender)
-    work.check()
-    size = job.blend.stat().st_size
-    if not 0 < size <= MAX_BLEND_BYTES:
-        raise FarmError(f"The file is {size} bytes; the farm takes at most {MAX_BLEND_BYTES}.")
-    return sha256(job.blend, work), size
-
-
-def store(server: FarmServer, blend: Path, sha: str) -> None:
-    """Move the copy into the server's store under its sha256, read-only like the store's other files."""
-    destination = server.blends.path(sha)
-    if destination.is_file():
-        return  # the farm has this exact file already (the caller deletes the copy)
-    os.replace(blend, destination)
-    os.chmod(destination, 0o444)
 
 
 def discard(job: JobSubmission) -> None:

@@ -17,7 +17,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from .control import ControlConnections
 from .database import Database, DatabaseError
 from .finishing import Finishing
 from .jobs import Job, Lease, LeaseKind
-from .scheduler import Farm
+from .scheduler import Farm, add_warning
 from .storage import ContentStore, OutputStore, UnsafeName, new_job_id
 from .video import remove_leftovers
 from .workers import HANG_FACTOR, HANG_MIN_S, HANG_MIN_SAMPLES, MAX_LOST_CLIENTS_SHOWN, Workers
@@ -216,7 +216,8 @@ class FarmServer:
 
     def create_job(self, name: str, blend_sha256: str, blend_size: int, request: JobRequest, *,
                    start: bool = True, priority: int = 0, video: dict[str, Any] | None = None,
-                   project: Manifest | None = None) -> Job:
+                   project: Manifest | None = None, warnings: Sequence[str] = ()) -> Job:
+        """A new job of files already in the store; `warnings` are known at submission (files left behind)."""
         if not self.blends.has(blend_sha256):
             raise ValueError("the .blend for this job is not on the server")
         if project is not None:
@@ -235,6 +236,8 @@ class FarmServer:
         job = Job(id=job_id, name=name, blend_sha256=blend_sha256, blend_size=blend_size,
                   request=request, created=time.time(), priority=priority, video=video, file_blender=file_blender,
                   project=project)
+        for warning in warnings:
+            add_warning(job, warning)
         self.farm.add_job(job, start=start)
         self._dispatch()
         self._notify()

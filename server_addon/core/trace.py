@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 #: Where BAT puts what lies outside the project, inside the job folder.
 OUTSIDE_DIR = "_outside_project"
+_TRACING = threading.Lock()
 
 
 class TraceError(Exception):
@@ -91,13 +94,44 @@ def _shown(path: Path, blend_dir: Path) -> str:
         return str(path)
 
 
+def _stand_in(blend: Path, location: Path) -> None:
+    """Open `blend` for BAT as if it lay at `location`: its `//` paths resolve from there, and its place in
+    the job is there (the add-on traces a copy of the open file, saved elsewhere with its paths as the
+    artist wrote them). Only `blend` is ever read; a rewrite copies `blend`, never the file at `location`."""
+    from blender_asset_tracer import blendfile
+
+    class StandIn(blendfile.BlendFile):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(blend)
+            self.filepath = location  # BlendFile.abspath resolves `//` against filepath's folder
+
+        def copy_and_rebind(self, path: Path, mode: str = "rb") -> None:
+            self.close()
+            blendfile._uncache(location)
+            shutil.copyfile(blend, path)
+            self.fileobj = self._open_file(path, mode=mode)  # filepath becomes the rewritten copy
+            blendfile._cache(path, self)
+
+    blendfile._cache(location, StandIn())
+
+
 @contextlib.contextmanager
-def traced(blend: Path, project: Path | None = None) -> Iterator[Trace]:
-    """Trace `blend` inside `project` (default: its folder). Rewritten .blend copies live until the block ends."""
+def traced(blend: Path, project: Path | None = None, location: Path | None = None) -> Iterator[Trace]:
+    """Trace `blend` inside `project` (default: the folder of its location). Rewritten .blend copies live until
+    the block ends. With `location`, `blend` is read as if it lay there (see _stand_in): `//` paths resolve
+    from there, the job places it there, and `location` itself is never read. One trace at a time in a
+    process: BAT's open files are one module-wide cache."""
+    with _TRACING:
+        with _traced(blend, project, location) as trace:
+            yield trace
+
+
+@contextlib.contextmanager
+def _traced(blend: Path, project: Path | None, location: Path | None) -> Iterator[Trace]:
     why = bat_available()
     if why:
         raise TraceError(why)
-    from blender_asset_tracer import blendfile
+    from blender_asset_tracer import blendfile, bpathlib
     from blender_asset_tracer.blendfile.exceptions import BlendFileError
     from blender_asset_tracer.pack import Packer
 
@@ -121,18 +155,21 @@ def traced(blend: Path, project: Path | None = None) -> Iterator[Trace]:
             self.plan.append((Path(asset_path), target, may_move))
 
     blend = blend.absolute()
-    root = (project or blend.parent).absolute()
+    place = bpathlib.make_absolute(location) if location is not None else blend
+    root = (project or place.parent).absolute()
     try:
-        main = blend.relative_to(root).as_posix()
+        main = place.relative_to(root).as_posix()
     except ValueError:
-        raise TraceError(f"{blend} is not inside the project folder {root}") from None
+        raise TraceError(f"{place} is not inside the project folder {root}") from None
     # Never written to: the target only gives the job folder's paths a place to be relative to.
     target = Path(tempfile.gettempdir()) / "microfarm-trace-target"
-    with Planner(blend, root, str(target)) as packer:
+    with Planner(place, root, str(target)) as packer:
         try:
+            if location is not None:
+                _stand_in(blend, place)
             packer.strategise()
             packer.execute()
-            trace = _trace(packer, blend, main, target)
+            trace = _trace(packer, place, main, target, blend)
         except OSError as exc:
             blendfile.close_all_cached()
             raise TraceError(f"cannot trace {blend}: {exc.strerror or exc}") from None
@@ -145,21 +182,23 @@ def traced(blend: Path, project: Path | None = None) -> Iterator[Trace]:
             blendfile.close_all_cached()
 
 
-def _trace(packer, blend: Path, main: str, target: Path) -> Trace:  # type: ignore[no-untyped-def]
+def _trace(packer, blend: Path, main: str, target: Path, read: Path) -> Trace:  # type: ignore[no-untyped-def]
+    """`blend` is where the main .blend lies (or stands in), `read` the file that holds its bytes."""
     trace = Trace(main=main)
     seen: set[str] = set()
     read_from = {action.read_from: path for path, action in packer._actions.items() if action.read_from}
-    for source, placed, _moved in packer.plan:
+    for planned, placed, _moved in packer.plan:
         relpath = PurePath(placed).relative_to(target).as_posix()
         if relpath in seen:
             continue
         seen.add(relpath)
-        original = read_from.get(source, source)
+        source = read if planned == blend else planned
+        original = read_from.get(planned, planned)
         entry = TracedFile(relpath, source, original, rewritten=source in read_from)
         trace.files.append(entry)
         if relpath.startswith(OUTSIDE_DIR + "/"):
             trace.outside.append(entry)
     trace.missing = sorted(_shown(Path(p), blend.parent) for p in packer.missing_files)
     if main not in seen:  # BAT lists the main file as its own first action; be sure of it anyway
-        trace.files.insert(0, TracedFile(main, blend, blend))
+        trace.files.insert(0, TracedFile(main, read, blend))
     return trace

@@ -20,6 +20,7 @@ from .auth import PAGE_HEADER, Auth, cross_site_reason, is_loopback_host
 from .errors import WebError, error_response
 from .events import EVENT_MIN_INTERVAL_S, StatusFeed
 from .handlers import STATE, STATIC_DIR, WebState
+from .staging import Staging
 from .thumbs import Thumbnails
 from .upload import human_bytes
 
@@ -61,7 +62,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 return refusal
         return await handler(request)
     except WebError as exc:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, details=exc.details)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -173,6 +174,7 @@ async def start_web(server: FarmServer, host: str = "127.0.0.1", port: int = 0, 
     """Serve the web interface for `server` on host:port (0: a free port), on the running loop."""
     thumbnails = Thumbnails(server.config.resolved_data_dir / "thumbnails")
     await asyncio.to_thread(thumbnails.clear)
+    await asyncio.to_thread(Staging.clear_all, server.config.resolved_data_dir)  # uploads cut off by a stop
     state = WebState(server=server, auth=Auth(secret), thumbnails=thumbnails, max_upload_bytes=max_upload_bytes,
                      event_interval_s=event_interval_s)
     state.feed = StatusFeed(server, lambda: handlers.build_status(state))

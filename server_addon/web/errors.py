@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 
 class WebError(Exception):
-    """A request that cannot be served; `status` is the HTTP status, the message one sentence for the user."""
+    """A request that cannot be served; `status` is the HTTP status, the message one sentence for the user,
+    `details` more fields for programs (e.g. the list of missing files)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.details = details or {}
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None,
+                   details: dict[str, Any] | None = None) -> web.Response:
+    return web.json_response({**(details or {}), "error": message}, status=status, headers=headers)

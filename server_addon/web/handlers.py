@@ -175,8 +175,9 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
 
 async def create_job(request: web.Request) -> web.Response:
     state = _state(request)
-    view = await upload.receive_job(request, state.server, state.max_upload_bytes)
-    return web.json_response({"id": view["id"], "message": f"job {view['id']} created", "job": view}, status=201)
+    view, project = await upload.receive_job(request, state.server, state.max_upload_bytes)
+    return web.json_response({"id": view["id"], "message": f"job {view['id']} created", "job": view,
+                              "project": project}, status=201)
 
 
 async def job_view(request: web.Request) -> web.Response:

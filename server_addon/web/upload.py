@@ -1,10 +1,12 @@
 """New jobs from the browser: a multipart upload streamed to disk, and its settings checked.
 
-The .blend is read from the request in chunks, hashed on the way and written to a temporary file
-in the blend store; its sha256 is known only at the end, when the file is renamed to <sha>.blend
-(or dropped, when the store already has it). Nothing holds the whole file in memory, a file
-larger than the limit is cut off with 413 as soon as it passes the limit, and a file that does not
-start with a .blend header is refused.
+A job arrives as one .blend or one .zip of its project (a part named 'file'), or as a folder's files
+(parts named 'files', each with its path relative to the folder as its file name), with the settings as
+text fields and `main` naming the .blend to render in a project. Every file is read from the request in
+chunks, hashed on the way and written into a private staging folder (see staging.py); nothing holds a
+whole file in memory, and an upload larger than the limit is cut off with 413 as soon as it passes it.
+The project is then traced there (projects.py), refused if the scene needs files it lacks (unless missing
+files are allowed), and what the job needs is renamed into the content store by sha256.
 """
 
 from __future__ import annotations
@@ -13,21 +15,21 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 
-from protocol.limits import MAX_NAME_CHARS
+from protocol.limits import MAX_NAME_CHARS, MAX_PROJECT_FILES
+from protocol.manifest import safe_blend_name
 from protocol.settings import JobRequest, SettingsError
 
-from ..core.storage import PARTIAL_PREFIX, BlendStore
 from ..core.video import VideoSettings
-from .errors import WebError
+from . import projects
+from .errors import WebError, human_bytes
+from .staging import Staging, looks_like_zip
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ TEXT_FIELDS = ("name", "file_format", "priority", "start", "video", "video_quali
 #: Check boxes: "1"/"on"/"true" or "0"/"off"/"false"; absent is off.
 BOOL_FIELDS = ("allow_missing", "needs_scripts")
 FILE_FIELD = "file"
+#: A folder's files, one part each, named by their path relative to the folder.
+FILES_FIELD = "files"
+#: The relative path of the .blend to render in a project (default: the only .blend at its top level).
+MAIN_FIELD = "main"
 _INTEGER = re.compile(r"^[+-]?\d{1,12}$")
 _TRUE = frozenset({"", "1", "true", "yes", "on", "start"})
 _FALSE = frozenset({"0", "false", "no", "off", "queue"})
@@ -60,15 +66,6 @@ class JobOptions:
     priority: int
     video: dict[str, Any] | None
     name: str | None
-
-
-def human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def parse_options(fields: dict[str, str]) -> JobOptions:
@@ -126,38 +123,39 @@ def looks_like_blend(head: bytes) -> bool:
     return any(head.startswith(magic) for magic in BLEND_MAGICS)
 
 
-class BlendUpload:
-    """A .blend arriving in pieces: written to a temporary file in the store, hashed as it comes."""
+class Budget:
+    """The bytes one request may bring, all its files together."""
 
-    def __init__(self, store: BlendStore, limit: int) -> None:
-        fd, name = tempfile.mkstemp(dir=store.root, prefix=PARTIAL_PREFIX, suffix=".part")
-        self._file = os.fdopen(fd, "wb")
-        self.path = Path(name)
-        self.store = store
+    def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.used = 0
+
+    def take(self, count: int) -> None:
+        self.used += count
+        if self.used > self.limit:
+            raise WebError(413, f"the upload is larger than the {human_bytes(self.limit)} this farm accepts")
+
+
+class Incoming:
+    """One file arriving in pieces: hashed as it comes, written off the loop in batches to a file of the
+    staging folder (a new file, created exclusively). Nothing holds the whole file in memory."""
+
+    def __init__(self, out: BinaryIO, budget: Budget) -> None:
+        self._file = out
+        self.budget = budget
         self.size = 0
         self._digest = hashlib.sha256()
-        self._head = b""
         self._batch: list[bytes] = []
         self._batched = 0
 
     async def write(self, data: bytes) -> None:
+        self.budget.take(len(data))
         self.size += len(data)
-        if self.size > self.limit:
-            raise WebError(413, f"the file is larger than the {human_bytes(self.limit)} this farm accepts")
-        if len(self._head) < MAGIC_BYTES:
-            self._head += data[:MAGIC_BYTES]
-            if len(self._head) >= MAGIC_BYTES:
-                self._check_head()
         self._digest.update(data)
         self._batch.append(data)
         self._batched += len(data)
         if self._batched >= WRITE_BATCH_BYTES:
             await self._flush()
-
-    def _check_head(self) -> None:
-        if not looks_like_blend(self._head):
-            raise WebError(400, "the file is not a .blend (it does not start with a Blender file header)")
 
     async def _flush(self) -> None:
         data, self._batch, self._batched = b"".join(self._batch), [], 0
@@ -166,84 +164,146 @@ class BlendUpload:
 
     async def finish(self) -> str:
         """Write what is left and close the file; returns the sha256."""
-        if self.size == 0:
-            raise WebError(400, "the uploaded file is empty")
-        self._check_head()
         await self._flush()
         await asyncio.to_thread(self._file.close)
         return self._digest.hexdigest()
 
-    def commit(self, sha256: str) -> None:
-        """Move the file into the store as <sha256>.blend; on the loop, so no job can see half of it."""
-        destination = self.store.path(sha256)
-        if destination.is_file():
-            self.path.unlink(missing_ok=True)
-            return
-        os.replace(self.path, destination)
-        os.chmod(destination, 0o444)
-
     def abort(self) -> None:
         with contextlib.suppress(OSError):
             self._file.close()
-        self.path.unlink(missing_ok=True)
 
 
-async def receive_job(request: web.Request, server: Any, max_upload_bytes: int) -> dict[str, Any]:
-    """Read a multipart job submission, store its .blend and create the job; returns the job's view."""
+async def receive_job(request: web.Request, server: Any, max_upload_bytes: int) -> tuple[dict[str, Any],
+                                                                                      dict[str, Any]]:
+    """Read a multipart job submission (a .blend, a .zip or a folder's files), trace it, store what the job
+    needs and create the job; returns the job's view and the summary of what travels."""
     if request.content_type != "multipart/form-data":
         raise WebError(415, "send the job as multipart/form-data with the .blend in a part named 'file'")
     if request.content_length is not None and request.content_length > max_upload_bytes + MULTIPART_OVERHEAD_BYTES:
         raise WebError(413, f"the upload of {human_bytes(request.content_length)} is larger than the "
                             f"{human_bytes(max_upload_bytes)} this farm accepts")
     reader = await request.multipart()
+    data_dir = server.config.resolved_data_dir
+    staging = await asyncio.to_thread(Staging.create, data_dir)
+    try:
+        return await _receive(request, server, reader, staging, Budget(max_upload_bytes), data_dir)
+    finally:
+        try:
+            await asyncio.to_thread(staging.remove)
+        except asyncio.CancelledError:
+            staging.remove()
+            raise
+
+
+async def _receive(request: web.Request, server: Any, reader: MultipartReader, staging: Staging, budget: Budget,
+                   data_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     fields: dict[str, str] = {}
-    upload: BlendUpload | None = None
+    kind = ""  # "blend", "zip" or "folder"
     filename = ""
-    try:
-        for _ in range(MAX_PARTS + 1):
-            part = await reader.next()
-            if part is None:
-                break
-            if not isinstance(part, BodyPartReader):
-                raise WebError(400, "nested multipart bodies are not accepted")
+    for _ in range(MAX_PARTS + MAX_PROJECT_FILES + 1):
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            raise WebError(400, "nested multipart bodies are not accepted")
+        if part.name in (FILE_FIELD, FILES_FIELD):
+            if kind and not (kind == "folder" and part.name == FILES_FIELD):
+                raise WebError(400, f"send one .blend or one .zip per job in a part named '{FILE_FIELD}', or a "
+                                    f"folder's files in parts named '{FILES_FIELD}'")
+            if not kind:
+                parse_options(fields)  # settings sent before the files are checked before anything is stored
             if part.name == FILE_FIELD:
-                if upload is not None:
-                    raise WebError(400, "send one .blend per job")
-                parse_options(fields)  # settings sent before the file are checked before it is stored
                 filename = part.filename or ""
-                upload = BlendUpload(server.blends, max_upload_bytes)
-                try:
-                    while chunk := await part.read_chunk(READ_CHUNK_BYTES):
-                        await upload.write(chunk)
-                except ConnectionError:
-                    log.info("web upload of %r from %s stopped by the browser after %s", clean_name(filename),
-                             request.remote, human_bytes(upload.size))
-                    raise WebError(400, "the upload was interrupted") from None
-            elif part.name in INT_FIELDS or part.name in TEXT_FIELDS:
-                fields[part.name] = await _read_field(part)
+                kind = await _receive_file(request, part, staging, budget)
             else:
-                raise WebError(400, f"unknown field {part.name!r}; known: {', '.join((*INT_FIELDS, *TEXT_FIELDS))}"
-                                    f" and {FILE_FIELD}")
+                kind = "folder"
+                relpath = staging.claim(part.filename or "")
+                sha, size = await _stream(request, part, await asyncio.to_thread(staging.open_new, relpath), budget)
+                staging.add(relpath, sha, size)
+        elif part.name in INT_FIELDS or part.name in TEXT_FIELDS or part.name == MAIN_FIELD:
+            fields[part.name] = await _read_field(part)
         else:
-            raise WebError(400, f"a job upload has at most {MAX_PARTS} parts")
-        if upload is None:
-            raise WebError(400, "the upload has no .blend: send it in a part named 'file'")
-        options = parse_options(fields)
-        sha = await upload.finish()
-        upload.commit(sha)
-    except BaseException:
-        if upload is not None:
-            upload.abort()
-        raise
-    name = options.name or clean_name(filename) or "untitled.blend"
+            raise WebError(400, f"unknown field {part.name!r}; known: {', '.join((*INT_FIELDS, *TEXT_FIELDS))}, "
+                                f"{MAIN_FIELD}, {FILE_FIELD} and {FILES_FIELD}")
+    else:
+        raise WebError(400, f"a job upload has at most {MAX_PARTS} fields and {MAX_PROJECT_FILES} files")
+    if not kind:
+        raise WebError(400, f"the upload has no .blend: send it (or a .zip of the project) in a part named "
+                            f"'{FILE_FIELD}', or a folder's files in parts named '{FILES_FIELD}'")
+    options = parse_options(fields)
+    if kind == "zip":
+        await asyncio.to_thread(staging.extract_zip, budget.limit)
+    uploaded = (len(staging.files), sum(f.size for f in staging.files.values()))
+    if kind == "blend":
+        main = next(iter(staging.files.values()))
+    else:
+        main = projects.choose_main(staging, fields.get(MAIN_FIELD, "").strip() or None)
+    plan = await asyncio.to_thread(projects.plan_project, staging, main, single=kind == "blend",
+                                   hidden=data_dir.resolve())
+    if (plan.missing or plan.outside) and not options.request.allow_missing:
+        projects.refuse_missing(plan)
+    counts = await asyncio.to_thread(projects.commit, staging, plan, server.blends)
+    server.stats.upload_bytes_received += counts[1]
+    server.stats.files_received += counts[0]
+    if kind == "blend":
+        name = options.name or clean_name(filename) or "untitled.blend"
+        project = None  # the .blend alone keeps the job's name, as it always has
+    else:
+        name = options.name or clean_name(main.relpath)
+        project = plan.manifest
     try:
-        job = server.create_job(name, sha, upload.size, options.request, start=options.start,
-                                priority=options.priority, video=options.video)
+        job = server.create_job(name, main.sha256, main.size, options.request, start=options.start,
+                                priority=options.priority, video=options.video, project=project,
+                                warnings=plan.warnings())
     except ValueError as exc:
         raise WebError(400, str(exc)) from None
-    log.info("job %s: uploaded from the web by %s (%s, %s, sha256 %s)", job.id, request.remote, name,
-             human_bytes(upload.size), sha[:12])
-    return job.view()
+    summary = projects.summary(plan, counts, *uploaded)
+    log.info("job %s: uploaded from the web by %s (%s: %d files, %s; %d new, %s stored; %d missing)", job.id,
+             request.remote, name, summary["files"], human_bytes(summary["bytes"]), counts[0],
+             human_bytes(counts[1]), len(plan.missing) + len(plan.outside))
+    return job.view(), summary
+
+
+async def _receive_file(request: web.Request, part: BodyPartReader, staging: Staging, budget: Budget) -> str:
+    """The part named 'file': a .zip (kept whole in the staging folder, unpacked later) or a .blend."""
+    head = b""
+    while len(head) < MAGIC_BYTES and (chunk := await _chunk(request, part)):
+        head += chunk
+    if not head:
+        raise WebError(400, "the uploaded file is empty")
+    if looks_like_zip(head):
+        out, kind = await asyncio.to_thread(open, staging.archive, "xb"), "zip"
+    elif looks_like_blend(head):
+        relpath = staging.claim(safe_blend_name(part.filename or "scene.blend"))
+        out, kind = await asyncio.to_thread(staging.open_new, relpath), "blend"
+    else:
+        raise WebError(400, "the file is not a .blend (it does not start with a Blender file header) nor a .zip")
+    sha, size = await _stream(request, part, out, budget, head)
+    if kind == "blend":
+        staging.add(relpath, sha, size)
+    return kind
+
+
+async def _stream(request: web.Request, part: BodyPartReader, out: BinaryIO, budget: Budget,
+                  head: bytes = b"") -> tuple[str, int]:
+    incoming = Incoming(out, budget)
+    try:
+        if head:
+            await incoming.write(head)
+        while chunk := await _chunk(request, part):
+            await incoming.write(chunk)
+        return await incoming.finish(), incoming.size
+    except BaseException:
+        incoming.abort()
+        raise
+
+
+async def _chunk(request: web.Request, part: BodyPartReader) -> bytes:
+    try:
+        return await part.read_chunk(READ_CHUNK_BYTES)
+    except ConnectionError:
+        log.info("web upload from %s stopped by the browser", request.remote)
+        raise WebError(400, "the upload was interrupted") from None
 
 
 async def _read_field(part: BodyPartReader) -> str:

@@ -447,11 +447,73 @@ function refreshFilesIfChanged(jobs) {
 
 // --- upload ----------------------------------------------------------------------------------
 
+// What is chosen: { name, size, file } for a .blend or a .zip, { name, size, items: [{ file, path }] } for a folder.
 function chooseFile(file) {
-  chosenFile = file || null;
-  $("file-name").textContent = file ? `${file.name} (${formatBytes(file.size)})` : "";
-  $("drop-zone").classList.toggle("chosen", Boolean(file));
+  choose(file ? { name: file.name, size: file.size, file } : null);
+}
+
+function chooseFolder(items) {
+  if (!items.length) {
+    choose(null);
+    return;
+  }
+  const name = items[0].path.split("/")[0];
+  const size = items.reduce((sum, item) => sum + item.file.size, 0);
+  choose({ name, size, items });
+}
+
+function choose(chosen) {
+  chosenFile = chosen;
+  const what = !chosen ? "" : chosen.items
+    ? `${chosen.name}/ (${chosen.items.length} files, ${formatBytes(chosen.size)})`
+    : `${chosen.name} (${formatBytes(chosen.size)})`;
+  $("file-name").textContent = what;
+  $("drop-zone").classList.toggle("chosen", Boolean(chosen));
   $("upload-status").textContent = "";
+  $("upload-summary").hidden = true;
+}
+
+// A folder dropped on the page: its files, each with its path below the folder's parent (as the picker gives).
+async function droppedFolder(entries) {
+  const items = [];
+  const read = (reader) => new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+  const walk = async (entry) => {
+    if (entry.isFile) {
+      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+      items.push({ file, path: entry.fullPath.replace(/^\/+/, "") });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (let batch = await read(reader); batch.length; batch = await read(reader)) {
+        for (const child of batch) await walk(child);
+      }
+    }
+  };
+  for (const entry of entries) await walk(entry);
+  return items;
+}
+
+function showSummary(project) {
+  const list = $("upload-summary");
+  const line = (text, kind = "") => el("li", { text, data: { kind } });
+  const names = (count, shown) => shown.join(", ") + (count > shown.length ? ` and ${count - shown.length} more` : "");
+  const lines = [
+    line(`Travels: ${project.files} file${project.files === 1 ? "" : "s"}, ${formatBytes(project.bytes)}` +
+         (project.files > 1 ? ` (main: ${project.main})` : "")),
+    line(`Already on the farm: ${project.reused_files} (${formatBytes(project.reused_bytes)}); ` +
+         `stored now: ${project.stored_files} (${formatBytes(project.stored_bytes)})`),
+  ];
+  if (project.missing_count) {
+    lines.push(line(`Missing: ${names(project.missing_count, project.missing)}`, "warning"));
+  }
+  if (project.outside_count) {
+    lines.push(line(`Outside the upload (not sent): ${names(project.outside_count, project.outside)}`, "warning"));
+  }
+  if (project.unused_count) {
+    lines.push(line(`Not needed by the scene, not part of the job: ${names(project.unused_count, project.unused)}`));
+  }
+  if (!project.traced) lines.push(line(`Not traced: ${project.trace_error}`, "warning"));
+  list.replaceChildren(...lines);
+  list.hidden = false;
 }
 
 function setUploadProgress(fraction) {
@@ -471,12 +533,12 @@ function uploadStatus(text, kind) {
 function submitUpload(event) {
   event.preventDefault();
   if (!chosenFile) {
-    uploadStatus("Choose or drop a .blend first.", "error");
+    uploadStatus("Choose or drop a .blend, a .zip or a folder first.", "error");
     return;
   }
   const limit = latest ? latest.web.max_upload_bytes : Infinity;
   if (chosenFile.size > limit) {
-    uploadStatus(`The file is larger than the ${formatBytes(limit)} this farm accepts.`, "error");
+    uploadStatus(`The upload is larger than the ${formatBytes(limit)} this farm accepts.`, "error");
     return;
   }
   const form = $("upload-form");
@@ -486,7 +548,12 @@ function submitUpload(event) {
     if ((control.type === "radio" || control.type === "checkbox") && !control.checked) continue;
     data.append(control.name, control.value);
   }
-  data.append("file", chosenFile, chosenFile.name); // last: the settings are checked before the bytes are stored
+  // Last: the settings are checked before the bytes are stored. A folder's files go by their relative paths.
+  if (chosenFile.items) {
+    for (const item of chosenFile.items) data.append("files", item.file, item.path);
+  } else {
+    data.append("file", chosenFile.file, chosenFile.name);
+  }
   const request = new XMLHttpRequest();
   request.open("POST", "/api/jobs");
   for (const [name, value] of Object.entries(PAGE_HEADERS)) request.setRequestHeader(name, value);
@@ -503,10 +570,11 @@ function submitUpload(event) {
     $("upload-button").disabled = false;
     if (request.status === 201 && reply) {
       setUploadProgress(1);
-      uploadStatus(`Job ${reply.id} created.`, "ok");
       $("blend-file").value = "";
+      $("project-folder").value = "";
       chooseFile(null);
       uploadStatus(`Job ${reply.id} created.`, "ok");
+      if (reply.project) showSummary(reply.project);
     } else if (request.status === 401) {
       window.location.assign("/login");
     } else {
@@ -526,6 +594,8 @@ function submitUpload(event) {
 function setUpUpload() {
   const zone = $("drop-zone");
   $("blend-file").addEventListener("change", (e) => chooseFile(e.target.files[0]));
+  $("project-folder").addEventListener("change", (e) => chooseFolder(
+    Array.from(e.target.files, (file) => ({ file, path: file.webkitRelativePath || file.name }))));
   for (const type of ["dragenter", "dragover"]) {
     zone.addEventListener(type, (e) => {
       e.preventDefault();
@@ -536,7 +606,15 @@ function setUpUpload() {
   zone.addEventListener("drop", (e) => {
     e.preventDefault();
     zone.classList.remove("dragging");
-    if (e.dataTransfer && e.dataTransfer.files.length) chooseFile(e.dataTransfer.files[0]);
+    if (!e.dataTransfer) return;
+    // Entries are read now, while the drop lasts; a folder's files are listed after.
+    const entries = Array.from(e.dataTransfer.items || [], (item) => item.webkitGetAsEntry && item.webkitGetAsEntry())
+      .filter(Boolean);
+    if (entries.some((entry) => entry.isDirectory)) {
+      droppedFolder(entries).then(chooseFolder, (error) => uploadStatus(`Cannot read the folder: ${error}`, "error"));
+    } else if (e.dataTransfer.files.length) {
+      chooseFile(e.dataTransfer.files[0]);
+    }
   });
   // A file dropped beside the zone must not make the browser leave the page to open it.
   for (const type of ["dragover", "drop"]) window.addEventListener(type, (e) => e.preventDefault());
