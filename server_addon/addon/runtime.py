@@ -383,19 +383,22 @@ class Runtime:
         self._spawn("microfarm-check" if job.check_only else "microfarm-submit", self._submit, job)
 
     def _submit(self, job: JobSubmission) -> None:
+        error = ""
         try:
             self._send(job)
         except Cancelled:
             pass
         except FarmError as exc:
-            self.post("ERROR", str(exc))
+            error = str(exc)
         except TimeoutError:
-            self.post("ERROR", f"The farm server did not answer within {CALL_TIMEOUT_S:.0f} s; "
-                               "the render job was not created.")
+            error = f"The farm server did not answer within {CALL_TIMEOUT_S:.0f} s; the render job was not created."
         except (OSError, ValueError, RuntimeError) as exc:
-            self.post("ERROR", f"Could not create the render job: {exc}")
+            error = f"Could not create the render job: {exc}"
         finally:
+            # The copy goes before the user hears of a refusal: nothing of it is left in the store by then.
             submit.discard(job)
+        if error:
+            self.post("ERROR", error)
 
     def _send(self, job: JobSubmission) -> None:
         """The open file as a project: its folder is the job's, the copy stands where the open file lies."""
