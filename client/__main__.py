@@ -49,5 +49,6 @@ if __name__ == "__main__":
         print(f"error: this Python ({sys.executable}) has no {_missing}; {GET_BUNDLE}", file=sys.stderr, flush=True)
         sys.exit(2)
     from client.app import main
+    from client.finish import exit_process
 
-    sys.exit(main(_arguments()))
+    exit_process(main(_arguments()))

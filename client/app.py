@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -34,6 +35,22 @@ def parse_server(text: str) -> tuple[str, int]:
     if not 0 < number < 65536:
         raise UsageError(f"--server port {number} is not between 1 and 65535")
     return host, number
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int | None:
+    """A size like 50G, 500MiB, 1.5 TB or 1048576 (bytes; units are powers of 1024); "none": no bound."""
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"--cache-max wants a size like 50G, 500M or 1.5T, not {text!r}")
+    size = int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
+    if size <= 0:
+        raise UsageError("--cache-max must be more than 0 bytes (or none)")
+    return size
 
 
 def check_discovery_args(args: argparse.Namespace, server: tuple[str, int] | None) -> list[str] | None:
@@ -74,7 +91,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"),
                         help="farm secret (default: $MICROFARM_TOKEN)")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where .blend files are cached (default: ~/.cache/microfarm)")
+                        help="where job files are cached (default: ~/.cache/microfarm)")
+    parser.add_argument("--cache-max", default="50G", metavar="SIZE",
+                        help="the most job files the cache keeps, e.g. 20G or 500M (or none); the least recently "
+                             "used go first, never those of the job this client has open (default: 50G)")
     parser.add_argument("--allow-scripts", action="store_true",
                         help="run Python scripts stored in .blend files (drivers, handlers); off by default")
     parser.add_argument("--path-map", dest="path_map", action="append", default=[], metavar="FROM=TO",
@@ -103,6 +123,7 @@ def main(argv: list[str]) -> int:
         if args.gpu_index is not None and args.gpu_index < 0:
             raise UsageError("--gpu-index must be 0 or more")
         path_map = tuple(Mapping.parse(text) for text in args.path_map)
+        cache_max = parse_size(args.cache_max)
     except (UsageError, PathMapError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -128,7 +149,7 @@ def main(argv: list[str]) -> int:
                 return 1
             resolve = browser.target
             where = f"farm {args.farm!r}" if args.farm else "the farm found on the LAN"
-        cache = BlendCache(args.cache_dir or default_cache_dir())
+        cache = BlendCache(args.cache_dir or default_cache_dir(), max_bytes=cache_max)
         try:
             device = choose_device(args.device, args.gpu_index)
         except DeviceError as exc:

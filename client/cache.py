@@ -1,5 +1,12 @@
 """The client's store of job files: each file under its sha256, so nothing is downloaded twice, and
-checked against its sha256 before a job uses it, so a damaged file is fetched again, not rendered."""
+checked against its sha256 before a job uses it, so a damaged file is fetched again, not rendered.
+
+The store is bounded (--cache-max): before a job's files are fetched, the least recently used files
+(by access time, set on every use) are removed until the job fits, never one of the job being opened or
+the job this client has open, nor one a job folder still links to (another client's open job, when
+clients share the cache). A download that the disk has no room for fails at once, with a sentence
+saying so, instead of leaving a half-written file.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,11 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import stat
+import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from protocol.stream import FileSink
@@ -19,11 +30,40 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: A partial download untouched for this long belongs to no running client.
 STALE_PARTIAL_S = 3600.0
 HASH_BLOCK_BYTES = 1024 * 1024
+#: --cache-max unless told: the textures and caches of a few productions, so that a project that comes back
+#: sends nothing; the free-space check keeps a smaller disk from filling up.
+DEFAULT_MAX_BYTES = 50 * 1024**3
+#: Room the cache leaves free on its disk: Blender, the frames and the logs need some too.
+FREE_MARGIN_BYTES = 64 * 1024**2
+
+
+class CacheError(Exception):
+    """The store cannot hold what a job needs."""
+
+
+class CacheFull(CacheError):
+    """No room on the cache's disk for a job's files."""
+
+
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{count} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "microfarm"
+
+
+def _writable(path: Path) -> None:
+    """Windows will not remove or replace a read-only file (store files are 0444). POSIX asks only the folder,
+    and the old file may still be linked from a job folder, so it keeps its mode there."""
+    if sys.platform == "win32":
+        os.chmod(path, stat.S_IWRITE)
 
 
 def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
@@ -34,8 +74,10 @@ class BlendCache:
     """<root>/files/<sha256>: every file of the jobs this client rendered (.blend files and what they need);
     job folders (client.layout) under <root>/jobs link to them."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
         self.base = root
+        self.max_bytes = max_bytes  # None: no bound but the disk
+        self.pinned: frozenset[str] = frozenset()  # the shas of the job this client has open
         self.root = root / "files"
         self.root.mkdir(parents=True, exist_ok=True)
         # sha -> the file's identity when this process last hashed it: hashed again only when it changed.
@@ -69,6 +111,7 @@ class BlendCache:
             self._discard(path, sha256, f"is {stat.st_size} bytes, not {size}", name)
             return None
         if self._verified.get(sha256) == _identity(stat):
+            self._touch(path, stat)
             return path
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -78,13 +121,80 @@ class BlendCache:
             self._discard(path, sha256, "no longer matches its checksum", name)
             return None
         self._verified[sha256] = _identity(stat)
+        self._touch(path, stat)
         return path
+
+    @staticmethod
+    def _touch(path: Path, info: os.stat_result) -> None:
+        """Mark a use (the access time orders eviction); the modification time stays, so the identity does."""
+        with contextlib.suppress(OSError):
+            os.utime(path, ns=(time.time_ns(), info.st_mtime_ns))
+
+    def pin(self, shas: Iterable[str]) -> None:
+        """The files of the job this client has open: never evicted."""
+        self.pinned = frozenset(shas)
+
+    def make_room(self, need: int, keep: Iterable[str] = ()) -> None:
+        """Evict the least recently used files until `need` more bytes fit under the bound and on the disk;
+        raises CacheFull when the disk cannot take them even so. `keep`: the shas of the job being opened."""
+        keep = self.pinned | set(keep)
+        stored: list[tuple[int, str, int]] = []  # (last use, sha, size) of the files that may go
+        total = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not _SHA256.fullmatch(entry.name):
+                    continue
+                try:
+                    info = os.stat(entry.path)  # st_nlink (DirEntry.stat has none on Windows)
+                except OSError:
+                    continue
+                total += info.st_size
+                # Linked from a job folder: some client's open job (this one's, or another's sharing the cache).
+                if entry.name not in keep and info.st_nlink <= 1:
+                    stored.append((info.st_atime_ns, entry.name, info.st_size))
+        stored.sort()
+        free = self.free_bytes()
+        evicted = freed = 0
+        for _, sha, size in stored:
+            over = self.max_bytes is not None and total + need > self.max_bytes
+            if not over and free >= need + FREE_MARGIN_BYTES:
+                break
+            if self._remove(self.path(sha)):
+                total -= size
+                free += size
+                evicted += 1
+                freed += size
+        if evicted:
+            log.info("cache: evicted %d least recently used files (%s) to make room for %s", evicted,
+                     human_bytes(freed), human_bytes(need))
+        self.check_free(need)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_free(self, need: int) -> None:
+        """Raises CacheFull unless the cache's disk has room for `need` bytes and the margin."""
+        free = self.free_bytes()
+        if free < need + FREE_MARGIN_BYTES:
+            raise CacheFull(f"the client's cache disk is full: {human_bytes(need)} of job files do not fit in the "
+                            f"{human_bytes(free)} free at {self.base} (the cache leaves "
+                            f"{human_bytes(FREE_MARGIN_BYTES)} free; free space there or use --cache-dir)")
+
+    def _remove(self, path: Path) -> bool:
+        self._verified.pop(path.name, None)
+        try:
+            _writable(path)
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("cache: cannot remove %s: %s", path.name[:12], exc)
+            return False
+        return True
 
     def _discard(self, path: Path, sha256: str, why: str, name: str = "") -> None:
         log.warning("stored file %s%s %s: fetching it again", f"//{name} " if name else "", sha256[:12], why)
-        self._verified.pop(sha256, None)
-        with contextlib.suppress(OSError):
-            path.unlink()
+        self._remove(path)
 
     def sink(self, sha256: str, size: int) -> FileSink:
         self.path(sha256)
@@ -92,6 +202,8 @@ class BlendCache:
 
     def commit(self, sink: FileSink, sha256: str) -> Path:
         path = self.path(sha256)
+        with contextlib.suppress(OSError):
+            _writable(path)  # a damaged copy in the way
         sink.commit(path)
         # Read-only: job folders hold hard links to this very file, and nothing may write through them.
         with contextlib.suppress(OSError):

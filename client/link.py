@@ -26,7 +26,7 @@ from protocol.limits import HEARTBEAT_INTERVAL_S
 from protocol.messages import Role
 from protocol.stream import FileSink, MessageStream
 
-from .cache import BlendCache
+from .cache import BlendCache, CacheFull
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Link:
         self._outbox: asyncio.Queue[m.Message | _Upload] | None = None
         self._download: tuple[str, FileSink | None, asyncio.Future[Path]] | None = None
         self._download_size: int | None = None  # what the manifest says the file being downloaded holds
+        self._discarding = False  # the rest of a download that failed here (a full disk) is read and dropped
         self._stopping = False
         self._lock = threading.Lock()
 
@@ -170,7 +171,7 @@ class Link:
     def fetch_blend(self, epoch: int, sha256: str, size: int, timeout: float = DOWNLOAD_TIMEOUT_S,
                     name: str = "") -> Path:
         """A job file (the .blend or one it needs, at `name` in the job) from the store, downloaded first if it is
-        not there intact."""
+        not there intact. Raises LinkLost, or CacheFull when the disk has no room for it."""
         try:
             cached = self.cache.lookup(sha256, size, name)
         except ValueError as exc:
@@ -180,6 +181,7 @@ class Link:
             return cached
         if self._loop is None:
             raise LinkLost("not connected")
+        self.cache.check_free(size)  # raises CacheFull: a clear sentence, not a half-written file
         future = asyncio.run_coroutine_threadsafe(self._fetch(epoch, sha256, size), self._loop)
         try:
             return future.result(timeout)
@@ -288,6 +290,7 @@ class Link:
                 sink.abort()
             if not future.done():
                 future.set_exception(LinkLost("the connection closed during the download"))
+        self._discarding = False
         with self._lock:
             self._revoked.clear()
 
@@ -360,10 +363,13 @@ class Link:
             elif isinstance(message, m.BlendBegin):
                 self._download_begin(message)
             elif isinstance(message, m.Chunk):
-                sink = self._download_sink()
-                await asyncio.to_thread(sink.write, message.data)
+                if not self._discarding:
+                    await self._download_write(message.data)
             elif isinstance(message, m.End):
-                self._download_end(message)
+                if self._discarding:
+                    self._discarding = False
+                else:
+                    self._download_end(message)
             elif isinstance(message, m.Error):
                 raise ConnectionClosed(f"server closed the connection: {message.reason}")
             else:
@@ -385,6 +391,22 @@ class Link:
             sink.abort()
         if not future.done():
             future.set_exception(LinkLost(f"the server will not send the file: {refused.reason}"))
+
+    async def _download_write(self, data: bytes) -> None:
+        sink = self._download_sink()
+        try:
+            await asyncio.to_thread(sink.write, data)
+        except OSError as exc:
+            # The disk filled up (something else wrote to it since the check): this file fails with that
+            # sentence, its partial file goes, and the connection carries on.
+            assert self._download is not None
+            sha, _, future = self._download
+            sink.abort()
+            self._discarding = True
+            self._download = (sha, None, future)
+            if not future.done():
+                future.set_exception(CacheFull(f"the client's cache disk filled up while downloading a job file "
+                                               f"into {self.cache.base} ({exc.strerror or exc})"))
 
     def _download_sink(self) -> FileSink:
         if self._download is None or self._download[1] is None:

@@ -13,6 +13,7 @@ from protocol.errors import ProtocolError
 from protocol.manifest import Manifest
 from protocol.settings import validate_assignment
 
+from .cache import CacheError
 from .layout import JobFolders, LayoutError
 from .link import Link, LinkLost
 from .render import Renderer, RenderError
@@ -63,6 +64,7 @@ class Worker:
         if self.renderer.current_sha is not None and time.monotonic() - self._idle_since > JOB_FOLDER_IDLE_S:
             log.info("no work for %.0f s: removing the job folder", JOB_FOLDER_IDLE_S)
             self.folders.remove_others(keep=None)
+            self.link.cache.pin(())
             self.renderer.current_sha = None  # laid out and opened afresh if its job sends more work
 
     def _open(self, epoch: int, job_id: str, manifest: Manifest) -> None:
@@ -78,14 +80,23 @@ class Worker:
                         ", ".join(f"//{relpath}" for relpath in damaged[:10]))
             self.renderer.current_sha = None
         self.link.set_state("downloading", job_id, epoch=epoch)
-        for entry in manifest.by_sha().values():
-            self.link.fetch_blend(epoch, entry.sha256, entry.size, name=entry.relpath)
+        cache = self.link.cache
+        files = manifest.by_sha().values()
+        try:
+            # Room first, for all that is not stored yet (a stat each): evicting while fetching could take
+            # a file this very job was about to use.
+            cache.make_room(sum(e.size for e in files if not cache.path(e.sha256).exists()), keep=manifest.shas())
+            for entry in files:
+                self.link.fetch_blend(epoch, entry.sha256, entry.size, name=entry.relpath)
+        except CacheError as exc:
+            raise RenderError(str(exc)) from None
         try:
             path = self.folders.lay_out(job_id, manifest)
         except (LayoutError, OSError) as exc:
             raise RenderError(f"the job's files cannot be laid out: {exc}") from None
         self.link.set_state("opening", job_id, epoch=epoch)
         self.renderer.open(path, key)
+        cache.pin(manifest.shas())
         self.folders.remove_others(keep=job_id)
 
     def _damaged(self, job_id: str, manifest: Manifest) -> list[str]:

@@ -24,8 +24,16 @@ from .limits import (
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DRIVE = re.compile(r"^[A-Za-z]:")
-#: Names Windows will not create (in any folder, with any extension).
-_WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+#: Names Windows will not create (in any folder, with any extension; spaces before the extension are
+#: dropped first, so "con .txt" is CON too; COM¹-COM³ and LPT¹-LPT³ are devices as well).
+_WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9\u00b9\u00b2\u00b3]|lpt[0-9\u00b9\u00b2\u00b3]) *(\..*)?$",
+                               re.IGNORECASE)
+
+
+def same_file_key(relpath: str) -> str:
+    """What two paths that are one file on some client share: macOS and Windows fold case, and macOS also
+    treats the NFC and NFD spellings of a name (é as one character or as e and an accent) as one."""
+    return unicodedata.normalize("NFC", relpath).casefold()
 
 
 class ManifestError(ProtocolError):
@@ -107,7 +115,13 @@ class Manifest:
         return found
 
     def files_wire(self) -> list[dict[str, Any]]:
-        return [f.to_wire() for f in self.files]
+        """The files as they travel; built once per manifest (a job's goes into every Probe and Assign), so
+        the list is shared: read it, never change it."""
+        wire = self.__dict__.get("_files_wire")
+        if wire is None:
+            wire = [f.to_wire() for f in self.files]
+            object.__setattr__(self, "_files_wire", wire)  # not a field: equality ignores it
+        return wire
 
     def to_wire(self) -> dict[str, Any]:
         return {"files": self.files_wire(), "main": self.main}
@@ -132,8 +146,7 @@ class Manifest:
             raise ManifestError(f"the main file {main!r} of a project is not a .blend")
         seen: dict[str, str] = {}
         for f in files:
-            # Case-folded: on Windows and macOS clients "A.png" and "a.png" are one file.
-            key = f.relpath.casefold()
+            key = same_file_key(f.relpath)
             if key in seen:
                 raise ManifestError(f"the project lists {f.relpath!r} twice")
             seen[key] = f.relpath
@@ -143,7 +156,7 @@ class Manifest:
                 if parent in seen:
                     raise ManifestError(f"the project path {seen[parent]!r} is both a file and a folder")
                 parent = parent.rpartition("/")[0]
-        if main.casefold() not in seen or seen[main.casefold()] != main:
+        if seen.get(same_file_key(main)) != main:
             raise ManifestError(f"the main file {main!r} is not among the project's files")
         if sum(f.size for f in files) > MAX_PROJECT_BYTES:
             raise ManifestError(f"a project holds at most {MAX_PROJECT_BYTES} bytes")

@@ -128,7 +128,11 @@ def from_wire(payload: dict[str, Any]) -> Message:
         if not _type_ok(value, hints[field.name]):
             raise ProtocolError(f"{kind} message has a bad {field.name!r}: {type(value).__name__}")
         values[field.name] = value
-    return cls(**values)
+    message = cls(**values)
+    check = getattr(message, "_check_received", None)
+    if check is not None:
+        check()  # what a peer sent is validated once, here; what this side builds from checked data is not
+    return message
 
 
 def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -137,7 +141,11 @@ def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 
 
 def _project(message: Any, required: bool) -> Manifest | None:
-    """The manifest a Probe, Assign or Submit carries (checked on construction, so on receipt too)."""
+    """The manifest a Probe, Assign or Submit carries, checked on receipt (from_wire) and kept with the message:
+    a 2000-file manifest costs milliseconds to check, so neither a sender that builds the message from a checked
+    Manifest (see _ProjectMessage.of) nor a reader that asks for it twice pays again."""
+    if "_manifest" in message.__dict__:
+        return message.__dict__["_manifest"]
     if not message.files:
         if required and message.main:
             raise ManifestError(f"{message.TYPE.value} names a main file but lists no files")
@@ -146,7 +154,25 @@ def _project(message: Any, required: bool) -> Manifest | None:
     main = manifest.main_file
     if (main.sha256, main.size) != (message.blend_sha256, message.blend_size):
         raise ManifestError(f"{message.TYPE.value}: the main file's checksum or size is not the .blend's")
+    object.__setattr__(message, "_manifest", manifest)  # not a field: equality and the wire form ignore it
     return manifest
+
+
+class _ProjectMessage(Message):
+    """A message that carries a job's manifest (files, main, blend_sha256, blend_size)."""
+
+    @classmethod
+    def of(cls, manifest: Manifest, **fields: Any) -> Any:
+        """The message for an already checked manifest: its wire form is the manifest's cached one, and it is
+        not checked again (the peer checks it on receipt)."""
+        main = manifest.main_file
+        message = cls(blend_sha256=main.sha256, blend_size=main.size, files=manifest.files_wire(),
+                      main=manifest.main, **fields)
+        object.__setattr__(message, "_manifest", manifest)
+        return message
+
+    def _check_received(self) -> None:
+        _project(self, True)
 
 
 # --- handshake -------------------------------------------------------------------------
@@ -207,7 +233,7 @@ class Heartbeat(Message):
 
 
 @_message
-class Probe(Message):
+class Probe(_ProjectMessage):
     """Ask a client to open a job's .blend and report its scene settings."""
 
     TYPE = MessageType.PROBE
@@ -218,9 +244,6 @@ class Probe(Message):
     allow_scripts: bool = False
     files: list[dict] = dataclasses.field(default_factory=list)  # the job's manifest (protocol.manifest)
     main: str = ""  # the relative path of the .blend among files
-
-    def __post_init__(self) -> None:
-        _project(self, True)
 
     def manifest(self) -> Manifest:
         """The job's files; a server that sends none means the .blend alone."""
@@ -237,7 +260,7 @@ class ProbeResult(Message):
 
 
 @_message
-class Assign(Message):
+class Assign(_ProjectMessage):
     """Render these frames of a job; settings are data applied through the bpy API."""
 
     TYPE = MessageType.ASSIGN
@@ -249,9 +272,6 @@ class Assign(Message):
     settings: dict
     files: list[dict] = dataclasses.field(default_factory=list)  # as in Probe
     main: str = ""
-
-    def __post_init__(self) -> None:
-        _project(self, True)
 
     def manifest(self) -> Manifest:
         return _project(self, True) or Manifest.single("scene.blend", self.blend_sha256, self.blend_size)
@@ -339,7 +359,7 @@ class End(Message):
 # --- control tools ------------------------------------------------------------------------
 
 @_message
-class Submit(Message):
+class Submit(_ProjectMessage):
     """Create a job. The server answers UPLOAD_READY; the files it lacks follow, in the order it asked.
 
     files is the project's manifest (main the .blend's relative path among them); without it the job is
@@ -356,9 +376,6 @@ class Submit(Message):
     video: dict | None = None
     files: list[dict] = dataclasses.field(default_factory=list)
     main: str = ""
-
-    def __post_init__(self) -> None:
-        _project(self, True)
 
     def manifest(self) -> Manifest | None:
         return _project(self, True)

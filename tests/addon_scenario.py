@@ -5,6 +5,7 @@
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py frame --zip Z --work W --texture T
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py matrix --zip Z --work W --texture T
     BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py project --zip Z --work W
+    BLENDER_USER_RESOURCES=DIR python tests/addon_scenario.py kinds --zip Z --work W
 
 `python` is the Python of a stock Blender (tools.bpyenv: a venv with only PyPI's bpy). With
 --client-bundle B, render clients run from the render-client bundle B (B/client/__main__.py) with
@@ -205,7 +206,8 @@ def env_without(name: str) -> Iterator[None]:
 CLIENT_BUNDLE: Path | None = None
 
 
-def start_client(address: str, work: Path, name: str = "addon-client", bundle: Path | None = None) -> Any:
+def start_client(address: str, work: Path, name: str = "addon-client", bundle: Path | None = None,
+                 *extra: str) -> Any:
     """A real render client process: from the render-client bundle, with this stock Blender's Python, as a
     render node runs it; else the way the other tests start theirs."""
     bundle = bundle or CLIENT_BUNDLE
@@ -215,14 +217,14 @@ def start_client(address: str, work: Path, name: str = "addon-client", bundle: P
         with open(work / f"{name}.log", "ab") as log_file:  # the client is another machine's Blender
             return subprocess.Popen(
                 [sys.executable, str(bundle / "client" / "__main__.py"), "--", "--server", address,
-                 "--name", name, "--cache-dir", str(work / f"{name}-cache")],
+                 "--name", name, "--cache-dir", str(work / f"{name}-cache"), *extra],
                 cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     spec = importlib.util.spec_from_file_location("microfarm_localfarm", REPO / "tools" / "localfarm.py")
     assert spec is not None and spec.loader is not None
     localfarm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(localfarm)  # by path: the repository itself stays off sys.path
     with env_without("BLENDER_USER_RESOURCES"):  # the client is another machine's Blender
-        return localfarm.start_client(address, name, work / f"{name}-cache", work / f"{name}.log")
+        return localfarm.start_client(address, name, work / f"{name}-cache", work / f"{name}.log", *extra)
 
 
 # --- the scene --------------------------------------------------------------------------------
@@ -637,6 +639,60 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+#: Every kind of file a scene resolves by path (tests/test_project_kinds.py), each in view of the camera.
+EVERY_KIND = ("--texture", "--library", "--deep", "--font", "--sequence", "--udim", "--particles", "--script-driver")
+
+
+def kinds(args: argparse.Namespace) -> dict[str, Any]:
+    """The all-kinds project of tools.projects (and a texture at an absolute path outside it) opened as the
+    artist's file, Create Job with Needs Scripts on; the folder and the outside texture are moved away before
+    a client started with --allow-scripts runs, so the farm has only what the add-on sent."""
+    work: Path = args.work
+    folder, external = work / "project", work / "external"
+    repo_run("-m", "tools.projects", str(folder), *EVERY_KIND, "--external", str(external))
+    blend = folder / "scene.blend"
+    local = work / "local"
+    repo_run("-m", "tools.render_local", str(blend), "1", "2", str(local), "--allow-scripts")
+    install(args.zip, enable=True)
+    configure(work / "output")
+    bpy.ops.wm.open_mainfile(filepath=str(blend))  # the artist opens the shot
+    before = file_state(blend)
+    rt = start_server()
+    settings = bpy.context.scene.microfarm
+    settings.needs_scripts = True
+    result: dict[str, Any] = {"local": str(local), "before": before}
+    client = None
+    try:
+        assert bpy.ops.microfarm.create_job() == {"FINISHED"}
+        notices = drain_until(rt, lambda n: any(x.level in ("ERROR", "WARNING") or "sent to the farm as" in x.text
+                                                or "sent to the farm." in x.text for x in n), "the job to be sent")
+        result["notices"] = [[x.level, x.text] for x in notices]
+        job_id = wait_until(rt, lambda s: next(iter(s.farm.jobs), None), "the job on the server", timeout=10)
+        drain_until(rt, lambda n: rt.check is not None and rt.check.job_id == job_id, "the job's files")
+        result["sent"] = check_view(rt.check)
+        result["project"] = rt.thread.call(lambda s: s.farm.jobs[job_id].project.to_wire())
+        result["needs_scripts"] = rt.thread.call(lambda s: s.farm.jobs[job_id].request.needs_scripts)
+        away = {folder: work / "project-away", external: work / "external-away"}
+        for there, hidden in away.items():
+            there.rename(hidden)  # no client has started yet: none can have read them
+        client = start_client(f"127.0.0.1:{rt.address[1]}", work, "kinds-client", None, "--allow-scripts")
+        wait_until(rt, lambda s: s.farm.jobs[job_id].state.finished, "the job to end")
+        result["job"] = rt.thread.call(lambda s: s.farm.jobs[job_id].view())
+        result["frames"] = rt.thread.call(lambda s: [
+            str(s.outputs.frame_path(job_id, n, s.farm.jobs[job_id].settings.ext))
+            for n in s.farm.jobs[job_id].settings.frames])
+        for there, hidden in away.items():
+            hidden.rename(there)
+        result["after"] = file_state(blend)
+        result["client_log"] = (work / "kinds-client.log").read_text(errors="replace")
+        stop_server(rt)
+    finally:
+        if client is not None:
+            client.terminate()
+            client.wait(timeout=30)
+    return result
+
+
 def fetch(url: str) -> str:
     """The first bytes of a page, fetched on a worker thread of this script (as a browser would)."""
     import urllib.request
@@ -693,7 +749,7 @@ def cycle(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["render", "cycle", "frame", "matrix", "project"])
+    parser.add_argument("scenario", choices=["render", "cycle", "frame", "matrix", "project", "kinds"])
     parser.add_argument("--zip", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--texture", type=Path)
@@ -702,10 +758,17 @@ def main() -> int:
     global CLIENT_BUNDLE
     CLIENT_BUNDLE = args.client_bundle
     result = {"render": render, "cycle": cycle, "frame": frame, "matrix": matrix,
-              "project": project}[args.scenario](args)
+              "project": project, "kinds": kinds}[args.scenario](args)
     print(json.dumps(result, default=str), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The add-on's own copy of the client (installed from the zip): bpy 4.x cannot end by itself once the open
+    # file had Python drivers (the kinds scenario's does).
+    code = main()
+    try:
+        from client.finish import exit_process  # from the zip, while the add-on is enabled
+    except ImportError:
+        sys.exit(code)
+    exit_process(code)

@@ -441,6 +441,40 @@ def test_the_open_file_travels_as_a_project(addon_zip: Path, client_bundle: Path
     assert not slow, slow
 
 
+def test_every_kind_of_file_travels_from_the_open_file(addon_zip: Path, client_bundle: Path,
+                                                      stock: tuple[StockBlender, Path], tmp_path: Path) -> None:
+    # The all-kinds project of tests/test_project_kinds.py (image texture, library two levels deep with its own
+    # texture, image sequence, UDIM, external font, particles baked to //blendcache_scene/, a driver calling a
+    # registered text block's function) plus a texture at an absolute path outside it, opened in Blender and sent
+    # with Create Job and Needs Scripts on; the folder is gone before a client with --allow-scripts starts.
+    import numpy as np
+    from test_project_kinds import FONT
+
+    result = scenario("kinds", tmp_path, "--zip", str(addon_zip), "--client-bundle", str(client_bundle),
+                      python=stock[1])
+    outside = tmp_path / "external" / "noise.png"
+    relpaths = {f["relpath"] for f in result["project"]["files"]}
+    expected = {"scene.blend", "textures/wood.png", "textures/tiles.1001.png", "textures/tiles.1002.png", FONT,
+                "seq/flip_0001.png", "seq/flip_0002.png", "lib/props.blend", "lib/tex/marble.png",
+                "lib/deep/rock.blend", "lib/deep/tex/rock.png", f"_outside_project{outside.as_posix()}"}
+    caches = {r for r in relpaths if r.startswith("blendcache_scene/")}
+    assert len(caches) == 3 and all(r.endswith(".bphys") for r in caches), sorted(relpaths)
+    assert relpaths - caches == expected, sorted(relpaths ^ expected)
+    assert result["project"]["main"] == "scene.blend", "Blender finds blendcache_scene/ by the .blend's name"
+    assert result["sent"]["missing"] == [] and result["sent"]["outside"] == [str(outside)], result["sent"]
+    assert result["needs_scripts"] is True
+    job, log = result["job"], result["client_log"]
+    assert job["state"] == "done" and job["frames_done"] == 2 and job["warnings"] == [], (job, log[-3000:])
+    frames = [Path(p) for p in result["frames"]]
+    assert [p.name for p in frames] == ["frame_0001.png", "frame_0002.png"]
+    local = Path(result["local"])
+    for frame in frames:
+        assert np.array_equal(pixels(frame), pixels(local / frame.name)), f"{frame.name} differs from a local render"
+    for complaint in ("does not exist", "missing", "doesn't exist", "PyDriver", "scripts disabled"):
+        assert complaint not in log, (complaint, log[-3000:])
+    assert result["before"] == result["after"], "the artist's file is left as it was"
+
+
 # --- the version matrix ---------------------------------------------------------------------------
 
 def test_every_blender_installs_the_zip_and_renders_with_its_own_version(

@@ -187,6 +187,27 @@ def test_web_page_serves_the_bundle(farm: Farm, zip_path: Path) -> None:
 
 # --- the client in each stock Blender -------------------------------------------------------------
 
+#: A process that has seen Python drivers' namespace (as opening a file with Python drivers does, scripts or not).
+_DRIVER_NAMESPACE_SEEN = """
+import bpy
+bpy.app.driver_namespace["mf_seen"] = abs
+print(bpy.app.tempdir, flush=True)
+from client.finish import exit_process
+exit_process(3)
+"""
+
+
+def test_a_process_that_saw_python_drivers_ends_with_its_code(stock: Stock, bundle: Path, tmp_path: Path) -> None:
+    """bpy 4.2 as a module crashes, and 4.5 hangs for ever, after Python finishes once the driver namespace was
+    read: a client that rendered a scene with Python drivers never stopped, tools lost their exit code."""
+    env = {**stock_env(), "PYTHONPATH": os.pathsep.join([str(bundle / "vendor"), str(bundle)])}
+    result = subprocess.run([str(stock.python), "-c", _DRIVER_NAMESPACE_SEEN], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, (result.returncode, result.stderr[-3000:])
+    tempdir = Path(result.stdout.strip().splitlines()[-1])
+    assert tempdir.name.startswith("blender_") and not tempdir.exists(), "Blender's session folder is removed"
+
+
 def test_without_vendor_the_client_says_where_to_get_the_bundle(stock: Stock, bundle: Path, tmp_path: Path) -> None:
     bare = tmp_path / BUNDLE_DIR
     shutil.copytree(bundle, bare, ignore=shutil.ignore_patterns("vendor"))

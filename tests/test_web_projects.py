@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, Clients, Farm, connected, repo_env
+from hidden import listing, require_hiding, start_hidden
 from PIL import Image
+from test_project_kinds import EVERYTHING, FONT
 from web_support import Http, Reply, start_web_on, stop_web
 
 from server_addon.web.staging import MAX_ZIP_ENTRIES, STAGING_DIR
@@ -79,8 +81,8 @@ def upload_folder(http: Http, folder: dict[str, bytes], **fields: str) -> Reply:
     return post(http, [("files", relpath, data) for relpath, data in folder.items()], **fields)
 
 
-def render_local(blend: Path, out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "tools.render_local", str(blend), "1", "2", str(out)], cwd=REPO,
+def render_local(blend: Path, out: Path, *extra: str) -> None:
+    subprocess.run([sys.executable, "-m", "tools.render_local", str(blend), "1", "2", str(out), *extra], cwd=REPO,
                    env=repo_env(), check=True, capture_output=True, timeout=180)
 
 
@@ -159,6 +161,75 @@ def test_a_zip_project_renders_like_a_local_render(farm: Farm, clients: Clients,
     for frame in frames:
         assert np.array_equal(pixels(frame), pixels(local / frame.name)), f"{frame.name} differs from local"
     assert "does not exist" not in clients.log("solo") and "missing" not in clients.log("solo").lower()
+
+
+def test_every_kind_of_file_in_a_zip_renders_on_a_client_that_cannot_see_it(
+        farm: Farm, clients: Clients, web: Http, tmp_path: Path) -> None:
+    """The all-kinds project of tests/test_project_kinds.py through the web: a zip of its folder, traced on the
+    server, rendered by a client (scripts allowed, the job needing them) for which the folder is empty."""
+    require_hiding()
+    hidden = tmp_path / "hidden"
+    work = hidden / "work"
+    blend = make_project(work, *EVERYTHING)  # no --external: a browser's upload cannot bring an outside file
+    local = tmp_path / "local"
+    render_local(blend, local, "--allow-scripts")
+    files = {p.relative_to(work).as_posix(): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+    caches = {r for r in files if r.startswith("blendcache_scene/")}
+    assert len(caches) == 3 and all(r.endswith(".bphys") for r in caches), sorted(files)
+    assert set(files) - caches == {
+        "scene.blend", "textures/wood.png", "textures/tiles.1001.png", "textures/tiles.1002.png", FONT,
+        "seq/flip_0001.png", "seq/flip_0002.png", "lib/props.blend", "lib/tex/marble.png", "lib/deep/rock.blend",
+        "lib/deep/tex/rock.png"}, sorted(files)
+    archive = zip_folder(work, prefix="shot/")
+    shutil.rmtree(work)  # the project exists only in the zip the browser sent
+
+    reply = upload_zip(web, archive, start="0", needs_scripts="1")
+    assert reply.status == 201, reply.body
+    project = reply.json()["project"]
+    assert (project["files"], project["missing"], project["outside"], project["unused"]) == (len(files), [], [], [])
+    job_id = reply.json()["id"]
+    manifest = farm.call(lambda s: s.farm.jobs[job_id].manifest)
+    assert manifest.main == "shot/scene.blend", "the .blend keeps its own name: Blender finds blendcache_scene/ by it"
+    assert {f.relpath: f.sha256 for f in manifest.files} == {f"shot/{r}": sha(d) for r, d in files.items()}
+    assert farm.call(lambda s: s.farm.jobs[job_id].request.needs_scripts)
+
+    start_hidden(clients, "hidden", farm.address, hidden, "--allow-scripts")
+    assert listing(hidden) == [], "the client must not see the project"
+    farm.wait_until(connected(1), what="client")
+    assert web.request("POST", f"/api/jobs/{job_id}/resume").status == 200
+    farm.wait_until(lambda s: s.farm.jobs[job_id].state.finished, timeout=RENDER_TIMEOUT_S, what="the zip's job")
+    view = web.get(f"/api/jobs/{job_id}").json()
+    log = clients.log("hidden")
+    assert view["state"] == "done" and view["warnings"] == [], (view, log[-3000:])
+    frames = sorted((farm.output / job_id).glob("frame_*.png"))
+    assert [f.name for f in frames] == ["frame_0001.png", "frame_0002.png"]
+    for frame in frames:
+        assert np.array_equal(pixels(frame), pixels(local / frame.name)), f"{frame.name} differs from local"
+    for complaint in ("does not exist", "missing", "doesn't exist", "PyDriver", "scripts disabled"):
+        assert complaint not in log, (complaint, log[-3000:])
+
+
+def test_an_outside_path_of_the_all_kinds_project_is_named_in_the_refusal(farm: Farm, web: Http,
+                                                                         tmp_path: Path) -> None:
+    work, external = tmp_path / "work", tmp_path / "ext"
+    make_project(work, *EVERYTHING, "--external", str(external))
+    noise = external / "noise.png"
+    archive = zip_folder(work, prefix="shot/")
+    everything_inside = sum(1 for p in work.rglob("*") if p.is_file())
+    refused = upload_zip(web, archive, needs_scripts="1")
+    assert refused.status == 400, refused.body
+    assert (refused.json()["missing"], refused.json()["outside"]) == ([], [str(noise)]), refused.body
+    assert f"1 file(s) the scene needs are missing: outside the upload (the server does not read its own disk " \
+           f"for them): {noise}" in refused.error
+    assert farm.call(lambda s: len(s.farm.jobs)) == 0 and store_of(farm) == {} and staging_left(farm) == []
+
+    allowed = upload_zip(web, archive, allow_missing="1", needs_scripts="1", start="0")
+    assert allowed.status == 201, allowed.body
+    project = allowed.json()["project"]
+    assert (project["missing"], project["outside"], project["files"]) == ([], [str(noise)], everything_inside)
+    assert sha(noise.read_bytes()) not in store_of(farm), "never read from the server's disk"
+    view = web.get(f"/api/jobs/{allowed.json()['id']}").json()
+    assert view["warnings"] == [f"outside the upload (not read from the server's disk): {noise}"], view
 
 
 def test_missing_and_outside_files_are_named(farm: Farm, web: Http, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from .errors import FarmError, sentence
 #: what it uses by absolute path goes to `_outside_project/` in the job, as for any file outside.
 UNSAVED_LOCATION = Path(tempfile.gettempdir()) / "microfarm-unsaved" / "untitled.blend"
 BLOCK_BYTES = 1 << 20
-#: Hashes of unchanged files are remembered (by path, size and modification time) between checks and jobs.
+#: Hashes of unchanged files are remembered (by path, size, times and inode) between checks and jobs.
 MAX_REMEMBERED_HASHES = 20_000
 #: How many names a sentence or the panel lists before "and N more".
 SHOWN_NAMES = 10
@@ -96,16 +96,18 @@ def listed(names: tuple[str, ...] | list[str]) -> str:
 
 
 class Hashes:
-    """sha256 of files by (path, size, mtime): a second check or job of the same project hashes only what
-    changed. Shared by the worker threads."""
+    """sha256 of files by (path, size, mtime, inode, ctime): a second check or job of the same project hashes
+    only what changed. The inode and the status-change time catch a file replaced by one of the same size and
+    modification time (a copy that keeps times, a checkout, a save that restores them). Shared by the worker
+    threads."""
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, int, int], str] = {}
+        self._known: dict[tuple[str, int, int, int, int], str] = {}
         self._lock = threading.Lock()
 
     def of(self, path: Path, work: Cancel, remember: bool = True) -> tuple[str, int]:
         stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
         with self._lock:
             known = self._known.get(key)
         if known is not None:

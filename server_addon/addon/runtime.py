@@ -409,24 +409,27 @@ class Runtime:
         _, _, server = self._server()
         location = job.location or project.UNSAVED_LOCATION.with_name(safe_blend_name(job.name))
         filepath = str(job.location) if job.location is not None else ""
-        try:
-            with traced(job.blend, location=location) as trace:
-                entries = project.survey(trace, job.blend, server.blends, self._hashes, self._work)
-                check = project.check_of(filepath, trace, entries, job.pack)
-                self._put_check(check)
-                if job.check_only:
-                    missing = f"; missing on this disk: {project.listed(check.missing)}" if check.missing else ""
-                    self.post("WARNING" if check.missing else "INFO", sentence(check.summary() + missing))
-                    return
-                if check.missing and not job.request.allow_missing:
-                    raise FarmError(check.refusal())
-                manifest = project.manifest(entries, trace.main)
-                project.send(entries, job.blend, server.blends, self._work)
-        except TraceError as exc:
-            raise FarmError(sentence(f"Could not find the files the scene needs: {exc}")) from None
-        thread, _, _ = self._server()
-        name = "".join(ch for ch in job.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
-        job_id = thread.call(lambda s: self._create_job(s, job, name, manifest), timeout=CALL_TIMEOUT_S)
+        with contextlib.ExitStack() as pins:
+            try:
+                with traced(job.blend, location=location) as trace:
+                    entries = project.survey(trace, job.blend, server.blends, self._hashes, self._work)
+                    check = project.check_of(filepath, trace, entries, job.pack)
+                    self._put_check(check)
+                    if job.check_only:
+                        missing = f"; missing on this disk: {project.listed(check.missing)}" if check.missing else ""
+                        self.post("WARNING" if check.missing else "INFO", sentence(check.summary() + missing))
+                        return
+                    if check.missing and not job.request.allow_missing:
+                        raise FarmError(check.refusal())
+                    manifest = project.manifest(entries, trace.main)
+                    # Held until the job exists: a job deleted meanwhile must not take the files send() reuses.
+                    pins.enter_context(server.blends.pinned(manifest.shas()))
+                    project.send(entries, job.blend, server.blends, self._work)
+            except TraceError as exc:
+                raise FarmError(sentence(f"Could not find the files the scene needs: {exc}")) from None
+            thread, _, _ = self._server()
+            name = "".join(ch for ch in job.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
+            job_id = thread.call(lambda s: self._create_job(s, job, name, manifest), timeout=CALL_TIMEOUT_S)
         self._put_check(project.sent(check, job_id))
         if job.show_result:
             self.post("INFO", f"Frame {job.request.frame_start} sent to the farm as job {job_id}.")

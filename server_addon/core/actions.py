@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from .jobs import Job, JobState
 from .scheduler import JobActionError
-from .storage import UnsafeName
 from .video import VideoSettings
 
 if TYPE_CHECKING:
@@ -88,10 +87,6 @@ class JobActions:
                 Path(job.video_path).unlink()
 
     def _forget_files(self, job: Job) -> None:
-        """Remove a job's files from the store once no other job uses them."""
-        used = set()
-        for other in self.server.farm.jobs.values():
-            used |= other.manifest.shas()
-        for sha in job.manifest.shas() - used:
-            with contextlib.suppress(OSError, UnsafeName):
-                self.server.blends.path(sha).unlink()
+        """Remove a job's files from the store once no other job uses them and no submission in progress
+        counts on them."""
+        self.server.collect_files(job.manifest.shas())

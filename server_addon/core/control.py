@@ -16,7 +16,7 @@ from protocol.stream import MessageStream
 
 from .actions import MAX_PRIORITY
 from .scheduler import JobActionError
-from .storage import UnsafeName
+from .storage import StoreFull, UnsafeName
 from .video import VideoSettings
 
 if TYPE_CHECKING:
@@ -80,20 +80,38 @@ class ControlConnections:
         blends.path(sha)
         project = submit.manifest()  # validated with the message: safe relative paths, bounded
         wanted = {f.sha256: f.size for f in project.files} if project else {sha: submit.blend_size}
-        # Each distinct content once, and only what the store lacks: a second job of a project sends its changes.
-        need = [digest for digest, size in wanted.items() if not blends.has(digest, size)]
-        await stream.send(m.UploadReady(need_bytes=bool(need), need=need))
-        if request.split is not None and video is not None:
-            raise ProtocolError("a split job renders one frame; it makes no video")
-        for digest in need:
-            await self._receive_blend(stream, digest, wanted[digest])
-        if need:
-            log.info("%s: received %d of the job's %d files from %s", name, len(need), len(wanted), peer.name)
+        job = None
+        refusal = ""
         try:
-            job = self.server.create_job(name, sha, submit.blend_size, request, start=submit.start,
-                                         priority=submit.priority, video=video, project=project)
-        except ValueError as exc:  # e.g. a file that is no .blend: the submitter gets the sentence
-            await stream.send(m.Error(reason=str(exc)))
+            # Pinned before the store is asked: a job deleted during the upload must not take the files it
+            # shares with this one (which this submission is then not asked for).
+            with blends.pinned(wanted):
+                # Each distinct content once, and only what the store lacks: a second job sends its changes.
+                need = [digest for digest, size in wanted.items() if not blends.has(digest, size)]
+                try:
+                    blends.check_room(sum(wanted[digest] for digest in need))
+                except StoreFull as exc:
+                    log.warning("%s from %s refused: %s", name, peer.name, exc)
+                    await stream.send(m.Error(reason=str(exc)))
+                    return
+                await stream.send(m.UploadReady(need_bytes=bool(need), need=need))
+                if request.split is not None and video is not None:
+                    raise ProtocolError("a split job renders one frame; it makes no video")
+                for digest in need:
+                    await self._receive_blend(stream, digest, wanted[digest])
+                if need:
+                    log.info("%s: received %d of the job's %d files from %s", name, len(need), len(wanted),
+                             peer.name)
+                try:
+                    job = self.server.create_job(name, sha, submit.blend_size, request, start=submit.start,
+                                                 priority=submit.priority, video=video, project=project)
+                except ValueError as exc:  # e.g. a file that is no .blend: the submitter gets the sentence
+                    refusal = str(exc)
+        finally:
+            if job is None:  # refused, or the submitter went away after some of its files: none of them stay
+                self.server.collect_files(wanted)
+        if job is None:  # (told only now: by then none of its files is left in the store)
+            await stream.send(m.Error(reason=refusal))
             return
         log.info("job %s: submitted by %s (%s)", job.id, peer.name, name)
         await stream.send(m.Submitted(job_id=job.id))

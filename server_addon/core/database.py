@@ -111,6 +111,9 @@ class Database:
                 self.conn.execute(_MIGRATIONS[number])
         self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    #: Jobs the last load() could not restore: their rows stay, and so must the files they may use.
+    unrestored = 0
+
     def close(self) -> None:
         self.conn.close()
 
@@ -143,6 +146,7 @@ class Database:
     def load(self, outputs: OutputStore) -> list[Job]:
         """Every stored job, with its frames checked against the files in the output folder."""
         jobs = []
+        self.unrestored = 0
         rows = self.conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
         names = [d[0] for d in self.conn.execute("SELECT * FROM jobs LIMIT 0").description]
         for row in rows:
@@ -151,6 +155,7 @@ class Database:
                 job = self._job(record)
             except (ValueError, KeyError, TypeError, SettingsError, ProtocolError) as exc:
                 log.error("job %s: cannot be restored (%s); it stays in the database untouched", record["id"], exc)
+                self.unrestored += 1
                 continue
             self._frames(job, outputs)
             jobs.append(job)

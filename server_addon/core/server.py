@@ -17,7 +17,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,12 @@ class FarmServer:
         if self.farm.jobs:
             running = sum(1 for j in self.farm.jobs.values() if j.state.running)
             log.info("restored %d jobs (%d to continue) from %s", len(self.farm.jobs), running, self.db.path)
+        # Once the jobs are back: what failed or abandoned submissions left in the store goes, unless a job
+        # could not be restored (its files are not known, and nothing of a job may be lost).
+        if self.db.unrestored:
+            log.warning("%d jobs could not be restored; no stored file is removed", self.db.unrestored)
+        elif removed := self.collect_files():
+            log.info("removed %d stored files that no job uses from %s", removed, self.blends.root)
         self.stats = ServerStats()
         self.port: int | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -243,6 +249,13 @@ class FarmServer:
         self._notify()
         return job
 
+    def collect_files(self, candidates: Iterable[str] | None = None) -> int:
+        """Delete the stored files (all, or `candidates`) that no job uses and no submission in progress pins."""
+        used: set[str] = set()
+        for job in self.farm.jobs.values():
+            used |= job.manifest.shas()
+        return self.blends.collect(used, candidates)
+
     def _file_version(self, name: str, blend_sha256: str, request: JobRequest) -> BlenderVersion | None:
         """The Blender that saved the job's file (its header: a few bytes, decompressed if need be)."""
         try:
@@ -288,14 +301,13 @@ class FarmServer:
         job = self.farm.jobs[lease.job_id]
         if lease.kind is LeaseKind.PROBE:
             log.info("job %s: probing the scene on client %s", job.id, lease.client_id)
-            return m.Probe(lease_id=lease.id, job_id=job.id, blend_sha256=job.blend_sha256,
-                           blend_size=job.blend_size, **job.manifest.to_wire())
+            return m.Probe.of(job.manifest, lease_id=lease.id, job_id=job.id)
         assert job.settings is not None
         log.info("job %s: frames %s to client %s (lease %d)", job.id, ",".join(map(str, lease.frames)),
                  lease.client_id, lease.id)
-        return m.Assign(lease_id=lease.id, job_id=job.id, blend_sha256=job.blend_sha256,
-                        blend_size=job.blend_size, frames=lease.frames, settings=job.settings.to_assignment(),
-                        **job.manifest.to_wire())
+        # The job's manifest was checked when it arrived: it is not checked again for every chunk it is sent with.
+        return m.Assign.of(job.manifest, lease_id=lease.id, job_id=job.id, frames=lease.frames,
+                           settings=job.settings.to_assignment())
 
     # --- connections ----------------------------------------------------------------------
 

@@ -7,9 +7,14 @@ from a fixed list, and job files (.blend files and what they need) are stored un
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from protocol.settings import IMAGE_FORMATS
@@ -25,10 +30,17 @@ PARTIAL_PREFIX = ".incoming-"
 #: The hidden folder inside a job's folder where the tiles of a split frame wait to be stitched.
 TILES_DIR = ".tiles"
 _TILE_EXTENSIONS = frozenset(SPLIT_FORMATS.values())
+#: An upload is accepted only if the store's disk keeps at least this much free after it (the job database,
+#: frames and videos live on the same disk more often than not).
+FREE_SPACE_MARGIN_BYTES = 256 * 2**20
 
 
 class UnsafeName(ValueError):
     """A name from the network that must not become part of a path."""
+
+
+class StoreFull(ValueError):
+    """The store's disk has no room for the files a submission would add (the message says how much)."""
 
 
 def is_job_id(text: str) -> bool:
@@ -117,6 +129,10 @@ class ContentStore:
     def __init__(self, root: Path, legacy: Path | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        # Files of submissions in progress (a count per sha256): they are no job's yet, and must outlive the
+        # deletion of a job that shares them. Pins come from the loop and from the add-on's worker threads.
+        self._pins: Counter[str] = Counter()
+        self._lock = threading.Lock()
         if legacy is not None and legacy.is_dir():
             self._adopt(legacy)
 
@@ -157,6 +173,49 @@ class ContentStore:
         sink.commit(destination)
         os.chmod(destination, 0o444)
         return destination
+
+    @contextlib.contextmanager
+    def pinned(self, shas: Iterable[str]) -> Iterator[None]:
+        """Keep these files while a submission runs: taken before it asks has(), held until its job exists."""
+        held = Counter(set(shas))
+        with self._lock:
+            self._pins.update(held)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(held)
+                self._pins = +self._pins  # drop the zero counts
+
+    def collect(self, used: Collection[str], candidates: Iterable[str] | None = None) -> int:
+        """Delete the stored files (all, or `candidates`) that no job uses (`used`) and no submission pins;
+        returns how many were deleted."""
+        if candidates is None:
+            candidates = [p.name for p in self.root.iterdir() if is_sha256(p.name)]
+        removed = 0
+        for sha in set(candidates) - set(used):
+            with self._lock:  # a pin is either seen here or taken after the file is gone (then it is sent again)
+                if self._pins[sha] > 0:
+                    continue
+                with contextlib.suppress(OSError, UnsafeName):
+                    self.path(sha).unlink()
+                    removed += 1
+        return removed
+
+    def check_room(self, needed: int) -> None:
+        """Raise StoreFull unless the disk can take `needed` more bytes and keep its margin."""
+        if needed <= 0:
+            return
+        free = shutil.disk_usage(self.root).free
+        if free < needed + FREE_SPACE_MARGIN_BYTES:
+            raise StoreFull(f"the farm server has {_gib(free)} free; this project needs {_gib(needed)} more "
+                            f"(and the server keeps {_gib(FREE_SPACE_MARGIN_BYTES)} spare)")
+
+
+def _gib(count: int) -> str:
+    if count >= 2**30:
+        return f"{count / 2**30:.1f} GiB"
+    return f"{count / 2**20:.1f} MiB"
 
 
 #: The store once held only .blend files; every place that reaches it by this name still works.

@@ -21,15 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
+from .confine import Confinement, TraceError, TraceLimit
+
 log = logging.getLogger(__name__)
 
 #: Where BAT puts what lies outside the project, inside the job folder.
 OUTSIDE_DIR = "_outside_project"
 _TRACING = threading.Lock()
-
-
-class TraceError(Exception):
-    """The .blend cannot be traced (unreadable, or BAT is not there)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,7 @@ class Trace:
     files: list[TracedFile] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # as the artist wrote them where that is known
     outside: list[TracedFile] = field(default_factory=list)  # absolute or outside the project: moved in
+    unread: list[str] = field(default_factory=list)  # confined: outside its folder, as written, never looked at
 
     def pairs(self) -> list[tuple[str, Path]]:
         return [(f.relpath, f.source) for f in self.files]
@@ -116,18 +115,28 @@ def _stand_in(blend: Path, location: Path) -> None:
 
 
 @contextlib.contextmanager
-def traced(blend: Path, project: Path | None = None, location: Path | None = None) -> Iterator[Trace]:
+def traced(blend: Path, project: Path | None = None, location: Path | None = None, *,
+           confine: Confinement | None = None) -> Iterator[Trace]:
     """Trace `blend` inside `project` (default: the folder of its location). Rewritten .blend copies live until
     the block ends. With `location`, `blend` is read as if it lay there (see _stand_in): `//` paths resolve
-    from there, the job places it there, and `location` itself is never read. One trace at a time in a
-    process: BAT's open files are one module-wide cache."""
-    with _TRACING:
-        with _traced(blend, project, location) as trace:
-            yield trace
+    from there, the job places it there, and `location` itself is never read. With `confine` (a web upload),
+    nothing outside its root is looked at, nothing is rewritten, and its limits hold (see confine.py). One
+    trace at a time in a process: BAT's open files are one module-wide cache."""
+    if not _TRACING.acquire(timeout=confine.remaining() if confine is not None else -1):
+        raise TraceLimit("the server is busy tracing other uploads: try again in a minute")
+    try:
+        with contextlib.ExitStack() as stack:
+            if confine is not None:
+                stack.enter_context(confine.active())
+            with _traced(blend, project, location, confine) as trace:
+                yield trace
+    finally:
+        _TRACING.release()
 
 
 @contextlib.contextmanager
-def _traced(blend: Path, project: Path | None, location: Path | None) -> Iterator[Trace]:
+def _traced(blend: Path, project: Path | None, location: Path | None, confine: Confinement | None
+            ) -> Iterator[Trace]:
     why = bat_available()
     if why:
         raise TraceError(why)
@@ -154,9 +163,28 @@ def _traced(blend: Path, project: Path | None, location: Path | None) -> Iterato
         def _send_to_target(self, asset_path: Path, target: PurePath, may_move: bool = False) -> None:
             self.plan.append((Path(asset_path), target, may_move))
 
+        # Confined: a path outside is named as written before BAT stats or globs it (confine.py).
+        def _visit_asset(self, asset_path, usage) -> None:  # type: ignore[no-untyped-def]
+            if confine is None or confine.admits(asset_path, usage.asset_path, _named_in(usage)):
+                super()._visit_asset(asset_path, usage)
+
+        def _visit_sequence(self, asset_path, usage) -> None:  # type: ignore[no-untyped-def]
+            if confine is None or confine.admits(asset_path, usage.asset_path, _named_in(usage)):
+                super()._visit_sequence(asset_path, usage)
+
+        def _rewrite_paths(self) -> None:
+            if confine is None:  # a web upload's job is the upload's own files: no rewritten copies
+                super()._rewrite_paths()
+
+    def _named_in(usage) -> Path | None:  # type: ignore[no-untyped-def]
+        named_in = bpathlib.make_absolute(usage.block.bfile.filepath)
+        return None if named_in == place else named_in
+
     blend = blend.absolute()
     place = bpathlib.make_absolute(location) if location is not None else blend
     root = (project or place.parent).absolute()
+    if confine is not None and root != confine.root:
+        raise TraceError(f"{blend} is traced confined to {confine.root}, not to {root}")
     try:
         main = place.relative_to(root).as_posix()
     except ValueError:
@@ -170,6 +198,10 @@ def _traced(blend: Path, project: Path | None, location: Path | None) -> Iterato
             packer.strategise()
             packer.execute()
             trace = _trace(packer, place, main, target, blend)
+            trace.unread = list(dict.fromkeys(confine.unread)) if confine is not None else []
+        except TraceError:
+            blendfile.close_all_cached()
+            raise
         except OSError as exc:
             blendfile.close_all_cached()
             raise TraceError(f"cannot trace {blend}: {exc.strerror or exc}") from None

@@ -2,25 +2,29 @@
 
 The trace (server_addon.core.trace, BAT) runs on the staging folder as the project, confined: the files came
 from a browser, so the server's own disk is not the artist's. A path that leads outside the upload (an
-absolute path, or `//../` above it) is never read; it is named in `outside`, and like a file that is not in
-the upload (`missing`) it refuses the job unless the submitter allowed missing files. Libraries outside are
-not even opened (BAT would follow what they link). Needed files are renamed from the staging folder into the
-ContentStore; what the upload held and the scene does not need is left to be deleted with the folder.
+absolute path, or `//../` above it) is never globbed, stat'ed, opened or walked (core.confine): it is named in
+`outside` as the .blend wrote it, and like a file that is not in the upload (`missing`) it refuses the job
+unless the submitter allowed missing files. Sequences and UDIM tiles are expanded from the upload's list of
+files; a compressed .blend is decompressed into the staging folder first, capped by the upload's limit; the
+trace has a time limit (WEB_TRACE_SECONDS). A compressed .blend travels as it was uploaded (the bytes the
+artist saved, the sha256 that tools.submit and the add-on send for the same file, and smaller); its
+decompressed copy is only read by the trace and goes with the staging folder. Needed files are renamed from
+the staging folder into the ContentStore; what the upload held and the scene does not need is left to be
+deleted with the folder.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.limits import MAX_BLEND_BYTES
 from protocol.manifest import Manifest, ManifestError, ProjectFile
 
+from ..core.confine import Confinement, TooLarge, TraceLimit
 from ..core.storage import ContentStore
 from ..core.trace import OUTSIDE_DIR, TraceError, bat_available, traced
 from .errors import WebError
@@ -30,8 +34,10 @@ log = logging.getLogger(__name__)
 
 #: Names listed in a reply or an error, at most (the counts are always complete).
 MAX_NAMES_SHOWN = 50
-#: The libraries' folder a confined trace may open (see _confine_bat).
-_CONFINED: contextvars.ContextVar[Path | None] = contextvars.ContextVar("microfarm_web_confined", default=None)
+#: Seconds a web upload's trace may take, decompression included (waiting for another upload's trace too).
+WEB_TRACE_SECONDS = 120.0
+#: Where the decompressed copies of compressed .blend files go: in the staging folder, beside the project.
+PLAIN_DIR = "decompressed"
 
 
 @dataclass
@@ -88,17 +94,21 @@ def choose_main(staging: Staging, wanted: str | None) -> StagedFile:
                         "one to render in the field 'main'", {"candidates": candidates[:MAX_NAMES_SHOWN]})
 
 
-def plan_project(staging: Staging, main: StagedFile, *, single: bool, hidden: Path) -> ProjectPlan:
+def plan_project(staging: Staging, main: StagedFile, *, single: bool, hidden: Path,
+                 limit: int = MAX_BLEND_BYTES) -> ProjectPlan:
     """Trace `main` in the staging folder (blocking: run it on a thread). `hidden`: a folder of the server's
-    (its data dir) whose paths are shown relative to the .blend, never as they lie on the server."""
+    (its data dir), never named in a reply. `limit`: the decompressed bytes of compressed .blend files, all
+    together (the upload's own limit)."""
     why = bat_available()
     if why:
         if single:
             return ProjectPlan(main, None, trace_error=why)
         raise WebError(400, f"this server cannot trace a project: {why}")
     main_dir = staging.path(main.relpath).parent
+    confine = Confinement(staging.project, staging.files, staging.dir / PLAIN_DIR, limit, WEB_TRACE_SECONDS)
     try:
-        with _confined(staging.project), traced(staging.path(main.relpath), staging.project) as trace:
+        confine.prepare(r for r in staging.files if r.lower().endswith(".blend"))  # before the trace's lock
+        with traced(staging.path(main.relpath), staging.project, confine=confine) as trace:
             needed: list[ProjectFile] = []
             outside: list[str] = []
             for entry in trace.files:
@@ -110,6 +120,7 @@ def plan_project(staging: Staging, main: StagedFile, *, single: bool, hidden: Pa
                     log.warning("web upload: the trace found %r, which the upload did not hold", entry.relpath)
                     continue
                 needed.append(ProjectFile(staged.relpath, staged.sha256, staged.size))
+            outside.extend(trace.unread)  # as the .blend wrote them: the server's disk was never looked at
             missing: list[str] = []
             for text in trace.missing:
                 shown, inside = _shown(Path(text), main_dir, staging, hidden) if not text.startswith("//") else (
@@ -117,6 +128,9 @@ def plan_project(staging: Staging, main: StagedFile, *, single: bool, hidden: Pa
                 (missing if inside else outside).append(shown)
     except WebError:
         raise
+    except TraceLimit as exc:  # not a file BAT cannot read: one that must not travel either
+        log.warning("web upload of %s: refused: %s", main.relpath, exc)
+        raise WebError(413 if isinstance(exc, TooLarge) else 400, _hide(str(exc), staging, main_dir)) from None
     except Exception as exc:  # noqa: BLE001 - BAT reads a file from a stranger: whatever it raises, it cannot trace
         if not isinstance(exc, TraceError):
             log.info("web upload of %s: BAT failed on it", main.relpath, exc_info=True)
@@ -204,35 +218,3 @@ def refuse_missing(plan: ProjectPlan) -> None:
     raise WebError(400, f"{count} file(s) the scene needs are missing: {'; '.join(parts)} (add them to the zip or "
                         "folder, or allow missing files to render without them)",
                    {"missing": plan.missing[:MAX_NAMES_SHOWN], "outside": plan.outside[:MAX_NAMES_SHOWN]})
-
-
-@contextlib.contextmanager
-def _confined(root: Path) -> Iterator[None]:
-    _confine_bat()
-    token = _CONFINED.set(root)
-    try:
-        yield
-    finally:
-        _CONFINED.reset(token)
-
-
-def _confine_bat() -> None:
-    """BAT opens every linked library it finds to follow what that links in turn. While a confined trace runs
-    on this thread, libraries outside the project are listed by their path but not opened."""
-    from blender_asset_tracer import bpathlib
-    from blender_asset_tracer.trace import file2blocks
-
-    iterator = file2blocks.BlockIterator
-    if getattr(iterator, "_microfarm_confined", False):
-        return
-    follow = iterator._visit_linked_blocks
-
-    def visit_linked_blocks(self, blocks_per_lib):  # type: ignore[no-untyped-def]
-        root = _CONFINED.get()
-        if root is not None:
-            blocks_per_lib = {lib: ids for lib, ids in blocks_per_lib.items()
-                              if bpathlib.make_absolute(lib.to_path()).is_relative_to(root)}
-        yield from follow(self, blocks_per_lib)
-
-    iterator._visit_linked_blocks = visit_linked_blocks
-    iterator._microfarm_confined = True

@@ -26,6 +26,7 @@ from protocol.limits import MAX_NAME_CHARS, MAX_PROJECT_FILES
 from protocol.manifest import safe_blend_name
 from protocol.settings import JobRequest, SettingsError
 
+from ..core.storage import StoreFull
 from ..core.video import VideoSettings
 from . import projects
 from .errors import WebError, human_bytes
@@ -182,6 +183,11 @@ async def receive_job(request: web.Request, server: Any, max_upload_bytes: int) 
     if request.content_length is not None and request.content_length > max_upload_bytes + MULTIPART_OVERHEAD_BYTES:
         raise WebError(413, f"the upload of {human_bytes(request.content_length)} is larger than the "
                             f"{human_bytes(max_upload_bytes)} this farm accepts")
+    if request.content_length is not None:
+        try:  # the upload is staged on the store's disk, and renamed into the store from there
+            server.blends.check_room(request.content_length)
+        except StoreFull as exc:
+            raise WebError(507, str(exc)) from None
     reader = await request.multipart()
     data_dir = server.config.resolved_data_dir
     staging = await asyncio.to_thread(Staging.create, data_dir)
@@ -239,24 +245,32 @@ async def _receive(request: web.Request, server: Any, reader: MultipartReader, s
     else:
         main = projects.choose_main(staging, fields.get(MAIN_FIELD, "").strip() or None)
     plan = await asyncio.to_thread(projects.plan_project, staging, main, single=kind == "blend",
-                                   hidden=data_dir.resolve())
+                                   hidden=data_dir.resolve(), limit=budget.limit)
     if (plan.missing or plan.outside) and not options.request.allow_missing:
         projects.refuse_missing(plan)
-    counts = await asyncio.to_thread(projects.commit, staging, plan, server.blends)
-    server.stats.upload_bytes_received += counts[1]
-    server.stats.files_received += counts[0]
     if kind == "blend":
         name = options.name or clean_name(filename) or "untitled.blend"
         project = None  # the .blend alone keeps the job's name, as it always has
     else:
         name = options.name or clean_name(main.relpath)
         project = plan.manifest
+    shas = {f.sha256 for f in plan.files}
+    job = None
     try:
-        job = server.create_job(name, main.sha256, main.size, options.request, start=options.start,
-                                priority=options.priority, video=options.video, project=project,
-                                warnings=plan.warnings())
-    except ValueError as exc:
-        raise WebError(400, str(exc)) from None
+        # Pinned from before commit asks the store what it has until the job exists (see ContentStore.pinned).
+        with server.blends.pinned(shas):
+            counts = await asyncio.to_thread(projects.commit, staging, plan, server.blends)
+            server.stats.upload_bytes_received += counts[1]
+            server.stats.files_received += counts[0]
+            try:
+                job = server.create_job(name, main.sha256, main.size, options.request, start=options.start,
+                                        priority=options.priority, video=options.video, project=project,
+                                        warnings=plan.warnings())
+            except ValueError as exc:
+                raise WebError(400, str(exc)) from None
+    finally:
+        if job is None:
+            server.collect_files(shas)
     summary = projects.summary(plan, counts, *uploaded)
     log.info("job %s: uploaded from the web by %s (%s: %d files, %s; %d new, %s stored; %d missing)", job.id,
              request.remote, name, summary["files"], human_bytes(summary["bytes"]), counts[0],
