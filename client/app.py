@@ -53,9 +53,9 @@ def parse_size(text: str) -> int | None:
     return size
 
 
-def check_discovery_args(args: argparse.Namespace, server: tuple[str, int] | None) -> list[str] | None:
+def check_discovery_args(args: argparse.Namespace, servers: list[tuple[str, int]]) -> list[str] | None:
     """The interfaces to browse on; raises UsageError for options that do not go together."""
-    if server is not None:
+    if servers:
         if args.farm:
             raise UsageError("--farm chooses among the farms found on the LAN; leave out --server to use it")
         return None
@@ -78,8 +78,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="microfarm-client",
         description="MicroFarm render client: renders frames for a farm server in this Blender.")
-    parser.add_argument("--server", default=None,
-                        help="the farm server as HOST:PORT (default: find a farm on the LAN over zeroconf)")
+    parser.add_argument("--server", dest="servers", action="append", default=None, metavar="HOST:PORT",
+                        help="the farm server (default: find a farm on the LAN over zeroconf); repeatable: "
+                             "each is tried in turn")
     parser.add_argument("--farm", default=None, metavar="NAME",
                         help="with discovery: the farm to join (default: the first by name of those found)")
     parser.add_argument("--interface", dest="interfaces", action="append", default=None, metavar="ADDR",
@@ -106,6 +107,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gpu-index", type=int, default=None, metavar="N",
                         help="use only the Nth GPU of the backend (one client per GPU on a multi-GPU machine)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="limit CPU render threads")
+    parser.add_argument("--exit-on-auth-failure", action="store_true",
+                        help="exit (status 2) when a server fails the farm-secret check or speaks another protocol "
+                             "version, instead of skipping it and looking on (for scripts)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     return parser.parse_args(argv)
 
@@ -116,8 +120,8 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s [" + args.name + "] %(name)s: %(message)s")
     log = logging.getLogger("client")
     try:
-        server = parse_server(args.server) if args.server else None
-        interfaces = check_discovery_args(args, server)
+        servers = [parse_server(text) for text in args.servers or []]
+        interfaces = check_discovery_args(args, servers)
         if args.threads is not None and args.threads < 1:
             raise UsageError("--threads must be at least 1")
         if args.gpu_index is not None and args.gpu_index < 0:
@@ -134,12 +138,13 @@ def main(argv: list[str]) -> int:
         return 2
     from .devices import DeviceError, inventory
     from .devices import choose as choose_device
-    from .link import Link, fixed_target
+    from .link import Link, Refused, fixed_targets
     from .worker import Worker
 
     with contextlib.ExitStack() as resources:
-        if server is not None:
-            resolve, where = fixed_target(*server), f"{server[0]}:{server[1]}"
+        refused: Refused | None = None
+        if servers:
+            resolve, where = fixed_targets(servers), ", ".join(f"{host}:{port}" for host, port in servers)
         else:
             from protocol.discovery import Browser
             try:
@@ -147,7 +152,7 @@ def main(argv: list[str]) -> int:
             except DiscoveryError as exc:
                 print(f"error: {exc}; pass --server HOST:PORT", file=sys.stderr)
                 return 1
-            resolve = browser.target
+            resolve, refused = browser.target, browser.refuse
             where = f"farm {args.farm!r}" if args.farm else "the farm found on the LAN"
         cache = BlendCache(args.cache_dir or default_cache_dir(), max_bytes=cache_max)
         try:
@@ -156,7 +161,8 @@ def main(argv: list[str]) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         link = Link(resolve, name=args.name, secret=args.token or None, cache=cache, blender=blender_version(),
-                    device=device.backend, devices=inventory(), allow_scripts=args.allow_scripts)
+                    device=device.backend, devices=inventory(), allow_scripts=args.allow_scripts,
+                    refused=refused, exit_on_refusal=args.exit_on_auth_failure)
         worker = Worker(link, Renderer(allow_scripts=args.allow_scripts, device=device, threads=args.threads,
                                        path_map=path_map))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import queue
 import random
@@ -44,11 +45,21 @@ SERVER_SILENCE_INTERVALS = 5
 #: Gives the address to connect to, asked anew before every connection attempt; None: no server
 #: known yet (discovery found none), try again later. It may block (it runs on a worker thread).
 Resolver = Callable[[], tuple[str, int] | None]
+#: Told of a server that failed the farm-secret check or speaks another protocol version, with the
+#: reason, so that discovery never chooses it again.
+Refused = Callable[[str, int, str], None]
 
 
 def fixed_target(host: str, port: int) -> Resolver:
-    """The resolver of a client given --server: always the same address."""
+    """The resolver of a client given one --server: always the same address."""
     return lambda: (host, port)
+
+
+def fixed_targets(servers: list[tuple[str, int]]) -> Resolver:
+    """The resolver of a client given --server more than once: each in turn, so that one that is down
+    or refused (a rogue server, a farm of another version) does not keep the client from the others."""
+    turn = itertools.cycle(list(servers))
+    return lambda: next(turn)
 
 
 class LinkLost(Exception):
@@ -70,8 +81,14 @@ class _Upload:
 class Link:
     def __init__(self, resolve: Resolver, *, name: str, secret: str | None, cache: BlendCache,
                  blender: str = "", device: str = "CPU", devices: list[str] | None = None,
-                 allow_scripts: bool = False) -> None:
+                 allow_scripts: bool = False, refused: Refused | None = None,
+                 exit_on_refusal: bool = False) -> None:
         self.resolve = resolve
+        self.refused = refused
+        # Scripts ask for it: a server that fails the secret or speaks another version ends the client.
+        # Otherwise that server is skipped (a stranger answering must not stop a render client for good).
+        self.exit_on_refusal = exit_on_refusal
+        self._refusals: dict[tuple[str, int], str] = {}  # what each refusing server was last logged for
         self.device = device  # reported with every heartbeat: a GPU that failed turns into "CPU"
         self.devices = devices or [device]
         self.host = ""  # the address of the current (or last) connection attempt
@@ -256,9 +273,11 @@ class Link:
                     await self._session(stream)
                     delay = RECONNECT_MIN_S
                 except (AuthError, VersionMismatch) as exc:
-                    self.fatal = str(exc)
-                    log.error("%s", exc)
-                    return
+                    if self.exit_on_refusal:
+                        self.fatal = str(exc)
+                        log.error("%s", exc)
+                        return
+                    self._refuse(str(exc))
                 except (TimeoutError, ProtocolError, OSError) as exc:
                     log.warning("connection to %s:%d lost: %s", self.host, self.port, exc)
                 finally:
@@ -268,6 +287,20 @@ class Link:
                     await stream.aclose()
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _refuse(self, reason: str) -> None:
+        """Skip a server that failed the handshake's checks: said once per server, not on every retry."""
+        key = (self.host, self.port)
+        if self._refusals.get(key) != reason:
+            self._refusals[key] = reason
+            log.warning("%s; skipping it and still looking for the farm", reason)
+        else:
+            log.debug("the server at %s:%d refused again: %s", self.host, self.port, reason)
+        if self.refused is not None:
+            try:
+                self.refused(self.host, self.port, reason)
+            except Exception as exc:  # the look-up's bookkeeping must never stop the link
+                log.warning("cannot note the refused server %s:%d: %s", self.host, self.port, exc)
 
     async def _resolve(self) -> tuple[str, int] | None:
         try:
@@ -300,6 +333,7 @@ class Link:
                                                    device=self.device, devices=self.devices,
                                                    allow_scripts=self.allow_scripts)
         log.info("connected to farm %r at %s:%d as %s", welcome.farm, self.host, self.port, accepted.client_id)
+        self._refusals.pop((self.host, self.port), None)  # a later refusal there is news again
         self._outbox = asyncio.Queue()
         self._stream = stream
         self.connected.set()

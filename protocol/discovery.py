@@ -235,6 +235,10 @@ class Browser:
         self._skipped: set[tuple[str, str]] = set()
         self._chosen: tuple[str, int, tuple[str, ...]] | None = None
         self._attempts = 0
+        self._current: FarmService | None = None  # what target() gave last
+        # Services that failed the handshake (the secret, the version): never chosen again by this browser.
+        # A rogue can take the farm's name (zeroconf renames it `studio-2`) and sort first; it must not win.
+        self._refused: set[tuple[str, int, tuple[str, ...]]] = set()
 
     def start(self) -> Browser:
         try:
@@ -304,7 +308,7 @@ class Browser:
                 version, closed = self._version, self._closed
             if closed:
                 return None
-            farms = self.farms()
+            farms = [f for f in self.farms() if _key(f) not in self._refused]
             matching = [f for f in farms if self.farm is None or f.farm == self.farm]
             now = time.monotonic()
             if matching and (self.farm is not None or now >= settle_until):
@@ -326,11 +330,23 @@ class Browser:
             return None
         address = found.addresses[self._attempts % len(found.addresses)]
         self._attempts += 1
+        self._current = found
         return address, found.port
+
+    def refuse(self, host: str, port: int, reason: str) -> None:
+        """The server at host:port failed the handshake (the farm secret, the protocol version): the service
+        that gave that address is never chosen again, and the other farms of that name are tried."""
+        found = self._current
+        if found is None or found.port != port or host not in found.addresses:
+            return
+        if _key(found) not in self._refused:
+            self._refused.add(_key(found))
+            log.debug("not using the service %r (%s at port %d) again: %s", found.name,
+                      ", ".join(found.addresses), port, reason)
 
     def _choose(self, matching: list[FarmService], farms: list[FarmService]) -> FarmService:
         chosen = matching[0]
-        key = (chosen.name, chosen.port, chosen.addresses)
+        key = _key(chosen)
         if key != self._chosen:  # said again when the farm moves (a restart on another port)
             self._chosen = key
             others = [f.farm for f in farms if f is not chosen]
@@ -340,6 +356,11 @@ class Browser:
             else:
                 log.info("found farm %r at %s:%d", chosen.farm, chosen.host, chosen.port)
         return chosen
+
+
+def _key(found: FarmService) -> tuple[str, int, tuple[str, ...]]:
+    """One advertised service: its instance name and where it says it is."""
+    return found.name, found.port, found.addresses
 
 
 def find_farm(farm: str | None = None, interfaces: Sequence[str] | None = None,

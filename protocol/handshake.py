@@ -102,16 +102,17 @@ async def client_handshake(stream: MessageStream, *, role: Role, name: str, secr
         welcome = await _expect(stream, Welcome)
         assert isinstance(welcome, Welcome)
         if welcome.version != PROTOCOL_VERSION:
-            raise VersionMismatch(f"server speaks protocol {welcome.version}; this client speaks {PROTOCOL_VERSION}")
+            raise VersionMismatch(f"server {stream.peer} speaks protocol version {welcome.version}; this client speaks "
+                                  f"{PROTOCOL_VERSION}")
         if secret:
             if not matches(server_proof(secret, nonce, welcome.nonce), welcome.proof):
                 await _refuse(stream, "server failed to prove the farm secret")
-                raise AuthError(f"server {stream.peer} could not prove it knows the farm secret; refusing it")
+                raise AuthError(f"server {stream.peer} could not prove it knows the farm secret")
             await stream.send(Auth(proof=client_proof(secret, welcome.nonce, nonce)))
         else:
             if welcome.auth_required:
                 await _refuse(stream, "no secret configured")
-                raise AuthError("the farm requires a secret: pass --token or set MICROFARM_TOKEN")
+                raise AuthError(f"server {stream.peer} requires the farm secret: pass --token or set MICROFARM_TOKEN")
             await stream.send(Auth(proof=None))
         accepted = await _expect(stream, Accepted)
         assert isinstance(accepted, Accepted)

@@ -26,6 +26,12 @@ MAX_FRAME_BYTES = 8 * 1024**3
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TIMEOUT_S = 5 * HEARTBEAT_INTERVAL_S
 
+#: Longest render time a client may report for one frame (a week): beyond it the number is noise or hostile,
+#: and it would overflow the means that tile counts and ETAs are made of.
+MAX_RENDER_S = 7 * 24 * 3600.0
+#: Longest heartbeat interval a server may ask of a client.
+MAX_HEARTBEAT_S = 3600.0
+
 #: The first exchange (hello, welcome, auth) must finish within this time.
 HANDSHAKE_TIMEOUT_S = 10.0
 

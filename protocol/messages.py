@@ -8,13 +8,14 @@ mistyped field, or an unknown type, is a ProtocolError.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from enum import StrEnum
 from typing import Any, ClassVar, Union
 
 from .errors import ProtocolError
-from .limits import MAX_ERROR_CHARS, MAX_PROJECT_FILES
+from .limits import MAX_ERROR_CHARS, MAX_HEARTBEAT_S, MAX_PROJECT_FILES, MAX_RENDER_S
 from .manifest import Manifest, ManifestError
 
 
@@ -87,13 +88,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is Any:
-        return True
+        return _all_finite(value)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # NaN and the infinities are no numbers a peer may send (see _all_finite)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is str:
         return isinstance(value, str)
     if hint is bytes:
@@ -102,8 +103,31 @@ def _type_ok(value: Any, hint: Any) -> bool:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if origin is dict or hint is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value) and _all_finite(value)
     raise TypeError(f"unsupported schema type {hint!r}")
+
+
+def _all_finite(value: Any) -> bool:
+    """No NaN or infinity anywhere inside a list or map: what a schema leaves open (a probe's scene, settings,
+    a status) is read by other code later, so a float in it is checked here, once, like a float field.
+    Iterative, so a deeply nested message cannot exhaust the stack."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
+def _in_range(message: Message, name: str, low: float, high: float) -> None:
+    value = getattr(message, name)
+    if not low <= value <= high:
+        raise ProtocolError(f"{message.TYPE.value} message has a {name!r} of {value!r}, not between {low} and {high}")
 
 
 def from_wire(payload: dict[str, Any]) -> Message:
@@ -126,7 +150,10 @@ def from_wire(payload: dict[str, Any]) -> Message:
         else:
             raise ProtocolError(f"{kind} message lacks field {field.name!r}")
         if not _type_ok(value, hints[field.name]):
-            raise ProtocolError(f"{kind} message has a bad {field.name!r}: {type(value).__name__}")
+            what = repr(value) if isinstance(value, float) else type(value).__name__
+            if isinstance(value, (dict, list)) and not _all_finite(value):
+                what += " holding a number that is not finite"
+            raise ProtocolError(f"{kind} message has a bad {field.name!r}: {what}")
         values[field.name] = value
     message = cls(**values)
     check = getattr(message, "_check_received", None)
@@ -211,7 +238,10 @@ class Auth(Message):
 class Accepted(Message):
     TYPE = MessageType.ACCEPTED
     client_id: str
-    heartbeat_s: float
+    heartbeat_s: float  # 0: the client's default
+
+    def _check_received(self) -> None:
+        _in_range(self, "heartbeat_s", 0, MAX_HEARTBEAT_S)
 
 
 @_message
@@ -306,6 +336,9 @@ class FrameBegin(Message):
     # Files missing while it rendered (what the client's scan found, and Blender's own lines), named as the
     # artist wrote them; the frame is kept, the job carries the warning (protocol.assets bounds them).
     warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def _check_received(self) -> None:
+        _in_range(self, "render_s", 0, MAX_RENDER_S)
 
 
 @_message

@@ -6,6 +6,7 @@ Both are validated on arrival; a client applies them through the bpy API, never 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,9 @@ DEFAULT_CHUNK = 4
 MAX_CHUNK = 10_000
 MAX_SAMPLES = 1 << 20
 MAX_PERCENTAGE = 1000
+#: Highest frame rate a probe may report: far beyond any real one (Blender's fps field stops at 32767), low
+#: enough that a frame's duration in a video stays a sane number.
+MAX_FPS = 100_000.0
 #: Blender's own frame limit: scene.frame_set() clamps anything beyond it without a word.
 MAX_FRAME = 1_048_574
 #: A job's Blender: "file" (the version that saved it) or MAJOR.MINOR[.PATCH].
@@ -175,11 +179,13 @@ class SceneInfo:
             expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(field.type)]
             if not isinstance(value, expected) or (field.type == "int" and isinstance(value, bool)):
                 raise ProtocolError(f"probe result has a bad {field.name!r}")
+            if field.type == "float" and not math.isfinite(value):
+                raise ProtocolError(f"probe result has a {field.name!r} that is not a finite number: {value!r}")
         if info.frame_step < 1 or info.frame_end < info.frame_start or max(abs(info.frame_start),
                                                                            abs(info.frame_end)) > MAX_FRAME:
             raise ProtocolError(f"probe result has an impossible frame range {info.frame_start}-{info.frame_end}"
                                 f" step {info.frame_step}")
-        if not (info.fps > 0 and info.resolution_x > 0 and info.resolution_y > 0
+        if not (0 < info.fps <= MAX_FPS and info.resolution_x > 0 and info.resolution_y > 0
                 and 1 <= info.percentage <= MAX_PERCENTAGE):
             raise ProtocolError("probe result has an impossible frame rate, resolution or percentage")
         if not (0 <= info.split_margin <= MAX_MARGIN and 0 <= info.quality <= 100 and len(info.exr_codec) <= 32):

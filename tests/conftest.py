@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +208,73 @@ def status_json(address: str) -> dict[str, Any]:
                             env=repo_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+class RogueServer:
+    """A stranger on 127.0.0.1 that speaks the handshake but cannot pass it: its Welcome carries a made-up
+    proof of the farm secret ("proof") or claims another protocol version ("version"). Counts who came."""
+
+    def __init__(self, kind: str) -> None:
+        assert kind in ("proof", "version")
+        self.kind = kind
+        self.connections = 0
+        self.port = 0
+        self._came = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"rogue-{kind}", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from protocol import messages as m
+        from protocol.auth import new_nonce
+        from protocol.limits import PROTOCOL_VERSION
+        from protocol.stream import MessageStream
+
+        with self._came:
+            self.connections += 1
+            self._came.notify_all()
+        stream = MessageStream(reader, writer)
+        try:
+            await asyncio.wait_for(stream.recv(), 10.0)  # the client's Hello
+            version = PROTOCOL_VERSION + 1 if self.kind == "version" else PROTOCOL_VERSION
+            await stream.send(m.Welcome(version=version, farm="rogue", nonce=new_nonce(), auth_required=True,
+                                        proof=os.urandom(32)))
+            while True:  # whatever the client says (its Error), until it hangs up
+                await asyncio.wait_for(stream.recv(), 10.0)
+        except Exception:  # noqa: BLE001 - the client hanging up is the expected end
+            pass
+        finally:
+            await stream.aclose()
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> None:
+        """Until `count` connections came (each client that meets it, and each retry)."""
+        with self._came:
+            assert self._came.wait_for(lambda: self.connections >= count, timeout), \
+                f"{self.connections} connections to the rogue server, not {count}"
+
+    def __enter__(self) -> RogueServer:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, LOOPBACK, 0), self._loop).result(10.0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10.0)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10.0)
+        self._loop.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server that is to appear there later."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]

@@ -28,8 +28,8 @@ def farm_with_db(path: Path) -> tuple[Farm, Database]:
 
 def run_frames(farm: Farm, outputs: OutputStore, job: Job, frames: list[int]) -> None:
     probe = farm.next_work("c")
-    farm.probe_succeeded(probe.id, scene())
-    farm.lease_done(probe.id)
+    farm.probe_succeeded(probe.id, probe.client_id, scene())
+    farm.lease_done(probe.id, probe.client_id)
     lease = farm.next_work("c")
     for n in frames:
         outputs.job_dir(job.id).mkdir(parents=True, exist_ok=True)

@@ -14,12 +14,13 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LOOPBACK, Clients, Farm, connected, repo_env, submit
+from conftest import LOOPBACK, Clients, Farm, RogueServer, connected, repo_env, submit
 from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from protocol.discovery import SERVICE_TYPE, Browser, advertised_addresses, find_farm, interface_addresses
@@ -250,3 +251,47 @@ def test_farm_option_picks_the_named_farm(tmp_path: Path, clients: Clients) -> N
         clients.start("picky", None, *discover("--farm", beta))
         b.wait_until(connected(1), what="the client on the farm it named")
         assert a.call(lambda s: len(s.farm.clients)) == 0
+
+
+def test_clients_skip_a_rogue_farm_of_the_same_name(tmp_path: Path, clients: Clients) -> None:
+    """A rogue advertises the farm's name first, as `NAME-2` (how zeroconf renames a second service of a name;
+    it sorts before `NAME`); the real farm comes later. Every client meets the rogue once, never picks it
+    again, and joins the real farm."""
+    name, secret = unique("studio"), "studio-secret"
+    with RogueServer("proof") as liar, Zeroconf(interfaces=[LOOPBACK]) as zc:
+        zc.register_service(ServiceInfo(SERVICE_TYPE, f"{name}-2.{SERVICE_TYPE}", port=liar.port,
+                                        parsed_addresses=[LOOPBACK], server=f"rogue-{name}.local.",
+                                        properties={"v": str(PROTOCOL_VERSION), "farm": name, "auth": "1"}))
+        names = [f"c{i}" for i in range(3)]
+        for client in names:
+            clients.start(client, None, *discover("--farm", name, "--token", secret))
+        liar.wait_for(len(names), timeout=WAIT_S)
+        with advertised_farm(tmp_path / "out", name, secret=secret) as farm:
+            farm.wait_until(connected(len(names)), what="every client to join the real farm")
+            assert liar.connections == len(names), "a client went back to the rogue farm"
+    for client in names:
+        log = clients.log(client)
+        assert clients.procs[client].poll() is None, log
+        assert log.count(f"server 127.0.0.1:{liar.port} could not prove it knows the farm secret") == 1, log
+        assert f"connected to farm {name!r} at 127.0.0.1:{farm.port}" in log, log
+
+
+def test_a_refused_farm_is_never_chosen_again() -> None:
+    """Of two services with one farm name, the refused one (which sorts first) is passed over for good."""
+    name = unique("twins")
+    infos = [ServiceInfo(SERVICE_TYPE, f"{instance}.{SERVICE_TYPE}", port=port, parsed_addresses=[LOOPBACK],
+                         properties={"v": str(PROTOCOL_VERSION), "farm": name, "auth": "1"},
+                         server=f"{instance}.local.")
+             for instance, port in ((f"{name}-2", 9), (name, 10))]
+    with Zeroconf(interfaces=[LOOPBACK]) as zc:
+        for info in infos:
+            zc.register_service(info)
+        with Browser(name, [LOOPBACK]) as browser:
+            deadline = time.monotonic() + WAIT_S
+            while len([f for f in browser.farms() if f.farm == name]) < 2:  # both seen: the order is by name
+                assert time.monotonic() < deadline, "the two services were not both seen"
+                with browser._changed:  # woken by the next service seen
+                    browser._changed.wait(0.5)
+            assert browser.target() == (LOOPBACK, 9), "the first by name"
+            browser.refuse(LOOPBACK, 9, "could not prove it knows the farm secret")
+            assert {browser.target() for _ in range(5)} == {(LOOPBACK, 10)}

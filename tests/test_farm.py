@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import io
 import signal
 import subprocess
 import sys
@@ -9,6 +12,11 @@ from pathlib import Path
 
 from conftest import REPO, Clients, Farm, connected, repo_env, submit
 from PIL import Image, ImageChops
+
+from protocol import messages as m
+from protocol.errors import ConnectionClosed
+from protocol.handshake import Role, client_handshake
+from protocol.stream import MessageStream
 
 
 def frame_files(farm: Farm, job_id: str) -> list[Path]:
@@ -193,3 +201,80 @@ def test_scripts_in_blend_files_stay_off_unless_allowed(farm: Farm, clients: Cli
     farm.wait_until(connected(1), what="client with scripts allowed")
     assert submit(farm, blend, "--samples", "2").returncode == 0
     assert marker.read_text() == "ran"
+
+
+async def _forge(port: int, message_sets: list[list[m.Message]]) -> int:
+    """Each set on its own raw worker connection (it holds no lease); returns how many the server refused
+    by closing that connection with a reason."""
+    refused = 0
+    for messages in message_sets:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        stream = MessageStream(reader, writer)
+        try:
+            await client_handshake(stream, role=Role.WORKER, name="mallory", secret=None, blender="5.0.1")
+            for message in messages:
+                await stream.send(message)
+            async with asyncio.timeout(20):
+                while True:
+                    reply = await stream.recv()
+                    if isinstance(reply, m.Error):
+                        refused += "does not hold" in reply.reason or "which no lease" in reply.reason
+        except (ConnectionClosed, OSError):
+            pass
+        finally:
+            stream.close()
+    return refused
+
+
+def test_results_from_a_client_without_the_lease_change_nothing(farm: Farm, clients: Clients, scenes) -> None:
+    """A worker with no lease sends frames, lease ends and failed probe answers for the real client's
+    leases while it renders: every one is refused, and the job ends with the real client's frames only."""
+    # One chunk of three slow frames (seconds each here): the real client's render lease stays live for
+    # several seconds, long enough for the forger to meet it after the probe.
+    blend = scenes("anim3slow", "--frames", "3", "--size", "64x36", "--samples", "1500", "--no-adaptive-sampling")
+    result = submit(farm, blend, "--chunk", "3", wait=False)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    clients.start("alpha", farm.address)  # after the job: its probe lease is there to forge answers to
+    red = io.BytesIO()
+    Image.new("RGB", (64, 36), (255, 0, 0)).save(red, "PNG")
+    forged = red.getvalue()
+
+    def frame_messages(lease_id: int, number: int) -> list[m.Message]:
+        return [m.FrameBegin(lease_id=lease_id, job_id=job_id, frame=number, ext="png", size=len(forged),
+                             render_s=0.1), m.Chunk(data=forged), m.End(sha256=hashlib.sha256(forged).hexdigest())]
+
+    kinds: set[str] = set()
+    refused = sent = 0
+    while farm.job(job_id)["state"] not in ("done", "failed"):
+        leases = farm.wait_until(lambda s: [(lease.id, lease.kind.value, list(lease.frames))
+                                            for lease in s.farm.leases.values() if lease.job_id == job_id]
+                                 or s.farm.jobs[job_id].state.finished, what="a lease of the job")
+        if leases is True:
+            break
+        sets: list[list[m.Message]] = []
+        for lease_id, kind, frames in leases:
+            if kind == "probe":
+                sets += [[m.ProbeResult(lease_id=lease_id, ok=False, error="forged: cannot open")]] * 3
+            else:
+                sets += [frame_messages(lease_id, frames[-1]), frame_messages(999, frames[-1]),
+                         [m.FrameFailed(lease_id=lease_id, job_id=job_id, frame=frames[0], error="forged")],
+                         [m.LeaseDone(lease_id=lease_id)]]
+            kinds.add(kind)
+        sent += len(sets)
+        refused += asyncio.run(_forge(farm.port, sets))
+    farm.wait_until(lambda s: s.farm.jobs[job_id].state.finished, timeout=120, what="the job to end")
+
+    assert kinds == {"probe", "render"}, "the forger met both a probe and a render lease"
+    assert refused >= sent // 2, "leases still live when the forgery arrived were refused by name"
+    job = farm.job(job_id)
+    assert job["state"] == "done" and job["frames_done"] == 3
+    files = frame_files(farm, job_id)
+    assert len(files) == 3 and not any(f.read_bytes() == forged for f in files)
+    assert not list((farm.output / job_id).rglob("*.tmp*")), "no forged upload left behind"
+    images = [Image.open(f).convert("RGB") for f in files]
+    assert all(im.getpixel((0, 0)) != (255, 0, 0) for im in images)
+    rendered = farm.call(lambda s: ({f.rendered_by for f in s.farm.jobs[job_id].frames.values()},
+                                    sum(f.failures for f in s.farm.jobs[job_id].frames.values()),
+                                    s.farm.jobs[job_id].probe_failures, s.stats.frames_stored))
+    assert rendered == ({"alpha"}, 0, 0, 3)

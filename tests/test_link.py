@@ -8,11 +8,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import Clients, Farm, RogueServer, connected, free_port
 
 from client.cache import BlendCache
 from client.link import Link, fixed_target
 from protocol import messages as m
 from protocol.handshake import client_handshake, server_handshake
+from protocol.limits import PROTOCOL_VERSION
 from protocol.messages import Role
 from protocol.settings import JobRequest, SceneInfo
 from protocol.stream import MessageStream
@@ -20,6 +22,7 @@ from server_addon.core.server import ServerConfig
 from server_addon.core.thread import ServerThread
 
 TIMEOUT = 10.0
+SECRET = "studio-secret"
 
 
 def test_client_leaves_a_server_that_went_silent(tmp_path: Path) -> None:
@@ -86,3 +89,34 @@ async def test_stopping_the_server_charges_no_frame_to_a_client(tmp_path: Path) 
     failures = db.execute("SELECT COALESCE(SUM(failures), 0) FROM frames").fetchone()[0]
     db.close()
     assert failures == 0, "a server that stops is nobody's failure"
+
+
+# --- rogue servers -------------------------------------------------------------------------------------
+
+def test_a_client_skips_rogue_servers_and_joins_the_real_one(tmp_path: Path, clients: Clients) -> None:
+    """Servers that fail the secret or claim another version are said once and skipped, never obeyed: the
+    client keeps retrying its --server addresses and joins the real farm when it appears."""
+    with RogueServer("proof") as liar, RogueServer("version") as future:
+        real_port = free_port()
+        clients.start("keeper", liar.address, "--server", future.address, "--server", f"127.0.0.1:{real_port}",
+                      "--token", SECRET)
+        liar.wait_for(2)  # met, skipped and tried again with backoff: the client did not stop
+        future.wait_for(2)
+        farm = Farm(tmp_path / "out", secret=SECRET, port=real_port)
+        try:
+            farm.wait_until(connected(1), what="the client to join the real farm")
+        finally:
+            farm.stop()
+    assert clients.procs["keeper"].poll() is None, "the client stopped"
+    log = clients.log("keeper")
+    assert log.count(f"server 127.0.0.1:{liar.port} could not prove it knows the farm secret") == 1, log
+    assert log.count(f"speaks protocol version {PROTOCOL_VERSION + 1}") == 1, log
+    assert f"connected to farm 'test-farm' at 127.0.0.1:{real_port}" in log
+
+
+def test_a_client_told_to_exits_on_a_rogue_server(clients: Clients) -> None:
+    with RogueServer("proof") as liar:
+        proc = clients.start("strict", liar.address, "--token", SECRET, "--exit-on-auth-failure")
+        assert proc.wait(timeout=60) == 2
+    errors = [line for line in clients.log("strict").splitlines() if line.startswith("error:")]
+    assert errors == [f"error: server 127.0.0.1:{liar.port} could not prove it knows the farm secret"]

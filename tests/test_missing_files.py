@@ -164,7 +164,7 @@ def probed(request: JobRequest, info: SceneInfo, *clients: tuple[str, bool]) -> 
         farm.client_reported(name, "idle", None, None)
     lease = farm.next_work((clients or (("a", False),))[0][0])
     assert lease is not None and lease.kind is LeaseKind.PROBE
-    farm.probe_succeeded(lease.id, info)
+    farm.probe_succeeded(lease.id, lease.client_id, info)
     return farm, job
 
 
@@ -211,7 +211,7 @@ def test_a_scene_that_needs_scripts_says_so():
     assert job.waiting == ""
     lease = farm.next_work("b")
     assert lease is not None and lease.kind is LeaseKind.PROBE
-    farm.probe_succeeded(lease.id, scene(python_drivers=2, registered_texts=1))
+    farm.probe_succeeded(lease.id, lease.client_id, scene(python_drivers=2, registered_texts=1))
     assert job.warnings == [] and farm.next_work("a") is None and farm.next_work("b") is not None
 
 
@@ -223,7 +223,7 @@ def test_warnings_and_missing_files_survive_a_restart(tmp_path: Path):
     job = Job(id="w-1", name="w.blend", blend_sha256=SHA, blend_size=1, request=JobRequest(allow_missing=True),
               created=0.0)
     farm.add_job(job)
-    farm.probe_succeeded(farm.next_work("a").id, scene(missing=(WOOD,), missing_total=1, python_drivers=1))
+    farm.probe_succeeded(farm.next_work("a").id, "a", scene(missing=(WOOD,), missing_total=1, python_drivers=1))
     db.close()
     (again,) = Database(tmp_path / "jobs.sqlite3").load(OutputStore(tmp_path / "out"))
     assert again.warnings == job.warnings and len(again.warnings) == 2

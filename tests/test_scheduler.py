@@ -7,7 +7,7 @@ import pytest
 from protocol.errors import ProtocolError
 from protocol.settings import JobRequest, SceneInfo, SettingsError
 from server_addon.core.jobs import FrameState, Job, JobState, LeaseKind, Revocation
-from server_addon.core.scheduler import MAX_FRAME_ATTEMPTS, Farm
+from server_addon.core.scheduler import MAX_FRAME_ATTEMPTS, Farm, NotLeaseHolder
 
 CHUNK_2 = JobRequest(chunk=2)
 
@@ -44,7 +44,7 @@ def rendering(*clients: str, request: JobRequest = CHUNK_2, **scene_overrides):
     farm, job, clock = farm_with_job(*clients, request=request)
     probe = farm.next_work(clients[0])
     assert probe is not None and probe.kind is LeaseKind.PROBE
-    assert farm.probe_succeeded(probe.id, scene(**scene_overrides)) is job
+    assert farm.probe_succeeded(probe.id, probe.client_id, scene(**scene_overrides)) is job
     assert job.state is JobState.RENDERING
     return farm, job, clock
 
@@ -124,19 +124,77 @@ def test_each_frame_is_stored_exactly_once_and_the_job_finishes_with_the_last():
     assert job.frames[1].render_s == 1.5 and job.frames[1].rendered_by == "name-a"
 
 
-def test_a_frame_stored_by_another_client_is_revoked_from_its_holder():
+def test_a_frame_taken_back_and_handed_on_is_stored_once_from_whichever_holder_sends_it_first():
     farm, job, _ = rendering("a", "b", frame_end=4)
-    lease_a = farm.next_work("a")
-    farm.next_work("b")
-    assert farm.frame_stored("job-1", 1, "b") is True
-    assert farm.drain_revocations() == [Revocation("a", lease_a.id, (1,))]
+    first = farm.next_work("a")  # frames 1-2
+    farm.pause_job("job-1")  # taken back; client a may still finish frame 1, which it was asked for
+    farm.resume_job("job-1")
+    farm.drain_revocations()
+    farm.client_reported("a", "busy", None, None)  # a is still on it; b gets the frames
+    second = farm.next_work("b")
+    assert second.frames == [1, 2]
+    assert farm.frame_stored("job-1", 1, "a", lease_id=first.id) is True
+    assert farm.drain_revocations() == [Revocation("b", second.id, (1,))]
+    assert farm.frame_stored("job-1", 1, "b", lease_id=second.id) is False  # stored once
+    assert job.frames[1].rendered_by == "name-a"
+
+
+def test_results_count_only_from_the_client_holding_the_lease():
+    """A stranger with the secret (or any peer on a farm without one) changes nothing by naming another
+    client's lease or frames: each such report is refused, and the holder's work goes on."""
+    farm, job, _ = rendering("a", "b", "x", frame_end=4)
+    lease = farm.next_work("a")
+    farm.next_work("b")  # frames 3-4
+    for forge in (lambda: farm.lease_done(lease.id, "x"),
+                  lambda: farm.frame_failed(lease.id, 1, "x", "forged"),
+                  lambda: farm.frame_stored("job-1", 1, "x", 0.1, lease.id),
+                  lambda: farm.frame_stored("job-1", 1, "x", 0.1),
+                  lambda: farm.frame_stored("job-1", 1, "b", 0.1, farm.clients["b"].lease_id),
+                  lambda: farm.wants_frame("job-1", 2, "x", lease.id)):
+        with pytest.raises(NotLeaseHolder):
+            forge()
+    assert farm.leases[lease.id].client_id == "a" and farm.clients["a"].lease_id == lease.id
+    assert [(f.state, f.lease_id, f.failures) for f in (job.frames[1], job.frames[2])] == \
+        [(FrameState.LEASED, lease.id, 0)] * 2
+    assert farm.clients["x"].failures == 0 and farm.drain_revocations() == []
+    assert farm.frame_stored("job-1", 1, "a", 0.1, lease.id) is True
+    farm.frame_failed(lease.id, 2, "a", "out of memory")
+    assert job.frames[2].failures == 1 and job.frames[2].state is FrameState.PENDING
+    farm.lease_done(lease.id, "a")
+    assert lease.id not in farm.leases
+
+
+def test_a_probe_result_counts_only_from_the_client_probing():
+    farm, job, _ = farm_with_job("a", "x")
+    probe = farm.next_work("a")
+    for _ in range(5):  # a spray of failed opens from a client that holds no probe
+        with pytest.raises(NotLeaseHolder):
+            farm.probe_failed(probe.id, "x", "forged: cannot open")
+    with pytest.raises(NotLeaseHolder):
+        farm.probe_succeeded(probe.id, "x", scene(frame_end=1))
+    assert job.state is JobState.PROBING and job.probe_failures == 0 and job.probe_lease == probe.id
+    assert farm.probe_succeeded(probe.id, "a", scene()) is job
+    assert job.state is JobState.RENDERING and len(job.frames) == 8
+    render = farm.next_work("a")
+    assert farm.probe_failed(render.id, "a", "not a probe") is None  # a probe result only for a probe lease
+    assert render.id in farm.leases
+
+
+def test_a_report_on_a_lease_that_ended_changes_nothing():
+    farm, job, _ = rendering("a", "b", frame_end=4)
+    lease = farm.next_work("a")
+    farm.disconnect_client("a")  # its lease is gone; another client gets the frames
+    second = farm.next_work("b")
+    farm.lease_done(lease.id, "x")  # (an ended lease is nobody's now: nothing to refuse, nothing changes)
+    farm.frame_failed(lease.id, 1, "x", "late")
+    assert second.id in farm.leases and job.frames[1].lease_id == second.id and job.frames[1].failures == 0
 
 
 def fail_once(farm: Farm, client: str, error: str) -> None:
     lease = farm.next_work(client)
     assert lease is not None and lease.frames == [1]
     farm.frame_failed(lease.id, 1, client, error, "render log")
-    farm.lease_done(lease.id)
+    farm.lease_done(lease.id, lease.client_id)
 
 
 def test_a_failed_frame_goes_to_a_different_client():
@@ -144,7 +202,7 @@ def test_a_failed_frame_goes_to_a_different_client():
     lease = farm.next_work("a")
     assert farm.next_work("b") is None
     farm.frame_failed(lease.id, 1, "a", "out of memory")
-    farm.lease_done(lease.id)
+    farm.lease_done(lease.id, lease.client_id)
     assert job.frames[1].state is FrameState.PENDING and job.frames[1].failures == 1
     assert farm.next_work("a") is None
     assert farm.next_work("b").frames == [1]
@@ -189,12 +247,12 @@ def test_a_file_no_client_can_open_fails_the_job_once_each_client_tried():
     farm, job, _ = farm_with_job("a", "b")
     first = farm.next_work("a")
     assert first is not None and first.kind is LeaseKind.PROBE
-    farm.probe_failed(first.id, "file is not a .blend (bad magic)")
+    farm.probe_failed(first.id, first.client_id, "file is not a .blend (bad magic)")
     assert job.state is JobState.PROBING
     assert farm.next_work("a") is None, "a client that could not open the file is not asked again"
     second = farm.next_work("b")
     assert second is not None and second.kind is LeaseKind.PROBE
-    farm.probe_failed(second.id, "file is not a .blend (bad magic)")
+    farm.probe_failed(second.id, second.client_id, "file is not a .blend (bad magic)")
     assert job.state is JobState.FAILED
     assert "bad magic" in job.error and "name-a" in job.error and "name-b" in job.error
     assert farm.next_work("a") is None and farm.next_work("b") is None
@@ -203,7 +261,7 @@ def test_a_file_no_client_can_open_fails_the_job_once_each_client_tried():
 def test_a_scene_without_camera_fails_the_job():
     farm, job, _ = farm_with_job("a")
     lease = farm.next_work("a")
-    farm.probe_succeeded(lease.id, scene(scene="Empty", has_camera=False))
+    farm.probe_succeeded(lease.id, lease.client_id, scene(scene="Empty", has_camera=False))
     assert job.state is JobState.FAILED
     assert "camera" in job.error and "Empty" in job.error
     assert job.frames == {}
@@ -213,7 +271,7 @@ def test_a_scene_without_camera_fails_the_job():
 def test_a_request_that_does_not_fit_the_scene_fails_the_job():
     farm, job, _ = farm_with_job("a", request=JobRequest(frame_start=50))
     lease = farm.next_work("a")
-    farm.probe_succeeded(lease.id, scene(frame_start=1, frame_end=10))
+    farm.probe_succeeded(lease.id, lease.client_id, scene(frame_start=1, frame_end=10))
     assert job.state is JobState.FAILED and "50-10" in job.error
 
 
@@ -224,7 +282,7 @@ def test_a_probe_with_a_negative_step_does_not_leave_a_job_without_frames():
         return  # refused at the door: acceptable
     farm, job, _ = farm_with_job("a")
     lease = farm.next_work("a")
-    farm.probe_succeeded(lease.id, info)
+    farm.probe_succeeded(lease.id, lease.client_id, info)
     assert job.state is JobState.FAILED or job.frames
 
 
@@ -279,7 +337,7 @@ def test_a_client_far_slower_than_the_jobs_frames_is_hung():
             farm.client_reported("a", "rendering", lease.id, n)
             clock.now += 1.0
             farm.frame_stored(job.id, n, "a", render_s=1.0)
-        farm.lease_done(lease.id)
+        farm.lease_done(lease.id, lease.client_id)
     lease = farm.next_work("b")
     farm.client_reported("b", "rendering", lease.id, lease.frames[0])
     clock.now += 9.0
@@ -296,7 +354,7 @@ def test_a_client_that_fails_several_frames_of_a_job_gets_no_more_of_it():
     for _ in range(3):
         lease = farm.next_work("a")
         farm.frame_failed(lease.id, lease.frames[0], "a", "boom")
-        farm.lease_done(lease.id)
+        farm.lease_done(lease.id, lease.client_id)
     assert job.excluded_clients() == {"name-a"}
     assert farm.next_work("a") is None
     assert farm.next_work("b") is not None
@@ -309,10 +367,10 @@ def test_a_frame_failed_on_a_client_is_not_kept_from_it_by_an_excluded_one():
     for _ in range(3):  # b fails three frames: it gets no more of this job
         lease = farm.next_work("b")
         farm.frame_failed(lease.id, lease.frames[0], "b", "boom")
-        farm.lease_done(lease.id)
+        farm.lease_done(lease.id, lease.client_id)
     lease = farm.next_work("a")
     farm.frame_failed(lease.id, lease.frames[0], "a", "flaky")
-    farm.lease_done(lease.id)
+    farm.lease_done(lease.id, lease.client_id)
     failed_frame = lease.frames[0]
     pending = [n for n, f in job.frames.items() if f.state is FrameState.PENDING]
     # a keeps working through the job, and finally gets its failed frame back: b cannot take it.
@@ -321,7 +379,7 @@ def test_a_frame_failed_on_a_client_is_not_kept_from_it_by_an_excluded_one():
         taken += lease.frames
         for n in lease.frames:
             farm.frame_stored(job.id, n, "a", 0.1, lease.id)
-        farm.lease_done(lease.id)
+        farm.lease_done(lease.id, lease.client_id)
     assert sorted(taken) == sorted(pending) and failed_frame in taken
     assert job.state is JobState.DONE
 
@@ -333,10 +391,10 @@ def test_a_gpu_job_frame_is_not_kept_from_the_gpu_client_by_a_cpu_one():
     for client in ("gpu", "cpu"):
         farm.client_reported(client, "idle", None, None)
     probe = farm.next_work("cpu")
-    farm.probe_succeeded(probe.id, scene(frame_start=1, frame_end=2))
+    farm.probe_succeeded(probe.id, probe.client_id, scene(frame_start=1, frame_end=2))
     lease = farm.next_work("gpu")
     farm.frame_failed(lease.id, lease.frames[0], "gpu", "transient")
-    farm.lease_done(lease.id)
+    farm.lease_done(lease.id, lease.client_id)
     assert farm.next_work("cpu") is None, "a GPU-only job never renders on a CPU"
     got = farm.next_work("gpu")
     assert got is not None and got.frames == [1], "the only GPU client gets its failed frame back"

@@ -102,8 +102,16 @@ def _split_job(farm: Scheduler, split: int, job_id: str = "j") -> Job:
               request=JobRequest(frame_start=3, frame_end=3, split=split), created=0.0)
     farm.add_job(job)
     lease = farm.next_work(next(iter(farm.clients)))
-    farm.probe_succeeded(lease.id, SCENE)
+    farm.probe_succeeded(lease.id, lease.client_id, SCENE)
     return job
+
+
+def _render_all(farm: Scheduler, job_id: str, client: str) -> None:
+    """The client renders every tile it is leased of the job (a tile counts only from a client leased it)."""
+    while (lease := farm.next_work(client)) is not None:
+        for tile in lease.frames:
+            assert farm.frame_stored(job_id, tile, client, 1.0, lease.id)
+        farm.lease_done(lease.id, client)
 
 
 def test_tiles_are_leased_like_frames_and_the_job_waits_for_its_stitch() -> None:
@@ -114,15 +122,16 @@ def test_tiles_are_leased_like_frames_and_the_job_waits_for_its_stitch() -> None
     assert (first.frames, second.frames) == ([0], [1]), "one tile per lease, each to another client"
     farm.disconnect_client("b")  # a lost tile goes back to the pool
     assert job.frames[1].state is FrameState.PENDING
-    for tile in range(4):
-        assert farm.frame_stored("j", tile, "a", render_s=1.0)
+    assert farm.frame_stored("j", 0, "a", 1.0, first.id)
+    farm.lease_done(first.id, "a")
+    _render_all(farm, "j", "a")
+    assert job.frames_done == 4
     assert job.state is JobState.RENDERING and job.stitch_due, "not done before the frame is stitched"
     farm.stitch_done("j")
     assert job.state is JobState.DONE and job.stitched and not job.stitch_due
 
     failing = _split_job(farm, 2, "k")
-    for tile in range(2):
-        farm.frame_stored("k", tile, "a", render_s=1.0)
+    _render_all(farm, "k", "a")
     farm.stitch_failed("k", "tile 1 is not a usable PNG")
     assert failing.state is JobState.FAILED and "could not be stitched into frame 3" in failing.error
 
@@ -164,7 +173,8 @@ def test_a_restart_rebuilds_the_tiles_from_disk(tmp_path: Path) -> None:
     job = _split_job(farm, 0)  # auto: the count it resolved to (three clients: 3) is what is stored
     tiles = job.settings.tiles
     assert tiles == 3
-    farm.frame_stored("j", 0, "a", render_s=1.0)
+    lease = farm.next_work("a")
+    assert lease.frames == [0] and farm.frame_stored("j", 0, "a", 1.0, lease.id)
     tile = outputs.tile_path("j", 3, 0, "png")
     tile.parent.mkdir(parents=True)
     tile.write_bytes(b"x")

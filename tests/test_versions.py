@@ -105,12 +105,12 @@ def render_all(farm: Farm, job: Job) -> dict[int, str]:
                 continue
             handed = True
             if lease.kind is LeaseKind.PROBE:
-                farm.probe_succeeded(lease.id, scene())
+                farm.probe_succeeded(lease.id, lease.client_id, scene())
                 continue
             for number in lease.frames:
                 farm.frame_stored(job.id, number, client, lease_id=lease.id)
                 by[number] = client
-            farm.lease_done(lease.id)
+            farm.lease_done(lease.id, lease.client_id)
         if not handed:
             break
     return by
@@ -166,7 +166,7 @@ def test_the_submitter_chooses_the_version() -> None:
 def test_a_pinned_job_waits_for_its_version_when_those_clients_are_gone() -> None:
     farm, job = farm_of({"a": "5.0.1"}, saved_by="4.5")
     probe = farm.next_work("a")
-    farm.probe_succeeded(probe.id, scene())
+    farm.probe_succeeded(probe.id, probe.client_id, scene())
     lease = farm.next_work("a")
     assert lease is not None and job.pinned_blender == "5.0.1"
     assert farm.frame_stored(job.id, lease.frames[0], "a", lease_id=lease.id)
@@ -183,7 +183,7 @@ def test_a_pin_without_a_rendered_frame_is_dropped_with_its_lease() -> None:
     version) must not hold the job to its version."""
     farm, job = farm_of({"liar": "99.0.0"}, saved_by="5.0")
     probe = farm.next_work("liar")
-    farm.probe_succeeded(probe.id, scene())
+    farm.probe_succeeded(probe.id, probe.client_id, scene())
     assert farm.next_work("liar") is not None and job.pinned_blender == "99.0.0"
     connect(farm, "good", "5.0.1")
     assert farm.next_work("good") is None
@@ -205,7 +205,7 @@ def test_an_idle_client_is_not_held_back_by_a_busy_majority() -> None:
     for client in ("b1", "b2"):  # both 4.2 clients busy on the other, higher-priority job
         lease = farm.next_work(client)
         if lease.kind is LeaseKind.PROBE:
-            farm.probe_succeeded(lease.id, scene())
+            farm.probe_succeeded(lease.id, lease.client_id, scene())
             lease = farm.next_work(client) or lease
     connect(farm, "idle", "5.0.1")
     by = render_all(farm, job)
@@ -230,18 +230,18 @@ def test_a_file_name_with_backslashes_is_no_regex_template(name: str) -> None:
     farm, job = farm_of({"a": "5.0.1"})
     job.name = name
     lease = farm.next_work("a")
-    farm.probe_failed(lease.id, f"Cannot read file '/c a c h e/{'ab' * 32}.blend': damaged")
+    farm.probe_failed(lease.id, lease.client_id, f"Cannot read file '/c a c h e/{'ab' * 32}.blend': damaged")
     assert job.state is JobState.FAILED and f"Cannot read file '{name}': damaged" in job.error
 
 
 def test_a_failed_open_counts_per_client_and_the_error_names_the_users_file() -> None:
     farm, job = farm_of({"a": "5.0.1", "b": "5.3.0"}, saved_by=None)
     first = farm.next_work("a")
-    farm.probe_failed(first.id, f"Failed to open /cache/blends/{'ab' * 32}.blend: file is damaged")
+    farm.probe_failed(first.id, first.client_id, f"Failed to open /cache/blends/{'ab' * 32}.blend: file is damaged")
     assert job.state is JobState.PROBING and farm.next_work("a") is None
     second = farm.next_work("b")
     assert second is not None and second.kind is LeaseKind.PROBE
-    farm.probe_failed(second.id, "file is damaged")
+    farm.probe_failed(second.id, second.client_id, "file is damaged")
     assert job.state is JobState.FAILED
     assert job.error.startswith("no client could open shot.blend (saved by an unknown Blender): ")
     assert "a (Blender 5.0.1: Failed to open shot.blend: file is damaged)" in job.error
@@ -256,7 +256,7 @@ def test_versions_survive_a_restart(tmp_path: Path) -> None:
     farm.add_job(job)
     connect(farm, "a", "4.5.15")
     probe = farm.next_work("a")
-    farm.probe_succeeded(probe.id, scene())
+    farm.probe_succeeded(probe.id, probe.client_id, scene())
     assert farm.next_work("a") is not None
     store.close()
     (loaded,) = Database(tmp_path / "jobs.sqlite3").load(OutputStore(tmp_path / "out"))

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from protocol.blendfile import BlenderVersion
+from protocol.limits import MAX_RENDER_S
 from protocol.manifest import Manifest, safe_blend_name
 from protocol.settings import JobRequest, RenderSettings, SceneInfo
 
@@ -52,6 +53,9 @@ class FrameRecord:
     log: str = ""
     rendered_by: str = ""  # client name
     render_s: float | None = None
+    # Every lease that covered it: lease id -> client id. Only these may store it (not saved: a server
+    # restart ends every lease, and clients drop what they rendered for an earlier connection).
+    held_by: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,14 +125,20 @@ class Job:
     def frames_done(self) -> int:
         return sum(1 for f in self.frames.values() if f.state is FrameState.DONE)
 
+    def _render_times(self) -> list[float]:
+        """The render times of finished frames, leaving out any that is no usable number (0, negative, NaN,
+        infinite: from an older database or a client before the protocol refused them)."""
+        return [f.render_s for f in self.frames.values()
+                if f.state is FrameState.DONE and f.render_s is not None and 0 < f.render_s <= MAX_RENDER_S]
+
     def typical_frame_s(self, min_samples: int) -> float | None:
         """Median render time of this job's finished frames, once there are enough of them."""
-        times = [f.render_s for f in self.frames.values() if f.state is FrameState.DONE and f.render_s]
+        times = self._render_times()
         return statistics.median(times) if len(times) >= min_samples else None
 
     def mean_frame_s(self) -> float | None:
         """Mean render time of this job's finished frames (None before the first); the web page's ETA."""
-        times = [f.render_s for f in self.frames.values() if f.state is FrameState.DONE and f.render_s]
+        times = self._render_times()
         return statistics.fmean(times) if times else None
 
     def view(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from protocol.assets import MAX_WARNING_CHARS, clip_text, missing_sentence, scripts_sentence
+from protocol.errors import ProtocolError
 from protocol.settings import SceneInfo, SettingsError, resolve
 
 from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation
@@ -78,6 +79,14 @@ def add_warning(job: Job, text: str) -> bool:
 
 class JobActionError(ValueError):
     """A job action that does not apply (unknown job, or the job's state forbids it)."""
+
+
+class NotLeaseHolder(ProtocolError):
+    """A client sent a result for a lease, or a frame, that was never its own.
+
+    A client only ever names the leases it was given (lease ids are unique in a server's run, client ids
+    in a connection, and a client drops what it did for an earlier connection), so this is never a race:
+    like any message the protocol does not allow, it closes that one connection, with one logged reason."""
 
 
 class JobStore(Protocol):
@@ -266,8 +275,8 @@ class Farm:
             return
         job.probe_losses[record.name] = job.probe_losses.get(record.name, 0) + 1
         if job.probe_losses[record.name] >= MAX_PROBE_LOSSES:
-            self.probe_failed(lease.id, f"client {record.name} was lost {MAX_PROBE_LOSSES} times while opening "
-                                        "the .blend")
+            self.probe_failed(lease.id, lease.client_id,
+                              f"client {record.name} was lost {MAX_PROBE_LOSSES} times while opening the .blend")
 
     def forget_client(self, client_id: str) -> None:
         self.disconnect_client(client_id)
@@ -401,12 +410,22 @@ class Farm:
             record = job.frames[number]
             record.state = FrameState.LEASED
             record.lease_id = lease.id
+            record.held_by[lease.id] = client.id
+        return lease
+
+    def _own_lease(self, lease_id: int, client_id: str) -> Lease | None:
+        """The lease, while it lasts, if it is this client's; None once it ended (a late report changes
+        nothing). Another client's lease is refused: its end, probe answer or failures are its holder's."""
+        lease = self.leases.get(lease_id)
+        if lease is not None and lease.client_id != client_id:
+            name = self.clients[client_id].name if client_id in self.clients else client_id
+            raise NotLeaseHolder(f"client {name} reported on lease {lease_id}, which it does not hold")
         return lease
 
     # --- results --------------------------------------------------------------------------
 
-    def probe_succeeded(self, lease_id: int, scene: SceneInfo) -> Job | None:
-        lease = self.leases.get(lease_id)
+    def probe_succeeded(self, lease_id: int, client_id: str, scene: SceneInfo) -> Job | None:
+        lease = self._own_lease(lease_id, client_id)
         if lease is None or lease.kind is not LeaseKind.PROBE:
             return None
         job = self.jobs[lease.job_id]
@@ -444,8 +463,8 @@ class Farm:
                  settings.resolution_x, settings.resolution_y, settings.fps)
         return job
 
-    def probe_failed(self, lease_id: int, error: str) -> Job | None:
-        lease = self.leases.get(lease_id)
+    def probe_failed(self, lease_id: int, client_id: str, error: str) -> Job | None:
+        lease = self._own_lease(lease_id, client_id)
         if lease is None or lease.kind is not LeaseKind.PROBE:
             return None
         job = self.jobs[lease.job_id]
@@ -469,19 +488,41 @@ class Farm:
             self.fail_job(job, f"no client could open {job.name} ({saved}): {tried}")
         return job
 
-    def wants_frame(self, job_id: str, number: int) -> bool:
-        """Is a result for this frame still wanted? (Not stored yet; the job rendering or paused.)"""
+    def check_frame_holder(self, job_id: str, number: int, client_id: str, lease_id: int | None = None) -> None:
+        """Refuse a frame (or tile) of a job from a client that was never leased it.
+
+        A frame counts from the client holding it and, once, from one that held it in this job before it
+        was taken back (a pause, a revocation) and handed on: that client rendered it as asked, and whichever
+        copy lands first is stored (the other holder is told to stop). With a lease id, that lease must have
+        covered the frame and been the client's. A job that is gone, or a frame it lacks, is not for here."""
+        job = self.jobs.get(job_id)
+        frame = job.frames.get(number) if job is not None else None
+        if frame is None:
+            return
+        held = (frame.held_by.get(lease_id) == client_id if lease_id is not None
+                else client_id in frame.held_by.values())
+        if not held:
+            name = self.clients[client_id].name if client_id in self.clients else client_id
+            raise NotLeaseHolder(f"client {name} sent frame {number} of job {job_id}, which no lease of "
+                                 f"{'it' if lease_id is None else f'its numbered {lease_id}'} covered")
+
+    def wants_frame(self, job_id: str, number: int, client_id: str, lease_id: int | None = None) -> bool:
+        """Is this client's result for this frame still wanted? (Not stored yet; the job rendering or
+        paused.) A frame the client was never leased is refused: see check_frame_holder."""
         job = self.jobs.get(job_id)
         if job is None or job.state not in (JobState.RENDERING, JobState.PAUSED):
             return False
         frame = job.frames.get(number)
-        return frame is not None and frame.state is not FrameState.DONE
+        if frame is None or frame.state is FrameState.DONE:
+            return False
+        self.check_frame_holder(job_id, number, client_id, lease_id)
+        return True
 
     def frame_stored(self, job_id: str, number: int, client_id: str, render_s: float | None = None,
                      lease_id: int | None = None, warnings: tuple[str, ...] | list[str] = ()) -> bool:
         """Record that a frame's file is on disk, with what its client found missing while rendering it
         (a warning on the job). Returns False if it was already stored."""
-        if not self.wants_frame(job_id, number):
+        if not self.wants_frame(job_id, number, client_id, lease_id):
             return False
         job = self.jobs[job_id]
         frame = job.frames[number]
@@ -549,7 +590,7 @@ class Farm:
         return tile_count(names, self.client_speeds())
 
     def frame_failed(self, lease_id: int, number: int, client_id: str, error: str, render_log: str = "") -> None:
-        lease = self.leases.get(lease_id)
+        lease = self._own_lease(lease_id, client_id)
         client = self.clients.get(client_id)
         if client is not None:
             client.failures += 1
@@ -557,7 +598,7 @@ class Farm:
             return
         job = self.jobs[lease.job_id]
         frame = job.frames[number]
-        if frame.state is not FrameState.LEASED or frame.lease_id != lease_id or lease.client_id != client_id:
+        if frame.state is not FrameState.LEASED or frame.lease_id != lease_id:
             return  # the frame was taken back and handed on (or done) meanwhile: not this lease's to fail
         name = client.name if client else client_id
         frame.failures += 1
@@ -578,8 +619,8 @@ class Farm:
             what = f"tile {number} of frame {job.settings.frames[0]}" if job.settings.tiles else f"frame {number}"
             self.fail_job(job, f"{what} failed {frame.failures} times: {error}")
 
-    def lease_done(self, lease_id: int) -> None:
-        lease = self.leases.get(lease_id)
+    def lease_done(self, lease_id: int, client_id: str) -> None:
+        lease = self._own_lease(lease_id, client_id)
         if lease is not None:
             self._drop_lease(lease)
 

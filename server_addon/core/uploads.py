@@ -51,9 +51,11 @@ class FrameUploads:
             if begin.ext != expected:
                 raise ProtocolError(f"job {job.id} stores .{expected} {'tiles' if job.settings.tiles else 'frames'}, "
                                     f"not {begin.ext!r}")
+        server.farm.check_frame_holder(begin.job_id, begin.frame, conn.client_id, begin.lease_id)
         sink = None
-        # A frame of a job deleted meanwhile is read and dropped: the client did nothing wrong.
-        if job is not None and server.farm.wants_frame(job.id, begin.frame):
+        # A frame of a job deleted meanwhile is read and dropped: the client did nothing wrong. One it was
+        # never leased is refused before a byte of it is written (NotLeaseHolder closes the connection).
+        if job is not None and server.farm.wants_frame(job.id, begin.frame, conn.client_id, begin.lease_id):
             try:
                 sink = server.outputs.frame_sink(job.id, begin.size)
             except OSError as exc:
@@ -110,7 +112,12 @@ class FrameUploads:
             if job is not None:
                 self._storage_failed(job, exc)
             return
-        if not server.farm.wants_frame(begin.job_id, begin.frame):
+        try:
+            wanted = server.farm.wants_frame(begin.job_id, begin.frame, conn.client_id, begin.lease_id)
+        except ProtocolError:
+            sink.abort()
+            raise
+        if not wanted:
             sink.abort()
             server.stats.duplicate_frames += 1
             return

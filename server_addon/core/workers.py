@@ -154,7 +154,7 @@ class Workers:
             farm.frame_failed(message.lease_id, message.frame, conn.client_id,
                               m.clip(message.error), m.clip(message.log))
         elif isinstance(message, m.LeaseDone):
-            farm.lease_done(message.lease_id)
+            farm.lease_done(message.lease_id, conn.client_id)
         elif isinstance(message, m.ProbeResult):
             self._probe_result(conn, message)
         elif isinstance(message, m.BlendRequest):
@@ -174,10 +174,11 @@ class Workers:
             except ProtocolError as exc:
                 error = str(exc)
         if scene is not None:
-            job = farm.probe_succeeded(message.lease_id, scene)
+            job = farm.probe_succeeded(message.lease_id, conn.client_id, scene)
         else:
-            log.warning("client %s could not read the .blend: %s", conn.peer.name, error)
-            job = farm.probe_failed(message.lease_id, m.clip(error))
+            job = farm.probe_failed(message.lease_id, conn.client_id, m.clip(error))
+            if job is not None:  # (logged once it counted: a stranger's spray is refused above, unlogged)
+                log.warning("client %s could not read the .blend: %s", conn.peer.name, error)
         if job is not None and job.state is JobState.RENDERING:
             self.server.outputs.job_dir(job.id).mkdir(parents=True, exist_ok=True)
             if job.settings.tiles and job.settings.file_format == "JPEG" and not jpeg_encoder_available():

@@ -6,6 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .jsonout import json_response
+
 
 class WebError(Exception):
     """A request that cannot be served; `status` is the HTTP status, the message one sentence for the user,
@@ -29,4 +31,4 @@ def human_bytes(count: int) -> str:
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None,
                    details: dict[str, Any] | None = None) -> web.Response:
-    return web.json_response({**(details or {}), "error": message}, status=status, headers=headers)
+    return json_response({**(details or {}), "error": message}, status=status, headers=headers)

@@ -9,12 +9,13 @@ A comment line every KEEPALIVE_S keeps proxies and the browser from dropping a q
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+
+from .jsonout import dumps
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class StatusFeed:
     def payload(self) -> bytes:
         if self._version != self.server.version:
             self._version = self.server.version
-            self._data = json.dumps(self.build(), separators=(",", ":")).encode()
+            self._data = dumps(self.build(), separators=(",", ":")).encode()
         return self._data
 
 

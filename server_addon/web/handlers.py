@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from ..core.scheduler import JobActionError
 from ..core.server import FarmServer
 from ..core.storage import is_job_id
 from ..core.video import CODECS, LOCATIONS, QUALITIES, VideoSettings
-from . import events, files, upload
+from . import events, files, jsonout, upload
 from .auth import Auth
 from .errors import WebError
 from .thumbs import Thumbnails
@@ -110,7 +109,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not data.strip():
         return {}
     try:
-        body = json.loads(data)
+        body = jsonout.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise WebError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -134,7 +133,7 @@ async def login(request: web.Request) -> web.Response:
     """POST /login with {"secret": "..."} (JSON or a form): sets the session cookie."""
     auth = _state(request).auth
     if not auth.required:
-        return web.json_response({"message": "this farm has no secret"})
+        return jsonout.json_response({"message": "this farm has no secret"})
     if request.content_type == "application/json":
         secret = (await _json_body(request)).get("secret")
     else:
@@ -144,13 +143,13 @@ async def login(request: web.Request) -> web.Response:
         await auth.refuse_slowly()
         raise WebError(401, "that is not the farm's secret")
     log.info("web login from %s", request.remote)
-    response = web.json_response({"message": "logged in"})
+    response = jsonout.json_response({"message": "logged in"})
     auth.set_session(response)
     return response
 
 
 async def logout(request: web.Request) -> web.Response:
-    response = web.json_response({"message": "logged out"})
+    response = jsonout.json_response({"message": "logged out"})
     Auth.clear_session(response)
     return response
 
@@ -158,7 +157,7 @@ async def logout(request: web.Request) -> web.Response:
 # --- the API -----------------------------------------------------------------------------------
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(build_status(_state(request)), headers={"Cache-Control": "no-store"})
+    return jsonout.json_response(build_status(_state(request)), headers={"Cache-Control": "no-store"})
 
 
 async def event_stream(request: web.Request) -> web.StreamResponse:
@@ -176,7 +175,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
 async def create_job(request: web.Request) -> web.Response:
     state = _state(request)
     view, project = await upload.receive_job(request, state.server, state.max_upload_bytes)
-    return web.json_response({"id": view["id"], "message": f"job {view['id']} created", "job": view,
+    return jsonout.json_response({"id": view["id"], "message": f"job {view['id']} created", "job": view,
                               "project": project}, status=201)
 
 
@@ -186,7 +185,7 @@ async def job_view(request: web.Request) -> web.Response:
     working = sum(1 for c in server.farm.client_views() if c["state"] == "rendering" and c["job_id"] == job.id)
     view = job.view()
     view.update(_web_fields(server, view, working))
-    return web.json_response(view, headers={"Cache-Control": "no-store"})
+    return jsonout.json_response(view, headers={"Cache-Control": "no-store"})
 
 
 async def job_action(request: web.Request) -> web.Response:
@@ -235,13 +234,13 @@ async def _run_action(request: web.Request, action: str, job_id: str, args: dict
         raise WebError(409, str(exc)) from None
     log.info("web: %s (%s from %s)", message, action, request.remote)
     job = server.farm.jobs.get(job_id)
-    return web.json_response({"message": message, "job": job.view() if job is not None else None})
+    return jsonout.json_response({"message": message, "job": job.view() if job is not None else None})
 
 
 async def list_files(request: web.Request) -> web.Response:
     job = _job(request)
     found = await files.job_files(_state(request).server, job)
-    return web.json_response({
+    return jsonout.json_response({
         "job": job.id,
         "files": [entry.view(job.id) for entry in found.values()],
         "total_bytes": sum(entry.size for entry in found.values()),
