@@ -601,7 +601,12 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
         # A texture gone from this disk: refused, naming it, before anything is sent.
         wood = folder / "textures" / "wood.png"
         wood.rename(work / "wood-away.png")
-        stored = rt.thread.call(lambda s: sorted(p.name for p in s.blends.root.iterdir()))
+        # What the store holds: its finished files (a copy being saved or traced is written in as ".incoming-…"
+        # and removed at the end of its operation, a moment after the panel shows the check).
+        def store_files() -> list[str]:
+            return rt.thread.call(lambda s: sorted(p.name for p in s.blends.root.iterdir()
+                                                   if not p.name.startswith(".incoming-")))
+        stored = store_files()
         settings.allow_missing = False
         assert timed("create_job_refused", timings, bpy.ops.microfarm.create_job) == {"FINISHED"}
         notices = drain_until(rt, lambda n: any(x.level == "ERROR" for x in n), "the refusal")
@@ -609,7 +614,7 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
         result["refused_check"] = check_view(rt.check)
         result["refused_panel"] = draw_panels()
         result["jobs_after_refusal"] = rt.thread.call(lambda s: list(s.farm.jobs))
-        result["store_unchanged"] = stored == rt.thread.call(lambda s: sorted(p.name for p in s.blends.root.iterdir()))
+        result["store_unchanged"] = stored == store_files()
 
         settings.allow_missing = True
         assert timed("create_job_allowed", timings, bpy.ops.microfarm.create_job) == {"FINISHED"}
