@@ -278,3 +278,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
         return probe.getsockname()[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run stock Blenders of several versions (a `stock` fixture, tools.bpyenv) carry the `matrix`
+    marker: `pytest -m matrix` runs the version matrix alone, `-m "not matrix"` the rest."""
+    for item in items:
+        if "stock" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.matrix)
