@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from protocol.stream import FileSink
+from protocol.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ class CacheError(Exception):
 class CacheFull(CacheError):
     """No room on the cache's disk for a job's files."""
 
-
-def human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{count} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError
 
 
 def default_cache_dir() -> Path:

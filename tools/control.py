@@ -17,6 +17,7 @@ from protocol.handshake import client_handshake
 from protocol.manifest import Manifest, ManifestError, ProjectFile
 from protocol.messages import Role
 from protocol.stream import MessageStream, sha256_file
+from protocol.units import human_bytes
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -64,14 +65,6 @@ class UploadPlan:
         return (f"{files} file{'s' if files != 1 else ''} ({human_bytes(total)}); the farm has {kept} of them "
                 f"already; uploading {len(self.need)} ({human_bytes(self.upload_bytes)})")
 
-
-def human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} bytes"
 
 
 class Control:

@@ -21,6 +21,7 @@ from typing import Protocol
 from protocol.limits import MAX_BLEND_BYTES
 from protocol.manifest import Manifest, ManifestError, ProjectFile
 from protocol.stream import TransferError
+from protocol.units import human_bytes
 
 from ..core.storage import ContentStore
 from ..core.trace import Trace
@@ -80,14 +81,6 @@ class FileCheck:
                         f"{'are' if count != 1 else 'is'} missing on this disk: {listed(self.missing)}; "
                         "turn on Render With Missing Files to send it anyway")
 
-
-def human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} bytes"
 
 
 def listed(names: tuple[str, ...] | list[str]) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from protocol.settings import IMAGE_FORMATS
 from protocol.stream import FileSink
 from protocol.tiles import SPLIT_FORMATS
+from protocol.units import human_bytes
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -208,14 +209,9 @@ class ContentStore:
             return
         free = shutil.disk_usage(self.root).free
         if free < needed + FREE_SPACE_MARGIN_BYTES:
-            raise StoreFull(f"the farm server has {_gib(free)} free; this project needs {_gib(needed)} more "
-                            f"(and the server keeps {_gib(FREE_SPACE_MARGIN_BYTES)} spare)")
-
-
-def _gib(count: int) -> str:
-    if count >= 2**30:
-        return f"{count / 2**30:.1f} GiB"
-    return f"{count / 2**20:.1f} MiB"
+            raise StoreFull(f"the farm server has {human_bytes(free)} free; this project needs "
+                            f"{human_bytes(needed)} more (and the server keeps {human_bytes(FREE_SPACE_MARGIN_BYTES)} "
+                            "spare)")
 
 
 #: The store once held only .blend files; every place that reaches it by this name still works.

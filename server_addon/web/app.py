@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from protocol.limits import MAX_BLEND_BYTES
+from protocol.units import human_bytes
 
 from ..core.server import FarmServer
 from . import client_zip, handlers
@@ -22,7 +23,6 @@ from .events import EVENT_MIN_INTERVAL_S, StatusFeed
 from .handlers import STATE, STATIC_DIR, WebState
 from .staging import Staging
 from .thumbs import Thumbnails
-from .upload import human_bytes
 
 log = logging.getLogger(__name__)
 

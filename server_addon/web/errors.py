@@ -20,14 +20,6 @@ class WebError(Exception):
         self.details = details or {}
 
 
-def human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None,
                    details: dict[str, Any] | None = None) -> web.Response:

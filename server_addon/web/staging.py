@@ -29,8 +29,9 @@ from typing import BinaryIO
 
 from protocol.limits import MAX_PROJECT_FILES
 from protocol.manifest import ManifestError, check_relpath
+from protocol.units import human_bytes
 
-from .errors import WebError, human_bytes
+from .errors import WebError
 
 log = logging.getLogger(__name__)
 

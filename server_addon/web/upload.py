@@ -25,11 +25,12 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from protocol.limits import MAX_NAME_CHARS, MAX_PROJECT_FILES
 from protocol.manifest import safe_blend_name
 from protocol.settings import JobRequest, SettingsError
+from protocol.units import human_bytes
 
 from ..core.storage import StoreFull
 from ..core.video import VideoSettings
 from . import projects
-from .errors import WebError, human_bytes
+from .errors import WebError
 from .staging import Staging, looks_like_zip
 
 log = logging.getLogger(__name__)
