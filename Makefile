@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean system-deps test-system-deps stock-blenders
+.PHONY: setup demo test test-fast lint bench clean system-deps test-system-deps stock-blenders
 
 # System programs the farm uses: ffmpeg for videos; the web tests also drive Debian's Chromium.
 # Installed with apt-get when missing (as root, or with sudo).
@@ -38,6 +38,10 @@ stock-blenders: $(STAMP)
 
 test: $(STAMP) test-system-deps stock-blenders
 	$(PY) -m pytest -q
+
+# The unit group (tests/conftest.py: no subprocess, bpy, browser or farm server): seconds, and no system programs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from protocol.address import AddressError, parse_server
 from protocol.errors import DiscoveryError
 
 from .cache import BlendCache, default_cache_dir
@@ -20,21 +21,6 @@ from .pathmap import Mapping, PathMapError
 
 class UsageError(Exception):
     pass
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """HOST:PORT, [IPv6]:PORT; the port is required."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"--server wants HOST:PORT, not {text!r}")
-    host = host.strip("[]")
-    try:
-        number = int(port)
-    except ValueError:
-        raise UsageError(f"--server port {port!r} is not a number") from None
-    if not 0 < number < 65536:
-        raise UsageError(f"--server port {number} is not between 1 and 65535")
-    return host, number
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -128,7 +114,7 @@ def main(argv: list[str]) -> int:
             raise UsageError("--gpu-index must be 0 or more")
         path_map = tuple(Mapping.parse(text) for text in args.path_map)
         cache_max = parse_size(args.cache_max)
-    except (UsageError, PathMapError) as exc:
+    except (UsageError, AddressError, PathMapError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from .errors import ProtocolError
 from .limits import MAX_NAME_CHARS
+from .schema import CHOICE, FORM, LONG, MISSING, SHORT, TYPE, ListOf, Str, record_of, validate
 
 #: A probe reports at most this many missing files by name (and how many there are in all).
 MAX_MISSING_FILES = 64
@@ -34,12 +34,22 @@ LOG_MISSING = re.compile(r"does not exist|doesn't exist|not found|is missing|are
 _LOG_PREFIX = re.compile(r"^\s*\d\d:\d\d\.\d+\s+\S+\s*\|\s*(?:(?:ERROR|WARNING|INFO)\s+)?")
 
 
+_PATH_WORDS = "a missing file has an empty or overlong path"
+
+
 @dataclass(frozen=True)
 class MissingFile:
-    path: str  # as the artist wrote it: "//textures/wood.png"
-    kind: str  # a key of KINDS
-    name: str = ""  # the data-block that uses it: "wood"
-    library: str = ""  # the library the data-block comes from, as written ("//lib/props.blend"), if linked
+    # as the artist wrote it: "//textures/wood.png"
+    path: Annotated[str, Str(min_len=1, max_len=MAX_PATH_CHARS, printable=True,
+                             message={MISSING: _PATH_WORDS, SHORT: _PATH_WORDS, LONG: _PATH_WORDS})]
+    # a key of KINDS
+    kind: Annotated[str, Str(choices=KINDS, message={MISSING: "a missing file has an unknown kind ''",
+                                                     CHOICE: "a missing file has an unknown kind {value!r}"})]
+    # the data-block that uses it: "wood"
+    name: Annotated[str, Str(max_len=MAX_NAME_CHARS, printable=True,
+                             message={LONG: "a missing file has an overlong name"})] = ""
+    # the library the data-block comes from, as written ("//lib/props.blend"), if linked
+    library: Annotated[str, Str(max_len=MAX_PATH_CHARS, printable=True, message={LONG: _PATH_WORDS})] = ""
 
     def describe(self) -> str:
         """'//textures/wood.png (image "wood")', '//lib/props.blend (library)'."""
@@ -60,24 +70,7 @@ class MissingFile:
 
     @classmethod
     def from_wire(cls, raw: Any) -> MissingFile:
-        if not isinstance(raw, dict):
-            raise ProtocolError("a missing file must be a map")
-        values = {key: raw.get(key, "") for key in ("path", "kind", "name", "library")}
-        if not all(isinstance(v, str) for v in values.values()):
-            raise ProtocolError("a missing file has a field that is not text")
-        if values["kind"] not in KINDS:
-            raise ProtocolError(f"a missing file has an unknown kind {values['kind']!r}")
-        if not values["path"] or len(values["path"]) > MAX_PATH_CHARS or len(values["library"]) > MAX_PATH_CHARS:
-            raise ProtocolError("a missing file has an empty or overlong path")
-        if len(values["name"]) > MAX_NAME_CHARS:
-            raise ProtocolError("a missing file has an overlong name")
-        if not all(_printable(v) for v in values.values()):
-            raise ProtocolError("a missing file has a control character in it")
-        return cls(**values)
-
-
-def _printable(text: str) -> bool:
-    return all(ch.isprintable() for ch in text)
+        return cls(**validate(_MISSING_FILE, raw))
 
 
 def clip_text(text: str, limit: int) -> str:
@@ -85,10 +78,16 @@ def clip_text(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+_MISSING_FILE = record_of(MissingFile, message={TYPE: "a missing file must be a map"},
+                          messages={TYPE: "a missing file has a field that is not text",
+                                    FORM: "a missing file has a control character in it"})
+_TOO_MANY = f"a probe reports a list of at most {MAX_MISSING_FILES} missing files"
+MISSING_FILES = ListOf(_MISSING_FILE, max_len=MAX_MISSING_FILES, tuple_ok=True,
+                       message={TYPE: _TOO_MANY, LONG: _TOO_MANY})
+
+
 def missing_from_wire(raw: Any) -> tuple[MissingFile, ...]:
-    if not isinstance(raw, (list, tuple)) or len(raw) > MAX_MISSING_FILES:
-        raise ProtocolError(f"a probe reports a list of at most {MAX_MISSING_FILES} missing files")
-    return tuple(MissingFile.from_wire(item) for item in raw)
+    return tuple(MissingFile(**item) for item in validate(MISSING_FILES, raw))
 
 
 def missing_sentence(missing: tuple[MissingFile, ...] | list[MissingFile], total: int = 0) -> str:

@@ -18,8 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+#: How a .blend starts: its header (plain), or the magic of the compression Blender saved it with.
+PLAIN_MAGIC = b"BLENDER"
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+BLEND_MAGICS = (PLAIN_MAGIC, ZSTD_MAGIC, GZIP_MAGIC)
+#: Bytes of a file's start that looks_like_blend needs.
+MAGIC_BYTES = max(len(magic) for magic in BLEND_MAGICS)
 #: Enough of the (decompressed) file for either header form.
 HEADER_BYTES = 32
 #: Compressed bytes read at most to find the header (Blender's first zstd frame is a few KiB).
@@ -59,6 +64,12 @@ class BlenderVersion:
         return f"{self.major}.{self.minor}" + (f".{self.patch}" if self.patch is not None else "")
 
 
+def looks_like_blend(head: bytes) -> bool:
+    """Whether a file's first MAGIC_BYTES bytes are those of a .blend: plain, zstd- or gzip-compressed. A quick
+    check of what a file claims to be (read_version reads the header itself)."""
+    return head.startswith(BLEND_MAGICS)
+
+
 def parse_header(data: bytes) -> BlenderVersion:
     """The version in the first bytes of a decompressed .blend."""
     match = _HEADER.match(data)
@@ -88,7 +99,7 @@ def read_version(source: Path | BinaryIO) -> BlenderVersion:
         with open(source, "rb") as raw:
             return read_version(raw)
     head = source.read(HEADER_BYTES)
-    if head.startswith(b"BLENDER"):
+    if head.startswith(PLAIN_MAGIC):
         return parse_header(head)
     rest = io.BytesIO(head + source.read(MAX_COMPRESSED_HEAD))
     if head.startswith(GZIP_MAGIC):

@@ -30,7 +30,8 @@ from zeroconf import InterfaceChoice, IPVersion, ServiceBrowser, ServiceInfo, Se
 from zeroconf.asyncio import AsyncZeroconf
 
 from .errors import DiscoveryError
-from .limits import MAX_NAME_CHARS, PROTOCOL_VERSION
+from .limits import PROTOCOL_VERSION
+from .names import clean_name
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def _parse(info: ServiceInfo) -> FarmService:
     if not addresses or not info.port:
         raise _Skip("it advertises no address")
     instance = info.name.removesuffix("." + SERVICE_TYPE)
-    farm = "".join(ch for ch in props.get("farm") or instance if ch.isprintable())[:MAX_NAME_CHARS]
+    farm = clean_name(props.get("farm") or instance)
     return FarmService(name=info.name, farm=farm, port=info.port, addresses=addresses,
                        auth_required=props.get("auth") == "1", properties=props)
 

@@ -18,9 +18,16 @@ from dataclasses import dataclass
 
 from .auth import client_proof, matches, new_nonce, server_proof
 from .errors import AuthError, ProtocolError, VersionMismatch
-from .limits import HANDSHAKE_TIMEOUT_S, MAX_NAME_CHARS, NONCE_BYTES, PROTOCOL_VERSION
+from .limits import HANDSHAKE_TIMEOUT_S, NONCE_BYTES, PROTOCOL_VERSION
 from .messages import Accepted, Auth, Error, Hello, Message, Role, Welcome
+from .names import clean_name
+from .schema import Bytes, SchemaError, Str, validate
 from .stream import MessageStream
+
+#: What a hello must carry beyond its types, checked here so that the refusal reaches the client before the
+#: connection closes (a hello that is no hello at all is refused by its schema, on receipt).
+_ROLE = Str(choices=[role.value for role in Role], message="unknown role {value!r}")
+_NONCE = Bytes(min_len=NONCE_BYTES, max_len=NONCE_BYTES, message="hello carries a nonce of the wrong length")
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,16 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
             await _refuse(stream, reason)
             raise VersionMismatch(reason)
         try:
-            role = Role(hello.role)
-        except ValueError:
-            await _refuse(stream, f"unknown role {hello.role!r}")
-            raise ProtocolError(f"unknown role {hello.role!r}") from None
-        if len(hello.nonce) != NONCE_BYTES:
+            role = Role(validate(_ROLE, hello.role))
+        except SchemaError as exc:
+            await _refuse(stream, str(exc))
+            raise
+        try:
+            validate(_NONCE, hello.nonce)
+        except SchemaError:
             await _refuse(stream, "bad nonce")
-            raise ProtocolError("hello carries a nonce of the wrong length")
-        name = _clean_name(hello.name) or "unnamed"
+            raise
+        name = clean_name(hello.name) or "unnamed"
         our_nonce = new_nonce()
         proof = server_proof(secret, hello.nonce, our_nonce) if secret else None
         await stream.send(Welcome(version=PROTOCOL_VERSION, farm=farm, nonce=our_nonce,
@@ -81,8 +90,8 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
         if secret and not matches(client_proof(secret, our_nonce, hello.nonce), auth.proof):
             await _refuse(stream, "wrong or missing farm secret")
             raise AuthError(f"client {name!r} failed the farm secret check")
-        peer = Peer(role=role, name=name, host=_clean_name(hello.host), blender=_clean_name(hello.blender),
-                    device=_clean_name(hello.device), devices=tuple(_clean_name(d) for d in hello.devices[:16]),
+        peer = Peer(role=role, name=name, host=clean_name(hello.host), blender=clean_name(hello.blender),
+                    device=clean_name(hello.device), devices=tuple(clean_name(d) for d in hello.devices[:16]),
                     allow_scripts=hello.allow_scripts)
         client_id = assign_id(peer)
         await stream.send(Accepted(client_id=client_id, heartbeat_s=heartbeat_s))
@@ -117,9 +126,3 @@ async def client_handshake(stream: MessageStream, *, role: Role, name: str, secr
         accepted = await _expect(stream, Accepted)
         assert isinstance(accepted, Accepted)
         return welcome, accepted
-
-
-def _clean_name(text: str) -> str:
-    """Names are shown in status and logs: printable, single-line, bounded."""
-    cleaned = "".join(ch for ch in text if ch.isprintable())
-    return cleaned.strip()[:MAX_NAME_CHARS]

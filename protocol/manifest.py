@@ -10,9 +10,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from .errors import ProtocolError
 from .limits import (
     MAX_BLEND_BYTES,
     MAX_PATH_PART_BYTES,
@@ -21,6 +20,7 @@ from .limits import (
     MAX_RELPATH_BYTES,
     MAX_RELPATH_PARTS,
 )
+from .schema import LONG, MISSING, SHORT, TYPE, Int, ListOf, SchemaError, Str, Value, record_of, validate
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -36,7 +36,7 @@ def same_file_key(relpath: str) -> str:
     return unicodedata.normalize("NFC", relpath).casefold()
 
 
-class ManifestError(ProtocolError):
+class ManifestError(SchemaError):
     """A project manifest (or one path in it) that no side may act on."""
 
 
@@ -69,24 +69,16 @@ def check_relpath(text: Any) -> str:
 
 @dataclass(frozen=True)
 class ProjectFile:
-    relpath: str
-    sha256: str
-    size: int
+    relpath: Annotated[str, Value(check=check_relpath, message={MISSING: "a project file has an empty path"})]
+    sha256: Annotated[str, Str(pattern=_SHA256, message="the project file {record[relpath]!r} has no valid sha256")]
+    size: Annotated[int, Int(0, MAX_BLEND_BYTES, message="the project file {record[relpath]!r} has an impossible size")]
 
     def to_wire(self) -> dict[str, Any]:
         return {"relpath": self.relpath, "sha256": self.sha256, "size": self.size}
 
     @classmethod
     def from_wire(cls, raw: Any) -> ProjectFile:
-        if not isinstance(raw, dict):
-            raise ManifestError("a project file must be a map")
-        relpath, sha, size = raw.get("relpath"), raw.get("sha256"), raw.get("size")
-        check_relpath(relpath)
-        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-            raise ManifestError(f"the project file {relpath!r} has no valid sha256")
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_BLEND_BYTES:
-            raise ManifestError(f"the project file {relpath!r} has an impossible size")
-        return cls(relpath, sha, size)
+        return cls(**validate(_PROJECT_FILE, raw, error=ManifestError))
 
 
 @dataclass(frozen=True)
@@ -133,11 +125,7 @@ class Manifest:
 
     @classmethod
     def from_wire(cls, files: Any, main: Any) -> Manifest:
-        if not isinstance(files, (list, tuple)) or not files:
-            raise ManifestError("a project lists at least its .blend")
-        if len(files) > MAX_PROJECT_FILES:
-            raise ManifestError(f"a project has at most {MAX_PROJECT_FILES} files, not {len(files)}")
-        return cls.build([ProjectFile.from_wire(raw) for raw in files], main)
+        return cls.build([ProjectFile(**raw) for raw in validate(_FILES, files, error=ManifestError)], main)
 
     @classmethod
     def build(cls, files: list[ProjectFile], main: Any) -> Manifest:
@@ -161,6 +149,13 @@ class Manifest:
         if sum(f.size for f in files) > MAX_PROJECT_BYTES:
             raise ManifestError(f"a project holds at most {MAX_PROJECT_BYTES} bytes")
         return cls(tuple(files), main)
+
+
+#: A project file as it travels (the relpath is check_relpath's, which words its own refusals), and the list.
+_PROJECT_FILE = record_of(ProjectFile, message={TYPE: "a project file must be a map"})
+_FILES = ListOf(_PROJECT_FILE, min_len=1, max_len=MAX_PROJECT_FILES, tuple_ok=True,
+                message={TYPE: "a project lists at least its .blend", SHORT: "a project lists at least its .blend",
+                         LONG: "a project has at most {high} files, not {count}"})
 
 
 def safe_blend_name(name: str) -> str:

@@ -8,15 +8,28 @@ mistyped field, or an unknown type, is a ProtocolError.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from enum import StrEnum
-from typing import Any, ClassVar, Union
+from typing import Annotated, Any, ClassVar
 
 from .errors import ProtocolError
 from .limits import MAX_ERROR_CHARS, MAX_HEARTBEAT_S, MAX_PROJECT_FILES, MAX_RENDER_S
 from .manifest import Manifest, ManifestError
+from .schema import (
+    CHOICE,
+    FINITE,
+    FORM,
+    LONG,
+    MISSING,
+    RANGE,
+    SHORT,
+    TYPE,
+    Float,
+    ListOf,
+    Record,
+    Str,
+    record_of,
+    validate,
+)
 
 
 class MessageType(StrEnum):
@@ -72,7 +85,15 @@ class Message:
 
 
 _REGISTRY: dict[str, type[Message]] = {}
-_HINTS: dict[type[Message], dict[str, Any]] = {}
+_SCHEMAS: dict[type[Message], Record] = {}
+
+#: How a field's problem reads in a message ({kind}: the message type); a field's spec may word its own.
+_WORDING = {
+    MISSING: "{kind} message lacks field {name!r}",
+    RANGE: "{kind} message has a {name!r} of {value!r}, not between {low} and {high}",
+    **{problem: "{kind} message has a bad {name!r}: {what}"
+       for problem in (TYPE, FINITE, SHORT, LONG, CHOICE, FORM)},
+}
 
 
 def _message(cls: type[Message]) -> type[Message]:
@@ -81,81 +102,23 @@ def _message(cls: type[Message]) -> type[Message]:
     return cls
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is Any:
-        return _all_finite(value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # NaN and the infinities are no numbers a peer may send (see _all_finite)
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if hint is bytes:
-        return isinstance(value, bytes)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value) and _all_finite(value)
-    raise TypeError(f"unsupported schema type {hint!r}")
-
-
-def _all_finite(value: Any) -> bool:
-    """No NaN or infinity anywhere inside a list or map: what a schema leaves open (a probe's scene, settings,
-    a status) is read by other code later, so a float in it is checked here, once, like a float field.
-    Iterative, so a deeply nested message cannot exhaust the stack."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                return False
-        elif isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return True
-
-
-def _in_range(message: Message, name: str, low: float, high: float) -> None:
-    value = getattr(message, name)
-    if not low <= value <= high:
-        raise ProtocolError(f"{message.TYPE.value} message has a {name!r} of {value!r}, not between {low} and {high}")
+def _schema(cls: type[Message]) -> Record:
+    """A message's fields as a Record: each from its type hint (Annotated[T, spec] where a rule says more)."""
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        schema = _SCHEMAS[cls] = record_of(cls, messages=_WORDING)
+    return schema
 
 
 def from_wire(payload: dict[str, Any]) -> Message:
-    """Build the message a decoded map describes, checking every field's type."""
+    """Build the message a decoded map describes, checking every field against its schema."""
+    if not isinstance(payload, dict):  # decode_body makes sure of it; a caller with a map of its own may not
+        raise ProtocolError(f"message is a {type(payload).__name__}, not a map")
     kind = payload.get("t")
     cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
-        if field.name in payload:
-            value = payload[field.name]
-        elif field.default is not dataclasses.MISSING:
-            value = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            value = field.default_factory()
-        else:
-            raise ProtocolError(f"{kind} message lacks field {field.name!r}")
-        if not _type_ok(value, hints[field.name]):
-            what = repr(value) if isinstance(value, float) else type(value).__name__
-            if isinstance(value, (dict, list)) and not _all_finite(value):
-                what += " holding a number that is not finite"
-            raise ProtocolError(f"{kind} message has a bad {field.name!r}: {what}")
-        values[field.name] = value
-    message = cls(**values)
+    message = cls(**validate(_schema(cls), payload, kind=kind))
     check = getattr(message, "_check_received", None)
     if check is not None:
         check()  # what a peer sent is validated once, here; what this side builds from checked data is not
@@ -238,10 +201,7 @@ class Auth(Message):
 class Accepted(Message):
     TYPE = MessageType.ACCEPTED
     client_id: str
-    heartbeat_s: float  # 0: the client's default
-
-    def _check_received(self) -> None:
-        _in_range(self, "heartbeat_s", 0, MAX_HEARTBEAT_S)
+    heartbeat_s: Annotated[float, Float(0, MAX_HEARTBEAT_S)]  # 0: the client's default
 
 
 @_message
@@ -332,13 +292,10 @@ class FrameBegin(Message):
     frame: int
     ext: str
     size: int
-    render_s: float = 0.0
+    render_s: Annotated[float, Float(0, MAX_RENDER_S)] = 0.0
     # Files missing while it rendered (what the client's scan found, and Blender's own lines), named as the
     # artist wrote them; the frame is kept, the job carries the warning (protocol.assets bounds them).
     warnings: list[str] = dataclasses.field(default_factory=list)
-
-    def _check_received(self) -> None:
-        _in_range(self, "render_s", 0, MAX_RENDER_S)
 
 
 @_message
@@ -414,15 +371,21 @@ class Submit(_ProjectMessage):
         return _project(self, True)
 
 
+_BAD_NEED = "upload_ready asks for more files than a project has, or names one badly"
+_NEED = ListOf(Str(min_len=64, max_len=64), max_len=MAX_PROJECT_FILES, error=ManifestError,
+               message={SHORT: _BAD_NEED, LONG: _BAD_NEED})
+_NEED_BUILT = _NEED.but(kind=(list, tuple))  # what this side builds may hold a tuple
+
+
 @_message
 class UploadReady(Message):
     TYPE = MessageType.UPLOAD_READY
     need_bytes: bool
-    need: list[str] = dataclasses.field(default_factory=list)  # the sha256 of each file to send, in order
+    # the sha256 of each file to send, in order
+    need: Annotated[list[str], _NEED] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if len(self.need) > MAX_PROJECT_FILES or not all(len(sha) == 64 for sha in self.need):
-            raise ManifestError("upload_ready asks for more files than a project has, or names one badly")
+        validate(_NEED_BUILT, self.need)  # the server's own answer is held to the rule its peers' are
 
 
 @_message

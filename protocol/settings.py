@@ -6,15 +6,29 @@ Both are validated on arrival; a client applies them through the bpy API, never 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from .assets import MAX_MISSING_FILES, MissingFile, missing_from_wire
-from .errors import ProtocolError
+from .assets import MISSING_FILES, MissingFile
 from .limits import MAX_FRAMES_PER_JOB
-from .tiles import MAX_MARGIN, MAX_TILES, MIN_TILES, SPLIT_FORMATS, TileSpec
+from .schema import (
+    FINITE,
+    LONG,
+    MISSING,
+    RANGE,
+    TYPE,
+    Bool,
+    Float,
+    Int,
+    Record,
+    Rule,
+    SchemaError,
+    Str,
+    record_of,
+    validate,
+)
+from .tiles import MAX_MARGIN, MAX_TILES, MIN_TILES, SPLIT_FORMATS, TILE_SPEC, TileSpec
 
 #: Image formats a job may produce, with the file extension the server stores them under.
 IMAGE_FORMATS: dict[str, str] = {
@@ -42,93 +56,64 @@ MAX_FRAME = 1_048_574
 #: A job's Blender: "file" (the version that saved it) or MAJOR.MINOR[.PATCH].
 BLENDER_FILE = "file"
 _BLENDER_CHOICE = re.compile(r"\d{1,3}\.\d{1,3}(\.\d{1,4})?")
+_IMPOSSIBLE_SIZE = "probe result has an impossible frame rate, resolution or percentage"
+_IMPOSSIBLE_SPLIT = "probe result has an impossible split margin, quality or EXR codec"
+_IMPOSSIBLE_COUNTS = "probe result has impossible counts of missing files or scripts"
+_FORMAT_WORDS = f"format must be one of {', '.join(IMAGE_FORMATS)}, not {{value!r}}"
+_DEVICE_WORDS = f"device must be one of {', '.join(DEVICE_KINDS)}, not {{value!r}}"
+_BLENDER_WORDS = f"blender must be {BLENDER_FILE!r} or a version such as 4.5 or 5.3.1, not {{value!r}}"
 
 
-class SettingsError(ValueError):
-    """A job's settings are invalid; the message says which and why."""
+class SettingsError(SchemaError, ValueError):
+    """A job's settings are invalid; the message says which and why. (A SchemaError, so what a peer sends is
+    refused with one error type; a ValueError, as it always was for the callers that check settings.)"""
 
 
-def _int_or_none(raw: dict[str, Any], key: str, low: int, high: int) -> int | None:
-    value = raw.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise SettingsError(f"{key} must be a whole number, not {value!r}")
-    if not low <= value <= high:
-        raise SettingsError(f"{key} must be between {low} and {high}, not {value}")
-    return value
+#: How a setting's problem reads: the whole-number ones are named as the submitter wrote them.
+_SETTING_WORDS = {TYPE: "{name} must be {expected}, not {value!r}",
+                  RANGE: "{name} must be between {low} and {high}, not {value}"}
 
 
-def _bool(raw: dict[str, Any], key: str) -> bool:
-    value = raw.get(key, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise SettingsError(f"{key} must be true or false, not {value!r}")
-    return value
-
-
-def _blender_choice(value: Any) -> str | None:
-    if value is None or value == BLENDER_FILE:
-        return value
-    if not isinstance(value, str) or not _BLENDER_CHOICE.fullmatch(value):
-        raise SettingsError(f"blender must be {BLENDER_FILE!r} or a version such as 4.5 or 5.3.1, not {value!r}")
-    return value
+def _blender_choice(value: str) -> bool:
+    return value == BLENDER_FILE or _BLENDER_CHOICE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
 class JobRequest:
     """What a submitter asks for; None means "take it from the .blend's scene"."""
 
-    frame_start: int | None = None
-    frame_end: int | None = None
-    frame_step: int | None = None
-    chunk: int = DEFAULT_CHUNK
-    file_format: str | None = None
-    samples: int | None = None
-    percentage: int | None = None
-    device: str | None = None  # "CPU" or "GPU": only clients rendering on that kind of device
-    split: int | None = None  # one frame cut into this many tiles; 0: as many as the farm's clients suit
+    frame_start: Annotated[int | None, Int(-MAX_FRAME, MAX_FRAME)] = None
+    frame_end: Annotated[int | None, Int(-MAX_FRAME, MAX_FRAME)] = None
+    frame_step: Annotated[int | None, Int(1, MAX_FRAME)] = None
+    chunk: Annotated[int, Int(1, MAX_CHUNK, absent_if_none=True)] = DEFAULT_CHUNK
+    file_format: Annotated[str | None, Str(choices=IMAGE_FORMATS, message=_FORMAT_WORDS)] = None
+    samples: Annotated[int | None, Int(1, MAX_SAMPLES)] = None
+    percentage: Annotated[int | None, Int(1, MAX_PERCENTAGE)] = None
+    # "CPU" or "GPU": only clients rendering on that kind of device
+    device: Annotated[str | None, Str(choices=DEVICE_KINDS, message=_DEVICE_WORDS)] = None
+    # one frame cut into this many tiles; 0: as many as the farm's clients suit
+    split: Annotated[int | None, Int(0, MAX_TILES)] = None
     # Which Blender renders it: None, the first client to render pins the job to its version; "file",
     # the version that saved the .blend; "5.3" any 5.3.x (then pinned to the first one); "5.3.1" exactly.
-    blender: str | None = None
+    blender: Annotated[str | None, Str(check=_blender_choice, message=_BLENDER_WORDS)] = None
     # Render even though the probe found files missing (the job carries the list as a warning).
-    allow_missing: bool = False
+    allow_missing: Annotated[bool, Bool(absent_if_none=True)] = False
     # Only clients started with --allow-scripts render it (and read its scene): the scene needs its Python.
-    needs_scripts: bool = False
+    needs_scripts: Annotated[bool, Bool(absent_if_none=True)] = False
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> JobRequest:
-        limit = MAX_FRAME
-        file_format = raw.get("file_format")
-        if file_format is not None and file_format not in IMAGE_FORMATS:
-            raise SettingsError(f"format must be one of {', '.join(IMAGE_FORMATS)}, not {file_format!r}")
-        device = raw.get("device")
-        if device is not None and device not in DEVICE_KINDS:
-            raise SettingsError(f"device must be one of {', '.join(DEVICE_KINDS)}, not {device!r}")
-        request = cls(
-            frame_start=_int_or_none(raw, "frame_start", -limit, limit),
-            frame_end=_int_or_none(raw, "frame_end", -limit, limit),
-            frame_step=_int_or_none(raw, "frame_step", 1, limit),
-            chunk=_int_or_none(raw, "chunk", 1, MAX_CHUNK) or DEFAULT_CHUNK,
-            file_format=file_format,
-            samples=_int_or_none(raw, "samples", 1, MAX_SAMPLES),
-            percentage=_int_or_none(raw, "percentage", 1, MAX_PERCENTAGE),
-            device=device,
-            split=_int_or_none(raw, "split", 0, MAX_TILES),
-            blender=_blender_choice(raw.get("blender")),
-            allow_missing=_bool(raw, "allow_missing"),
-            needs_scripts=_bool(raw, "needs_scripts"),
-        )
-        if request.split == 1:
-            raise SettingsError(f"split must be 0 (auto) or between {MIN_TILES} and {MAX_TILES}, not 1")
-        start, end = request.frame_start, request.frame_end
-        if start is not None and end is not None and end < start:
-            raise SettingsError(f"frame range {request.frame_start}-{request.frame_end} ends before it starts")
-        return request
+        return cls(**validate(_JOB_REQUEST, raw, error=SettingsError))
+
+
+_JOB_REQUEST = record_of(JobRequest, messages=_SETTING_WORDS, message={TYPE: "settings must be a map"}, rules=[
+    Rule(lambda v: v.get("split") != 1, f"split must be 0 (auto) or between {MIN_TILES} and {MAX_TILES}, not 1"),
+    Rule(lambda v: v.get("frame_start") is None or v.get("frame_end") is None or v["frame_end"] >= v["frame_start"],
+         "frame range {frame_start}-{frame_end} ends before it starts"),
+])
 
 
 @dataclass(frozen=True)
@@ -137,26 +122,27 @@ class SceneInfo:
 
     scene: str
     engine: str
-    frame_start: int
+    frame_start: int  # (the frame range is a rule of the record below)
     frame_end: int
     frame_step: int
-    fps: float
-    resolution_x: int
-    resolution_y: int
-    percentage: int
+    fps: Annotated[float, Float(above=0, high=MAX_FPS, message={RANGE: _IMPOSSIBLE_SIZE})]
+    resolution_x: Annotated[int, Int(1, message={RANGE: _IMPOSSIBLE_SIZE})]
+    resolution_y: Annotated[int, Int(1, message={RANGE: _IMPOSSIBLE_SIZE})]
+    percentage: Annotated[int, Int(1, MAX_PERCENTAGE, message={RANGE: _IMPOSSIBLE_SIZE})]
     file_format: str
     has_camera: bool = True
     # What split-frame rendering needs to know: rows a band must be rendered beyond its edges for what
     # looks at neighbouring pixels (denoising, compositing), and how the stitched frame is encoded.
-    split_margin: int = 0
-    quality: int = 90  # JPEG quality
-    exr_codec: str = "ZIP"
+    split_margin: Annotated[int, Int(0, MAX_MARGIN, message={RANGE: _IMPOSSIBLE_SPLIT})] = 0
+    quality: Annotated[int, Int(0, 100, message={RANGE: _IMPOSSIBLE_SPLIT})] = 90  # JPEG quality
+    exr_codec: Annotated[str, Str(max_len=32, message={LONG: _IMPOSSIBLE_SPLIT})] = "ZIP"
     # What the scene needs beyond the .blend (protocol.assets): files the probing client could not find
     # (at most MAX_MISSING_FILES by name, missing_total in all), and what only Python evaluates.
-    missing: tuple[MissingFile, ...] = ()
-    missing_total: int = 0
-    python_drivers: int = 0
-    registered_texts: int = 0
+    # An older client sends no list: nothing known to be missing.
+    missing: Annotated[tuple[MissingFile, ...], MISSING_FILES] = ()
+    missing_total: Annotated[int, Int(0, 1 << 31, message={RANGE: _IMPOSSIBLE_COUNTS})] = 0
+    python_drivers: Annotated[int, Int(0, 1 << 31, message={RANGE: _IMPOSSIBLE_COUNTS})] = 0
+    registered_texts: Annotated[int, Int(0, 1 << 31, message={RANGE: _IMPOSSIBLE_COUNTS})] = 0
 
     def to_wire(self) -> dict[str, Any]:
         wire = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -165,36 +151,18 @@ class SceneInfo:
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> SceneInfo:
-        values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
-        # An older client sends no list: nothing known to be missing.
-        values["missing"] = missing_from_wire(values.get("missing", ()))
-        try:
-            info = cls(**values)
-        except TypeError as exc:
-            raise ProtocolError(f"probe result is incomplete: {exc}") from None
-        for field in dataclasses.fields(cls):
-            if field.name == "missing":
-                continue
-            value = getattr(info, field.name)
-            expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(field.type)]
-            if not isinstance(value, expected) or (field.type == "int" and isinstance(value, bool)):
-                raise ProtocolError(f"probe result has a bad {field.name!r}")
-            if field.type == "float" and not math.isfinite(value):
-                raise ProtocolError(f"probe result has a {field.name!r} that is not a finite number: {value!r}")
-        if info.frame_step < 1 or info.frame_end < info.frame_start or max(abs(info.frame_start),
-                                                                           abs(info.frame_end)) > MAX_FRAME:
-            raise ProtocolError(f"probe result has an impossible frame range {info.frame_start}-{info.frame_end}"
-                                f" step {info.frame_step}")
-        if not (0 < info.fps <= MAX_FPS and info.resolution_x > 0 and info.resolution_y > 0
-                and 1 <= info.percentage <= MAX_PERCENTAGE):
-            raise ProtocolError("probe result has an impossible frame rate, resolution or percentage")
-        if not (0 <= info.split_margin <= MAX_MARGIN and 0 <= info.quality <= 100 and len(info.exr_codec) <= 32):
-            raise ProtocolError("probe result has an impossible split margin, quality or EXR codec")
-        counts = (info.missing_total, info.python_drivers, info.registered_texts)
-        if not all(0 <= n <= 1 << 31 for n in counts) or len(info.missing) > max(info.missing_total,
-                                                                                   MAX_MISSING_FILES):
-            raise ProtocolError("probe result has impossible counts of missing files or scripts")
-        return info
+        values = validate(_SCENE_INFO, raw)
+        values["missing"] = tuple(MissingFile(**item) for item in values.get("missing", ()))
+        return cls(**values)
+
+
+_SCENE_INFO = record_of(
+    SceneInfo, message={TYPE: "probe result is not a map"},
+    messages={MISSING: "probe result is incomplete: it lacks {name!r}", TYPE: "probe result has a bad {name!r}",
+              FINITE: "probe result has a {name!r} that is not a finite number: {value!r}"},
+    rules=[Rule(lambda v: v["frame_step"] >= 1 and v["frame_start"] <= v["frame_end"]
+                and max(abs(v["frame_start"]), abs(v["frame_end"])) <= MAX_FRAME,
+                "probe result has an impossible frame range {frame_start}-{frame_end} step {frame_step}")])
 
 
 @dataclass(frozen=True)
@@ -300,24 +268,23 @@ class Assignment:
     allow_missing: bool = False
 
 
+#: The settings of an ASSIGN message as they travel (what resolve() made of the request, to_assignment()).
+_ASSIGNMENT = Record({
+    "file_format": Str(choices=IMAGE_FORMATS, message="assignment asks for unknown format {value!r}"),
+    "samples": Int(1, MAX_SAMPLES, optional=True, nullable=True),
+    "percentage": Int(1, MAX_PERCENTAGE, optional=True, nullable=True),
+    "device": Str(choices=DEVICE_KINDS, optional=True, nullable=True,
+                  message="assignment asks for unknown device kind {value!r}"),
+    "split": TILE_SPEC.but(optional=True, absent_if_none=True),
+    "allow_missing": Bool(optional=True, message="assignment has a bad allow_missing {value!r}"),
+}, messages=_SETTING_WORDS, message={TYPE: "assignment settings must be a map"}, rules=[
+    Rule(lambda v: "split" not in v or v["file_format"] in SPLIT_FORMATS,
+         "assignment asks to split a {file_format} frame"),
+])
+
+
 def validate_assignment(raw: dict[str, Any]) -> Assignment:
-    file_format = raw.get("file_format")
-    if file_format not in IMAGE_FORMATS:
-        raise ProtocolError(f"assignment asks for unknown format {file_format!r}")
-    device = raw.get("device")
-    if device is not None and device not in DEVICE_KINDS:
-        raise ProtocolError(f"assignment asks for unknown device kind {device!r}")
-    try:
-        samples = _int_or_none(raw, "samples", 1, MAX_SAMPLES)
-        percentage = _int_or_none(raw, "percentage", 1, MAX_PERCENTAGE)
-    except SettingsError as exc:
-        raise ProtocolError(str(exc)) from None
-    split = None
-    if raw.get("split") is not None:
-        split = TileSpec.from_wire(raw["split"])
-        if file_format not in SPLIT_FORMATS:
-            raise ProtocolError(f"assignment asks to split a {file_format} frame")
-    allow_missing = raw.get("allow_missing", False)
-    if not isinstance(allow_missing, bool):
-        raise ProtocolError(f"assignment has a bad allow_missing {allow_missing!r}")
-    return Assignment(file_format, samples, percentage, device, split, allow_missing)
+    values = validate(_ASSIGNMENT, raw)
+    split = values.get("split")
+    return Assignment(values["file_format"], values.get("samples"), values.get("percentage"), values.get("device"),
+                      None if split is None else TileSpec(**split), values.get("allow_missing", False))

@@ -16,9 +16,9 @@ bottom of the image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from .errors import ProtocolError
+from .schema import MISSING, TYPE, Int, Rule, record_of, validate
 
 #: At most this many tiles per frame (and never more than the image has rows).
 MAX_TILES = 1024
@@ -42,7 +42,7 @@ class TileSpec:
     frame: int
     tiles: int
     height: int
-    margin: int = 0
+    margin: Annotated[int, Int(optional=False)] = 0  # on the wire it is always there
 
     def band(self, index: int) -> tuple[int, int]:
         return band(self.height, self.tiles, index)
@@ -64,16 +64,12 @@ class TileSpec:
 
     @classmethod
     def from_wire(cls, raw: Any) -> TileSpec:
-        if not isinstance(raw, dict):
-            raise ProtocolError("split settings must be a map")
-        values = {}
-        for key in ("frame", "tiles", "height", "margin"):
-            value = raw.get(key)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ProtocolError(f"split settings have a bad {key!r}")
-            values[key] = value
-        spec = cls(**values)
-        if not (MIN_TILES <= spec.tiles <= min(MAX_TILES, spec.height) and 0 <= spec.margin <= MAX_MARGIN):
-            raise ProtocolError(f"split settings are out of bounds: {spec.tiles} tiles of {spec.height} rows, "
-                                f"margin {spec.margin}")
-        return spec
+        return cls(**validate(TILE_SPEC, raw))
+
+
+#: A split as it travels: every field a whole number, all of them there (a margin too), within bounds.
+TILE_SPEC = record_of(
+    TileSpec, message={TYPE: "split settings must be a map"},
+    messages={TYPE: "split settings have a bad {name!r}", MISSING: "split settings have a bad {name!r}"},
+    rules=[Rule(lambda v: MIN_TILES <= v["tiles"] <= min(MAX_TILES, v["height"]) and 0 <= v["margin"] <= MAX_MARGIN,
+                "split settings are out of bounds: {tiles} tiles of {height} rows, margin {margin}")])

@@ -11,15 +11,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from protocol.discovery import Advertiser, interface_addresses
+from protocol.discovery import interface_addresses
 from protocol.errors import DiscoveryError
 
-from .core.server import FarmServer, ServerConfig, ServerStartError
-
-if TYPE_CHECKING:
-    from .web import WebServer
+from .app import FarmApp
+from .core.config import ServerConfig, ServerStartError
 
 log = logging.getLogger("server_addon")
 
@@ -50,57 +47,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class WebStartError(Exception):
-    """The web interface could not start; the message is one line for the user."""
-
-
 async def serve(config: ServerConfig, discovery: bool = True, interfaces: Sequence[str] | None = None,
                 web_port: int | None = None, web_host: str = "127.0.0.1") -> None:
-    server = FarmServer(config)
-    await server.start()
-    # A line a parent process can wait for (tests, the demo, the benchmark).
-    print(f"MicroFarm server listening on {config.host}:{server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    web: WebServer | None = None
+    app = FarmApp(config, discovery=discovery, interfaces=interfaces, web_port=web_port, web_host=web_host)
+    await app.start()
     try:
-        if web_port is not None:
-            web = await _start_web(server, web_host, web_port, config.secret)
-        async with contextlib.AsyncExitStack() as advertising:
-            if discovery:
-                await _advertise(advertising, config, server, interfaces)
-            await stop.wait()
-        # Leaving the stack withdrew the advertisement: no client finds a server that is going away.
+        # Lines a parent process can wait for (tests, the demo, the benchmark).
+        print(f"MicroFarm server listening on {config.host}:{app.port}", flush=True)
+        if app.web is not None:
+            print(f"MicroFarm web interface on {app.web.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await app.advertised()
+        await stop.wait()
     finally:
-        if web is not None:
-            await web.stop()
-        await server.stop()
-
-
-async def _start_web(server: FarmServer, host: str, port: int, secret: str | None) -> WebServer:
-    from .web import start_web  # aiohttp is needed only with --web-port
-
-    try:
-        web = await start_web(server, host, port, secret)
-    except OSError as exc:
-        raise WebStartError(f"cannot start the web interface on {host}:{port}: {exc.strerror or exc}") from None
-    # A line a parent process can wait for, after the "listening on" line.
-    print(f"MicroFarm web interface on {web.url}", flush=True)
-    return web
-
-
-async def _advertise(stack: contextlib.AsyncExitStack, config: ServerConfig, server: FarmServer,
-                     interfaces: Sequence[str] | None) -> None:
-    assert server.port is not None
-    try:
-        await stack.enter_async_context(Advertiser(config.farm_name, server.port, config.host,
-                                                   auth_required=bool(config.secret), interfaces=interfaces))
-    except DiscoveryError as exc:
-        # The farm still works for clients given its address; only finding it is lost.
-        log.error("%s; clients must be started with --server", exc)
+        await app.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         asyncio.run(serve(config, args.discovery, interfaces, args.web_port, args.web_host))
-    except (WebStartError, ServerStartError) as exc:
+    except ServerStartError as exc:  # (and the web interface's WebStartError)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -1,4 +1,8 @@
-"""Run a FarmServer on its own event loop in a daemon thread (how the Blender add-on runs it)."""
+"""Run a FarmApp on its own event loop in a daemon thread (how the Blender add-on runs the server).
+
+The thin thread-safe side of the server: everything the server does runs on its loop; other threads
+(Blender's UI) reach it only through call() and submit(), which wait with a timeout.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from protocol.discovery import Advertiser, interface_addresses
-from protocol.errors import DiscoveryError
 
-from .server import FarmServer, ServerConfig
+from .app import FarmApp
+from .core.config import ServerConfig
+from .core.service import FarmService
 
 if TYPE_CHECKING:
-    from ..web import WebServer
+    from .web import WebServer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -26,7 +31,7 @@ THREAD_STOP_TIMEOUT_S = 10.0
 
 
 class ServerThread:
-    """Owns the loop thread. Calls from other threads go through call()/call_soon().
+    """Owns the loop thread. Calls from other threads go through call()/submit().
 
     With `discovery`, the farm is advertised over zeroconf once it listens (on `interfaces`,
     addresses or names; by default the interface of `config.host`, or all for 0.0.0.0) and
@@ -40,14 +45,10 @@ class ServerThread:
                  interfaces: Sequence[str] | None = None, web_port: int | None = None,
                  web_host: str = "127.0.0.1") -> None:
         self.config = config
-        self.web_port_wanted = web_port
-        self.web_host = web_host
-        self.web: WebServer | None = None
-        self.discovery = discovery
         # Checked here, so that a wrong interface is an error of the caller, not a log line.
-        self.interfaces = interface_addresses(interfaces) if discovery and interfaces else None
-        self.server: FarmServer | None = None
-        self.advertiser: Advertiser | None = None
+        checked = interface_addresses(interfaces) if discovery and interfaces else None
+        self._app = FarmApp(config, discovery=discovery, interfaces=checked, web_port=web_port, web_host=web_host)
+        self.service: FarmService | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
@@ -58,11 +59,20 @@ class ServerThread:
 
     @property
     def port(self) -> int | None:
-        return self.server.port if self.server else None
+        return self._app.port if self.service else None
+
+    @property
+    def web(self) -> WebServer | None:
+        return self._app.web if self.service else None
 
     @property
     def web_port(self) -> int | None:
         return self.web.port if self.web else None
+
+    @property
+    def advertiser(self) -> Advertiser | None:
+        """The zeroconf advertisement, once it is out."""
+        return self._app.advertiser
 
     def start(self) -> None:
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -87,49 +97,20 @@ class ServerThread:
     async def _main(self, ready: concurrent.futures.Future[None]) -> None:
         self._stopped = asyncio.Event()
         try:
-            server = FarmServer(self.config)  # opens the job database: may fail with a reason to show
-            await server.start()
+            await self._app.start()  # may fail with a reason to show (folders, database, web port)
         except BaseException as exc:
             ready.set_exception(exc)
             return
-        if self.web_port_wanted is not None:
-            try:
-                from ..web import start_web  # aiohttp is needed only for the web interface
-
-                self.web = await start_web(server, self.web_host, self.web_port_wanted, self.config.secret)
-            except BaseException as exc:
-                await server.stop()
-                ready.set_exception(exc)
-                return
-        self.server = server
+        self.service = self._app.service
         ready.set_result(None)
-        advertising = asyncio.create_task(self._advertise(server)) if self.discovery else None
         await self._stopped.wait()
-        if advertising is not None:
-            advertising.cancel()
-            await asyncio.gather(advertising, return_exceptions=True)
-        if self.advertiser is not None:
-            await self.advertiser.close()  # withdrawn first: clients must not find a server that is going away
-        if self.web is not None:
-            await self.web.stop()
-        await server.stop()
+        await self._app.stop()
 
-    async def _advertise(self, server: FarmServer) -> None:
-        assert server.port is not None
-        try:
-            self.advertiser = Advertiser(self.config.farm_name, server.port, self.config.host,
-                                         auth_required=bool(self.config.secret), interfaces=self.interfaces)
-            await self.advertiser.start()
-        except DiscoveryError as exc:
-            self.advertiser = None
-            # The farm still works for clients given its address; only finding it is lost.
-            log.error("%s; clients must be given the server's address", exc)
-
-    def call(self, fn: Callable[[FarmServer], T], timeout: float = 5.0) -> T:
-        """Run fn(server) on the loop thread and return its result."""
+    def call(self, fn: Callable[[FarmService], T], timeout: float = 5.0) -> T:
+        """Run fn(service) on the loop thread and return its result."""
         async def runner() -> T:
-            assert self.server is not None
-            return fn(self.server)
+            assert self.service is not None
+            return fn(self.service)
         return self.submit(runner(), timeout)
 
     def submit(self, coro: Any, timeout: float = 5.0) -> Any:
@@ -146,6 +127,4 @@ class ServerThread:
             if self._thread.is_alive():
                 log.error("the server thread did not stop within %.0f s", THREAD_STOP_TIMEOUT_S)
         self._thread = None
-        self.server = None
-        self.advertiser = None
-        self.web = None
+        self.service = None

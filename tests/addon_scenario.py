@@ -87,18 +87,18 @@ def configure(output: Path, discovery: bool = False, web: bool = False) -> None:
 
 
 def start_server() -> Any:
-    runtime = addon_module("addon.runtime")
+    runtime, session = addon_module("addon.runtime"), addon_module("addon.session")
     assert bpy.ops.microfarm.start_server() == {"FINISHED"}
     rt = runtime.get()
-    assert rt.wait_for(runtime.State.RUNNING, 30), f"the server did not start: {rt.notice}"
+    assert rt.wait_for(session.State.RUNNING, 30), f"the server did not start: {rt.notice}"
     return rt
 
 
 def stop_server(rt: Any, timings: dict[str, float] | None = None) -> int:
-    runtime = addon_module("addon.runtime")
+    session = addon_module("addon.session")
     port = rt.address[1]
     assert timed("stop_server", timings if timings is not None else {}, bpy.ops.microfarm.stop_server) == {"FINISHED"}
-    assert rt.wait_for(runtime.State.STOPPED, 30), "the server did not stop"
+    assert rt.wait_for(session.State.STOPPED, 30), "the server did not stop"
     return port
 
 
@@ -136,14 +136,14 @@ def wait_until(rt: Any, predicate: Callable[[Any], Any], what: str, timeout: flo
     thread = rt.thread
 
     async def waiter() -> Any:
-        server = thread.server
+        server = thread.service
         async with asyncio.timeout(timeout):
             while True:
-                version = server._version
+                version = server.feed.version
                 result = predicate(server)
                 if result:
                     return result
-                await server.wait_change(version, timeout=1.0)
+                await server.feed.wait_change(version, timeout=1.0)
     try:
         return thread.submit(waiter(), timeout=timeout + 5)
     except TimeoutError:
@@ -329,7 +329,7 @@ def render(args: argparse.Namespace) -> dict[str, Any]:
         job_b = wait_until(rt, lambda s: next((j for j in s.farm.jobs if j != job_a), None), "job B")
         wait_until(rt, lambda s: all(j.state.finished for j in s.farm.jobs.values()), "jobs A and B to end")
         sha = {j: rt.thread.call(lambda s, j=j: s.farm.jobs[j].blend_sha256) for j in (job_a, job_b)}
-        stored = rt.thread.call(lambda s: s.blends.path(sha[job_a]))
+        stored = rt.thread.call(lambda s: s.files.path(sha[job_a]))
         after = file_state(blend)
 
         # The panel's state arrives through the queue that the timer drains.
@@ -350,7 +350,7 @@ def render(args: argparse.Namespace) -> dict[str, Any]:
         assert bpy.ops.microfarm.create_job() == {"FINISHED"}
         job_c = wait_until(rt, lambda s: next((j for j in s.farm.jobs if j not in (job_a, job_b)), None), "job C")
         wait_until(rt, lambda s: s.farm.jobs[job_c].state.finished, "job C to end")
-        stored_c = rt.thread.call(lambda s: s.blends.path(s.farm.jobs[job_c].blend_sha256))
+        stored_c = rt.thread.call(lambda s: s.files.path(s.farm.jobs[job_c].blend_sha256))
         unsaved = {"before": unsaved_before, "after": file_state(None),
                    "packed_images": packed_images(stored_c),
                    "name": rt.thread.call(lambda s: s.farm.jobs[job_c].name)}
@@ -487,7 +487,7 @@ def matrix(args: argparse.Namespace) -> dict[str, Any]:
         paths = rt.thread.call(lambda s: [str(s.outputs.frame_path(job_id, n, s.farm.jobs[job_id].settings.ext))
                                           for n in s.farm.jobs[job_id].settings.frames])
         rendered_by = rt.thread.call(lambda s: sorted({f.rendered_by for f in s.farm.jobs[job_id].frames.values()}))
-        stored = rt.thread.call(lambda s: s.blends.path(s.farm.jobs[job_id].blend_sha256))
+        stored = rt.thread.call(lambda s: s.files.path(s.farm.jobs[job_id].blend_sha256))
         clients = rt.thread.call(lambda s: s.farm.client_views())
         port = stop_server(rt, timings)
     finally:
@@ -604,7 +604,7 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
         # What the store holds: its finished files (a copy being saved or traced is written in as ".incoming-…"
         # and removed at the end of its operation, a moment after the panel shows the check).
         def store_files() -> list[str]:
-            return rt.thread.call(lambda s: sorted(p.name for p in s.blends.root.iterdir()
+            return rt.thread.call(lambda s: sorted(p.name for p in s.files.root.iterdir()
                                                    if not p.name.startswith(".incoming-")))
         stored = store_files()
         settings.allow_missing = False

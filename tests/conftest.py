@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from server_addon.core.server import FarmServer, ServerConfig
-from server_addon.core.thread import ServerThread
+from server_addon.core.config import ServerConfig
+from server_addon.core.service import FarmService
+from server_addon.thread import ServerThread
 from tools import localfarm
 from tools.localfarm import REPO, start_client
 
@@ -60,6 +61,21 @@ def animation(scenes: Callable[..., Path]) -> Path:
     return scenes("anim12", "--frames", "12", "--size", "64x36", "--samples", "4")
 
 
+def build(out: Path, **env: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The add-on zip, built into `out` by the real tool (python -m tools.build_addon)."""
+    result = subprocess.run([sys.executable, "-m", "tools.build_addon", "--out", str(out)], cwd=REPO,
+                            env={**repo_env(), **env}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip().splitlines()[-1]), result
+
+
+@pytest.fixture(scope="session")
+def addon_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The extension zip, built once per session (its wheels are cached under build/wheels)."""
+    path, _ = build(tmp_path_factory.mktemp("dist"))
+    return path
+
+
 class Farm:
     """A farm server running in this process on its own thread, plus helpers to watch it."""
 
@@ -78,24 +94,24 @@ class Farm:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def server(self) -> FarmServer:
-        assert self.thread.server is not None
-        return self.thread.server
+    def server(self) -> FarmService:
+        assert self.thread.service is not None
+        return self.thread.service
 
-    def call(self, fn: Callable[[FarmServer], Any]) -> Any:
+    def call(self, fn: Callable[[FarmService], Any]) -> Any:
         return self.thread.call(fn)
 
-    def wait_until(self, predicate: Callable[[FarmServer], Any], timeout: float = 60.0, what: str = "") -> Any:
+    def wait_until(self, predicate: Callable[[FarmService], Any], timeout: float = 60.0, what: str = "") -> Any:
         """Wait (on the server's change events, not by sleeping) until predicate(server) is truthy."""
         async def waiter() -> Any:
             server = self.server
             async with asyncio.timeout(timeout):
                 while True:
-                    version = server._version
+                    version = server.feed.version
                     result = predicate(server)
                     if result:
                         return result
-                    await server.wait_change(version, timeout=1.0)
+                    await server.feed.wait_change(version, timeout=1.0)
         try:
             return self.thread.submit(waiter(), timeout=timeout + 5)
         except TimeoutError:
@@ -157,7 +173,7 @@ def clients(tmp_path: Path) -> Iterator[Clients]:
     c.stop_all()
 
 
-def connected(count: int) -> Callable[[FarmServer], bool]:
+def connected(count: int) -> Callable[[FarmService], bool]:
     return lambda s: sum(1 for c in s.farm.clients.values() if c.connected) >= count
 
 
@@ -280,9 +296,113 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# --- test groups -------------------------------------------------------------------------------------------------
+#
+# Every test is in exactly one group:
+#   unit         no subprocess, no bpy, no browser and no farm server: pure logic, files, real SQLite in-process, real
+#                TCP on 127.0.0.1 between two ends the test holds itself. `make test-fast` (pytest -m unit) runs them.
+#   integration  an in-process farm server with real sockets and scripted peers (raw TCP, HTTP, the control protocol,
+#                zeroconf on 127.0.0.1), the project's own command-line tools and the headless server as processes,
+#                real ffmpeg, scenes made by bpy in a subprocess.
+#   e2e          real Blender render clients, stock Blenders of the version matrix, a real browser.
+# and carries what it needs: bpy (PyPI's bpy, in process or in a subprocess), browser (Chromium), ffmpeg, matrix.
+#
+# A test's group is the highest of what its fixtures imply and of its module's default (`pytestmark = pytest.mark.unit`
+# at the top of a file); a group marker on the test function itself is its group, and may not be lower than what its
+# fixtures imply. A test that ends up in no group stops the collection with its name.
+
+LEVELS = ("unit", "integration", "e2e")
+#: Fixture -> the group it puts a test in at least (fixturenames holds the fixtures a test uses, directly or not).
+FIXTURE_LEVELS = {
+    "clients": "e2e", "stock": "e2e", "stock_clients": "e2e", "client_bundle": "e2e", "browser": "e2e", "page": "e2e",
+    "farm": "integration", "web": "integration", "server": "integration", "start_server": "integration",
+    "running": "integration", "impatient_farm": "integration", "loopback_multicast": "integration",
+    "small_disk": "integration", "addon_zip": "integration", "zip_path": "integration", "scenes": "integration",
+    "projects": "integration",
+}
+#: Fixture -> the markers of what it needs.
+FIXTURE_NEEDS = {
+    "scenes": ("bpy",), "projects": ("bpy",), "clients": ("bpy",), "stock": ("bpy", "matrix"),
+    "stock_clients": ("bpy",), "browser": ("browser",), "page": ("browser",),
+}
+
+
+def _fixture_level(fixtures: set[str]) -> str | None:
+    implied = [LEVELS.index(FIXTURE_LEVELS[name]) for name in fixtures if name in FIXTURE_LEVELS]
+    return LEVELS[max(implied)] if implied else None
+
+
+def _group(item: pytest.Item) -> str:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    implied = _fixture_level(fixtures)
+    own = {mark.name for mark in item.own_markers if mark.name in LEVELS}
+    if len(own) > 1:
+        raise pytest.UsageError(f"{item.nodeid} is marked {' and '.join(sorted(own))}: one of {', '.join(LEVELS)}")
+    if own:
+        (level,) = own
+        if implied is not None and LEVELS.index(implied) > LEVELS.index(level):
+            used = sorted(name for name in fixtures if FIXTURE_LEVELS.get(name) == implied)
+            raise pytest.UsageError(f"{item.nodeid} is marked {level}, but its fixtures {used} make it {implied}")
+        return level
+    default = next((mark.name for mark in item.iter_markers() if mark.name in LEVELS), None)
+    candidates = [LEVELS.index(name) for name in (default, implied) if name is not None]
+    if not candidates:
+        raise pytest.UsageError(f"{item.nodeid} is in no test group: mark it (or its module) with one of "
+                                f"{', '.join(LEVELS)}, or give tests/conftest.py a rule for its fixtures")
+    return LEVELS[max(candidates)]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that run stock Blenders of several versions (a `stock` fixture, tools.bpyenv) carry the `matrix`
-    marker: `pytest -m matrix` runs the version matrix alone, `-m "not matrix"` the rest."""
+    """Put every test in its group (see above) and add the markers of what its fixtures need: `pytest -m unit` runs
+    the fast group, `-m matrix` the version matrix alone, `-m "not bpy and not browser"` what runs without them."""
+    groups = {item: _group(item) for item in items}
+    # A module's default group is one candidate above, not a marker of its own: a test the fixtures lift to
+    # integration must not match `-m unit` through its module.
     for item in items:
-        if "stock" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.matrix)
+        for node in item.listchain()[:-1]:
+            node.own_markers[:] = [mark for mark in node.own_markers if mark.name not in LEVELS]
+        item.own_markers[:] = [mark for mark in item.own_markers if mark.name not in LEVELS]
+        item.add_marker(groups[item])
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for need in sorted({need for name in fixtures for need in FIXTURE_NEEDS.get(name, ())}):
+            if item.get_closest_marker(need) is None:
+                item.add_marker(need)
+
+
+# --- unit tests stay units ----------------------------------------------------------------------------------------
+#
+# While a unit test runs, starting a process or importing bpy fails it: the audit hook sees every subprocess (also
+# asyncio's and those of libraries) and the first import of bpy.
+
+_unit_running: list[str] = []
+_unit_breaches: list[str] = []
+
+
+def _unit_audit(event: str, args: tuple[Any, ...]) -> None:
+    if not _unit_running:
+        return
+    if event in ("subprocess.Popen", "os.posix_spawn", "os.exec", "os.spawn", "os.system"):
+        what = args[1] if event == "subprocess.Popen" else args[0]
+        _unit_breaches.append(f"{event} {what!r}"[:200])
+    elif event == "import" and args[0] == "bpy":
+        _unit_breaches.append("import bpy")
+
+
+sys.addaudithook(_unit_audit)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    if item.get_closest_marker("unit") is None:
+        return (yield)
+    _unit_running.append(item.nodeid)
+    _unit_breaches.clear()
+    try:
+        result = yield
+    finally:
+        _unit_running.clear()
+    if _unit_breaches:
+        raise AssertionError(f"a unit test started a process or imported bpy (mark it integration, with what it "
+                             f"needs): {'; '.join(_unit_breaches[:5])}")
+    return result

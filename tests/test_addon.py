@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, repo_env
+from conftest import REPO, build, repo_env
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
@@ -29,6 +29,8 @@ from PIL import Image, ImageStat
 
 from tools.bpyenv import MATRIX, BpyEnvError, StockBlender, ensure, find_python
 from tools.build_addon import PLATFORMS, PYTHON_VERSIONS, python_tag, read_project
+
+pytestmark = pytest.mark.integration
 
 SCENARIO = REPO / "tests" / "addon_scenario.py"
 #: The texture of the test scene: bright, and far from Blender's magenta "missing image" colour.
@@ -51,20 +53,6 @@ PLATFORM_ENVIRONMENTS: dict[str, tuple[dict[str, str], Any]] = {
     "macos-x64": ({"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "x86_64"},
                   lambda tag: tag.startswith("macosx_") and tag.endswith(("_x86_64", "_universal2", "_intel"))),
 }
-
-
-def build(out: Path, **env: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    result = subprocess.run([sys.executable, "-m", "tools.build_addon", "--out", str(out)], cwd=REPO,
-                            env={**repo_env(), **env}, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
-    return Path(result.stdout.strip().splitlines()[-1]), result
-
-
-@pytest.fixture(scope="session")
-def addon_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The extension zip, built once per session (its wheels are cached under build/wheels)."""
-    path, _ = build(tmp_path_factory.mktemp("dist"))
-    return path
 
 
 @functools.cache
@@ -122,8 +110,10 @@ def test_zip_is_an_installable_extension(addon_zip: Path, tmp_path: Path) -> Non
         sources = {name: zf.read(name).decode() for name in names if name.endswith(".py")}
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")], names
     assert "__main__.py" not in names, "the headless entry point is not part of the add-on"
-    for required in ("__init__.py", "core/server.py", "core/thread.py", "addon/__init__.py", "addon/panel.py",
-                     "addon/operators.py", "addon/props.py", "addon/runtime.py", "LICENSE"):
+    for required in ("__init__.py", "app.py", "thread.py", "core/service.py", "core/listener.py", "core/states.py",
+                     "addon/__init__.py", "addon/panel.py",
+                     "addon/operators.py", "addon/props.py", "addon/runtime.py", "addon/session.py",
+                     "addon/bridge.py", "addon/outbox.py", "addon/sending.py", "LICENSE"):
         assert required in names
 
     assert manifest["schema_version"] == "1.0.0" and manifest["id"] == "microfarm"
@@ -225,7 +215,9 @@ def test_second_build_downloads_nothing_and_is_identical(addon_zip: Path, tmp_pa
 
 
 def test_package_imports_without_bpy() -> None:
-    probe = ("import sys, server_addon, server_addon.addon, server_addon.addon.runtime, server_addon.addon.submit; "
+    probe = ("import sys, server_addon, server_addon.addon, server_addon.addon.runtime, server_addon.addon.submit, "
+             "server_addon.addon.session, server_addon.addon.bridge, server_addon.addon.outbox, "
+             "server_addon.addon.sending; "
              "sys.exit('bpy was imported' if 'bpy' in sys.modules else 0)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=repo_env(), capture_output=True, text=True,
                             timeout=60)

@@ -1,5 +1,6 @@
 """The add-on's runtime without Blender: the server thread's lifecycle, the views and notices that the
-panel's timer drains, job actions and job submission (server_addon/addon/runtime.py, submit.py)."""
+panel's timer drains, job actions and job submission (server_addon/addon/session.py, bridge.py, sending.py,
+submit.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 from PIL import Image
 
 from protocol.settings import JobRequest
+from server_addon.addon.bridge import ServerSettings
 from server_addon.addon.errors import FarmError
-from server_addon.addon.runtime import Runtime, ServerSettings, State
+from server_addon.addon.session import Session, State
 from server_addon.addon.submit import JobSubmission
+
+pytestmark = pytest.mark.integration
 
 WAIT_S = 30.0
 
@@ -26,7 +30,7 @@ def microfarm_threads() -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("microfarm-"))
 
 
-def drain_until(rt: Runtime, predicate, timeout: float = WAIT_S) -> list:
+def drain_until(rt: Session, predicate, timeout: float = WAIT_S) -> list:
     """Take notices as the timer would, until one satisfies predicate (waiting on the view queue between)."""
     seen = []
     for _ in range(int(timeout / 0.1)):
@@ -39,8 +43,8 @@ def drain_until(rt: Runtime, predicate, timeout: float = WAIT_S) -> list:
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[Runtime]:
-    rt = Runtime()
+def running(tmp_path: Path) -> Iterator[Session]:
+    rt = Session()
     rt.start(ServerSettings(output_dir=tmp_path / "out", host="127.0.0.1", port=0, discovery=False))
     assert rt.wait_for(State.RUNNING, WAIT_S)
     yield rt
@@ -48,7 +52,7 @@ def running(tmp_path: Path) -> Iterator[Runtime]:
 
 
 def test_start_stop_and_no_thread_left(tmp_path: Path) -> None:
-    rt = Runtime()
+    rt = Session()
     rt.start(ServerSettings(output_dir=tmp_path / "out", host="127.0.0.1", port=0, discovery=False))
     with pytest.raises(FarmError, match="already"):
         rt.start(ServerSettings(output_dir=tmp_path / "out", host="127.0.0.1", port=0, discovery=False))
@@ -70,7 +74,7 @@ def test_busy_port_is_one_clear_sentence(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        rt = Runtime()
+        rt = Session()
         rt.start(ServerSettings(output_dir=tmp_path / "out", host="127.0.0.1", port=port, discovery=False))
         (notice,) = drain_until(rt, lambda n: n.level == "ERROR")
     assert rt.state is State.STOPPED
@@ -79,22 +83,22 @@ def test_busy_port_is_one_clear_sentence(tmp_path: Path) -> None:
     assert microfarm_threads() == []
 
 
-def test_views_are_coalesced(running: Runtime) -> None:
+def test_views_are_coalesced(running: Session) -> None:
     assert running.wait_view(WAIT_S)  # the first view, published when the server started
     published = []
-    original = running._put_view
+    original = running.outbox.put_view
 
     def counting(view):
         published.append(view)
         original(view)
-    running._put_view = counting
-    running.thread.call(lambda s: [s._notify() for _ in range(500)])
+    running.outbox.put_view = counting
+    running.thread.call(lambda s: [s.feed.bump() for _ in range(500)])
     assert running.wait_view(WAIT_S)
     running.thread.call(lambda s: None)
     assert 1 <= len(published) <= 2, f"{len(published)} snapshots for 500 changes"
 
 
-def test_drain_keeps_to_its_budget(running: Runtime) -> None:
+def test_drain_keeps_to_its_budget(running: Session) -> None:
     running.drain()
     for i in range(2000):
         running.post("INFO", f"message {i}")
@@ -106,7 +110,7 @@ def test_drain_keeps_to_its_budget(running: Runtime) -> None:
     assert running.notice is not None and running.notice.text == "message 1999"
 
 
-def test_job_actions_report_the_servers_reason(running: Runtime) -> None:
+def test_job_actions_report_the_servers_reason(running: Session) -> None:
     with pytest.raises(FarmError, match=r"^There is no job 'nope'\.$"):
         running.job_action("cancel", "nope")
     with pytest.raises(FarmError, match=r"^Unknown job action 'explode'"):
@@ -114,7 +118,7 @@ def test_job_actions_report_the_servers_reason(running: Runtime) -> None:
     assert running.job_action("clear_completed") == "cleared 0 finished jobs"
 
 
-def test_submission_stores_the_copy_and_creates_the_job(running: Runtime, animation: Path) -> None:
+def test_submission_stores_the_copy_and_creates_the_job(running: Session, animation: Path) -> None:
     drops = []
     for _ in range(2):  # the same file twice: one .blend in the store, two jobs
         copy = running.blend_drop_path()
@@ -124,12 +128,13 @@ def test_submission_stores_the_copy_and_creates_the_job(running: Runtime, animat
         drain_until(running, lambda n: n.text.startswith("Render job anim-"))
     jobs = running.thread.call(lambda s: [j.view() for j in s.farm.jobs.values()])
     assert len(jobs) == 2 and all(j["chunk"] == 3 for j in jobs)
-    store, shas = running.thread.call(lambda s: (s.blends.root, {j.blend_sha256 for j in s.farm.jobs.values()}))
+    store, shas = running.thread.call(lambda s: (s.files.root, {j.blend_sha256 for j in s.farm.jobs.values()}))
     assert [p.name for p in store.iterdir()] == sorted(shas)  # stored under the sha256 alone
     assert not any(p.exists() for p in drops)
 
 
-def test_a_copy_that_cannot_be_packed_is_reported(running: Runtime) -> None:
+@pytest.mark.bpy
+def test_a_copy_that_cannot_be_packed_is_reported(running: Session) -> None:
     copy = running.blend_drop_path()
     copy.write_bytes(b"this is not a .blend file")
     running.submit(JobSubmission(blend=copy, name="broken.blend", request=JobRequest()))
@@ -153,7 +158,8 @@ bpy.ops.wm.save_mainfile()
 """
 
 
-def test_a_missing_texture_is_named(running: Runtime, tmp_path: Path) -> None:
+@pytest.mark.bpy
+def test_a_missing_texture_is_named(running: Session, tmp_path: Path) -> None:
     texture = tmp_path / "gone.png"
     Image.new("RGB", (4, 4), (1, 2, 3)).save(texture)
     blend = tmp_path / "scene.blend"
@@ -170,8 +176,9 @@ def test_a_missing_texture_is_named(running: Runtime, tmp_path: Path) -> None:
     assert running.thread.call(lambda s: len(s.farm.jobs)) == 0
 
 
+@pytest.mark.unit
 def test_nothing_without_a_server(tmp_path: Path) -> None:
-    rt = Runtime()
+    rt = Session()
     with pytest.raises(FarmError, match="not running"):
         rt.job_action("cancel", "x")
     with pytest.raises(FarmError, match="not running"):
@@ -194,7 +201,7 @@ bpy.ops.wm.save_mainfile(relative_remap=False)
 """
 
 
-def saved_copy(running: Runtime, tmp_path: Path) -> tuple[Path, Path, Path]:
+def saved_copy(running: Session, tmp_path: Path) -> tuple[Path, Path, Path]:
     """(the copy in the server's drop folder, the artist's folder, the outside texture)."""
     artist, outside = tmp_path / "artist", tmp_path / "elsewhere" / "noise.png"
     for path, rgb in ((artist / "textures" / "wood.png", (9, 8, 7)), (outside, (1, 2, 3))):
@@ -208,11 +215,12 @@ def saved_copy(running: Runtime, tmp_path: Path) -> tuple[Path, Path, Path]:
     return copy, artist, outside
 
 
-def job_project(running: Runtime) -> dict:
+def job_project(running: Session) -> dict:
     return running.thread.call(lambda s: next(iter(s.farm.jobs.values())).project.to_wire())
 
 
-def test_the_copy_is_traced_where_the_open_file_lies(running: Runtime, tmp_path: Path) -> None:
+@pytest.mark.bpy
+def test_the_copy_is_traced_where_the_open_file_lies(running: Session, tmp_path: Path) -> None:
     copy, artist, outside = saved_copy(running, tmp_path)
     # The open file itself need not even be on disk (never read): its folder is the project.
     running.submit(JobSubmission(blend=copy, name="shot.blend", request=JobRequest(), location=artist / "shot.blend",
@@ -226,11 +234,12 @@ def test_the_copy_is_traced_where_the_open_file_lies(running: Runtime, tmp_path:
     assert check is not None and (check.files, check.on_farm, check.missing) == (3, 0, ())
     assert check.outside == (str(outside),) and check.job_id
     assert not copy.exists() and not (artist / "shot.blend").exists(), "nothing is written into the artist's folder"
-    store = running.thread.call(lambda s: s.blends)
+    store = running.thread.call(lambda s: s.files)
     assert all(store.has(f["sha256"], f["size"]) for f in project["files"])
 
 
-def test_an_unsaved_file_sends_what_it_uses_from_outside(running: Runtime, tmp_path: Path) -> None:
+@pytest.mark.bpy
+def test_an_unsaved_file_sends_what_it_uses_from_outside(running: Session, tmp_path: Path) -> None:
     copy, _, outside = saved_copy(running, tmp_path)
     (tmp_path / "artist" / "textures" / "wood.png").unlink()  # an unsaved file has no folder: `//` resolves nowhere
     running.submit(JobSubmission(blend=copy, name="untitled.blend", request=JobRequest(allow_missing=True),
@@ -242,7 +251,8 @@ def test_an_unsaved_file_sends_what_it_uses_from_outside(running: Runtime, tmp_p
         ["untitled.blend", "_outside_project" + str(outside)])
 
 
-def test_check_files_sends_nothing_and_missing_files_refuse_the_job(running: Runtime, tmp_path: Path) -> None:
+@pytest.mark.bpy
+def test_check_files_sends_nothing_and_missing_files_refuse_the_job(running: Session, tmp_path: Path) -> None:
     copy, artist, _ = saved_copy(running, tmp_path)
     (artist / "textures" / "wood.png").unlink()
     running.submit(JobSubmission(blend=copy, name="shot.blend", request=JobRequest(), location=artist / "shot.blend",
@@ -250,7 +260,7 @@ def test_check_files_sends_nothing_and_missing_files_refuse_the_job(running: Run
     notices = drain_until(running, lambda n: n.level == "WARNING")
     assert "missing on this disk: //textures/wood.png" in notices[-1].text
     assert running.check is not None and running.check.missing == ("//textures/wood.png",)
-    store = running.thread.call(lambda s: s.blends.root)
+    store = running.thread.call(lambda s: s.files.root)
     assert list(store.iterdir()) == [] and running.thread.call(lambda s: len(s.farm.jobs)) == 0
 
     copy, _, _ = saved_copy(running, tmp_path / "again")

@@ -9,8 +9,11 @@ import pytest
 from protocol.settings import JobRequest, SceneInfo
 from server_addon.core.database import Database
 from server_addon.core.jobs import FrameState, Job, JobState
+from server_addon.core.recovery import load_jobs
 from server_addon.core.scheduler import Farm
 from server_addon.core.storage import OutputStore
+
+pytestmark = pytest.mark.unit
 
 
 def scene() -> SceneInfo:
@@ -49,7 +52,7 @@ def test_saving_a_job_keeps_its_frames(tmp_path: Path) -> None:
     farm.cancel_job(job.id)
     db.close()
 
-    restored = {j.id: j for j in Database(tmp_path / "jobs.sqlite3").load(outputs)}
+    restored = {j.id: j for j in load_jobs(Database(tmp_path / "jobs.sqlite3"), outputs)}
     again = restored["job-a"]
     assert again.state is JobState.CANCELLED and again.priority == 7
     assert sorted(n for n, f in again.frames.items() if f.state is FrameState.DONE) == [1, 2]
@@ -67,7 +70,7 @@ def test_resumed_job_after_restart_renders_only_missing_frames(tmp_path: Path) -
     db.close()
 
     farm2, _ = farm_with_db(tmp_path)
-    for restored in Database(tmp_path / "jobs.sqlite3").load(outputs):
+    for restored in load_jobs(Database(tmp_path / "jobs.sqlite3"), outputs):
         farm2.restore_job(restored)
     farm2.resume_job("job-b")
     assert farm2.next_work("c").frames == [3, 4]

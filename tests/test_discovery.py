@@ -28,6 +28,8 @@ from protocol.errors import DiscoveryError
 from protocol.limits import PROTOCOL_VERSION
 from tools.localfarm import REPO, start_server
 
+pytestmark = pytest.mark.integration
+
 #: Every wait on the network in these tests ends within this time.
 WAIT_S = 30.0
 #: How long a browser is given to see nothing, where nothing is what a test expects.

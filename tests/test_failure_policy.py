@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import Clients, Farm, connected, submit
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def impatient_farm(tmp_path: Path) -> Iterator[Farm]:

@@ -26,6 +26,8 @@ from protocol.stream import MessageStream
 from server_addon.core import tiling
 from server_addon.web import jsonout
 
+pytestmark = pytest.mark.unit
+
 TIMEOUT = 10.0
 BLENDER = "5.0.1"  # the version of the test venv's bpy, which saved the test scene: the job's probe comes to us
 SCENE = {"scene": "Scene", "engine": "CYCLES", "frame_start": 1, "frame_end": 12, "frame_step": 1, "fps": 24.0,

@@ -13,6 +13,8 @@ from protocol.errors import ConnectionClosed, MessageTooLarge, ProtocolError
 from protocol.framing import decode_body, encode, read_frame
 from protocol.limits import MAX_MESSAGE_BYTES
 
+pytestmark = pytest.mark.unit
+
 TIMEOUT = 2.0
 SHA = "ab" * 32
 

@@ -16,6 +16,8 @@ from protocol.limits import PROTOCOL_VERSION
 from protocol.messages import Role
 from protocol.stream import MessageStream
 
+pytestmark = pytest.mark.unit
+
 TIMEOUT = 5.0
 SECRET = "correct horse battery staple ünïcode"
 

@@ -1,4 +1,4 @@
-"""A live FarmServer on 127.0.0.1 facing misbehaving connections while a good one stays open."""
+"""A live FarmService on 127.0.0.1 facing misbehaving connections while a good one stays open."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from protocol.handshake import client_handshake
 from protocol.limits import HANDSHAKE_MAX_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from protocol.messages import Role
 from protocol.stream import MessageStream
-from server_addon.core.server import ServerConfig
-from server_addon.core.thread import ServerThread
+from server_addon.core.config import ServerConfig
+from server_addon.thread import ServerThread
 from tools.control import Control, ToolError
+
+pytestmark = pytest.mark.integration
 
 TIMEOUT = 5.0
 SECRET = "live-server-secret"

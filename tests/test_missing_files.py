@@ -31,12 +31,15 @@ from protocol.errors import ProtocolError
 from protocol.settings import JobRequest, SceneInfo, SettingsError, resolve, validate_assignment
 from server_addon.core.database import Database
 from server_addon.core.jobs import Job, JobState, LeaseKind
+from server_addon.core.recovery import load_jobs
 from server_addon.core.scheduler import Farm
 from server_addon.core.storage import OutputStore
 from server_addon.web.errors import WebError
 from server_addon.web.upload import parse_options
 from tools.client_bundle import build_bundle
 from tools.projects import FONTS
+
+pytestmark = pytest.mark.unit
 
 SHA = "ab" * 32
 #: Only the .blend travels (as to a farm whose clients should see the project on shared storage): the files
@@ -225,7 +228,7 @@ def test_warnings_and_missing_files_survive_a_restart(tmp_path: Path):
     farm.add_job(job)
     farm.probe_succeeded(farm.next_work("a").id, "a", scene(missing=(WOOD,), missing_total=1, python_drivers=1))
     db.close()
-    (again,) = Database(tmp_path / "jobs.sqlite3").load(OutputStore(tmp_path / "out"))
+    (again,) = load_jobs(Database(tmp_path / "jobs.sqlite3"), OutputStore(tmp_path / "out"))
     assert again.warnings == job.warnings and len(again.warnings) == 2
     assert again.scene.missing == (WOOD,) and again.request.allow_missing
 
@@ -315,6 +318,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bundle(tmp_path_factory.mktemp("bundle"))
 
 
+@pytest.mark.e2e
+@pytest.mark.bpy
+@pytest.mark.matrix
 @pytest.mark.parametrize("line", ["4.2", "5.3"])
 def test_stock_clients_name_missing_files(line: str, farm: LiveFarm, bundle: Path, tmp_path: Path):
     """The oldest and the newest Blender the farm supports find the same files missing, from the bundle."""

@@ -17,6 +17,8 @@ from tools.bpyenv import BpyEnvError, ensure, lookup
 from tools.client_bundle import build_bundle
 from tools.localfarm import REPO
 
+pytestmark = pytest.mark.e2e
+
 
 def stock_python(line: str) -> Path:
     try:

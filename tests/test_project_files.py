@@ -36,8 +36,10 @@ from protocol.manifest import Manifest, ManifestError, ProjectFile, check_relpat
 from protocol.messages import Role
 from protocol.settings import JobRequest
 from protocol.stream import MessageStream, sha256_file
-from server_addon.core.server import ServerConfig
-from server_addon.core.thread import ServerThread
+from server_addon.core.config import ServerConfig
+from server_addon.thread import ServerThread
+
+pytestmark = pytest.mark.unit
 
 SHA = "ab" * 32
 TIMEOUT = 30.0
@@ -221,6 +223,7 @@ def still_there(proc: subprocess.Popen[str]) -> bool:
     return out.strip() == "True"
 
 
+@pytest.mark.integration
 def test_job_folders_of_stopped_clients_are_removed_at_start(tmp_path: Path) -> None:
     cache = BlendCache(tmp_path / "cache")
     running, _, running_blend = hold(cache.base, "running")
@@ -261,6 +264,7 @@ def pid_namespaces() -> list[str]:
     return wrapper
 
 
+@pytest.mark.integration
 def test_clients_in_other_pid_namespaces_keep_their_job_folders(tmp_path: Path) -> None:
     """Two containers on one cache volume: both clients are pid 1, and neither removes the other's folders."""
     wrapper = pid_namespaces()
@@ -348,7 +352,7 @@ async def test_server_refuses_hostile_manifests_and_foreign_files(tmp_path: Path
     thread = ServerThread(ServerConfig(output_dir=tmp_path / "out", host="127.0.0.1", port=0))
     thread.start()
     try:
-        store = thread.server.blends
+        store = thread.service.files
         for path in HOSTILE[:8]:
             reader, writer = await asyncio.open_connection("127.0.0.1", thread.port)
             stream = MessageStream(reader, writer)
@@ -514,6 +518,7 @@ def test_a_project_renders_on_clients_that_cannot_see_it(farm: Farm, clients: Cl
     assert stats(farm)[:2] == before[:2], "0 bytes when nothing changed"
 
 
+@pytest.mark.bpy
 def test_a_file_missing_on_the_submitting_disk_stops_the_submission(farm: Farm, tmp_path: Path) -> None:
     work, ext = tmp_path / "work", tmp_path / "ext"
     make_project(work, ext)
@@ -536,6 +541,7 @@ def test_a_jobs_files_outlive_a_restart_and_an_older_database_opens(tmp_path: Pa
 
     from server_addon.core.database import Database
     from server_addon.core.jobs import Job
+    from server_addon.core.recovery import load_jobs
     from server_addon.core.storage import OutputStore
 
     project = Manifest.build([entry("shot/scene.blend"), entry("shot/textures/wood.png", "cd" * 32, 3)],
@@ -546,7 +552,7 @@ def test_a_jobs_files_outlive_a_restart_and_an_older_database_opens(tmp_path: Pa
     db.save_job(Job(id="job-b", name="bare.blend", blend_sha256=SHA, blend_size=10, request=JobRequest(),
                     created=0.0))
     db.close()
-    jobs = {j.id: j for j in Database(tmp_path / "jobs.sqlite3").load(OutputStore(tmp_path / "out"))}
+    jobs = {j.id: j for j in load_jobs(Database(tmp_path / "jobs.sqlite3"), OutputStore(tmp_path / "out"))}
     assert jobs["job-p"].manifest == project
     assert jobs["job-b"].manifest.main == "bare.blend" and len(jobs["job-b"].manifest.files) == 1
 
@@ -556,7 +562,7 @@ def test_a_jobs_files_outlive_a_restart_and_an_older_database_opens(tmp_path: Pa
     old.execute("PRAGMA user_version = 3")
     old.commit()
     old.close()
-    jobs = {j.id: j for j in Database(tmp_path / "jobs.sqlite3").load(OutputStore(tmp_path / "out"))}
+    jobs = {j.id: j for j in load_jobs(Database(tmp_path / "jobs.sqlite3"), OutputStore(tmp_path / "out"))}
     assert jobs["job-p"].project is None and jobs["job-p"].manifest.main == "scene.blend"
 
 
@@ -658,7 +664,7 @@ def test_a_disk_that_fills_during_a_download_fails_that_file_only(tmp_path: Path
     thread.start()
     big = b"BLENDER-v405" + os.urandom(3 << 20)
     sha = hashlib.sha256(big).hexdigest()
-    thread.server.blends.path(sha).write_bytes(big)
+    thread.service.files.path(sha).write_bytes(big)
     thread.call(lambda s: s.create_job("big.blend", sha, len(big), JobRequest()))
     disk = small_disk(tmp_path / "disk", 1 << 20)
     cache = BlendCache(disk)
@@ -676,7 +682,7 @@ def test_a_disk_that_fills_during_a_download_fails_that_file_only(tmp_path: Path
         # The rest of that file was read and dropped: the same connection serves the next request.
         with pytest.raises(CacheFull):
             link.fetch_blend(task.epoch, sha, len(big), timeout=TIMEOUT)
-        assert link.connected.is_set() and link._epoch == task.epoch, "the same connection"
+        assert link.connected.is_set() and link.epoch == task.epoch, "the same connection"
         assert list(cache.root.iterdir()) == []
     finally:
         link.stop()

@@ -34,6 +34,8 @@ from protocol.manifest import Manifest, ProjectFile
 from protocol.stream import MessageStream
 from tools.projects import FONTS
 
+pytestmark = pytest.mark.unit
+
 EVERYTHING = ("--texture", "--library", "--deep", "--font", "--sequence", "--udim", "--particles", "--script-driver")
 FONT = "fonts/title" + next((Path(f).suffix for f in FONTS if Path(f).is_file()), ".woff2")
 
@@ -164,6 +166,8 @@ class _Renderer:
         self.current_sha = key
 
 
+@pytest.mark.integration
+@pytest.mark.bpy
 def test_a_file_gone_from_an_open_jobs_folder_is_named_and_fetched_again(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from client.worker import Worker

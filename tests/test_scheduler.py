@@ -9,6 +9,8 @@ from protocol.settings import JobRequest, SceneInfo, SettingsError
 from server_addon.core.jobs import FrameState, Job, JobState, LeaseKind, Revocation
 from server_addon.core.scheduler import MAX_FRAME_ATTEMPTS, Farm, NotLeaseHolder
 
+pytestmark = pytest.mark.unit
+
 CHUNK_2 = JobRequest(chunk=2)
 
 

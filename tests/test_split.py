@@ -21,9 +21,12 @@ from protocol.tiles import TileSpec
 from server_addon.core import exrfile, pngfile
 from server_addon.core.database import Database
 from server_addon.core.jobs import FrameRecord, FrameState, Job, JobState
+from server_addon.core.recovery import load_jobs
 from server_addon.core.scheduler import Farm as Scheduler
 from server_addon.core.stitch import StitchError, _ffmpeg_jpeg, stitch
 from server_addon.core.storage import OutputStore, UnsafeName, tile_name
+
+pytestmark = pytest.mark.unit
 
 SCENE = SceneInfo(scene="S", engine="CYCLES", frame_start=1, frame_end=10, frame_step=1, fps=24.0,
                   resolution_x=64, resolution_y=36, percentage=100, file_format="PNG")
@@ -181,12 +184,12 @@ def test_a_restart_rebuilds_the_tiles_from_disk(tmp_path: Path) -> None:
     (outputs.tiles_dir("j") / tile_name(3, 1, "png")).write_bytes(b"x")  # stored, the server died before saving
     db.close()
 
-    (restored,) = Database(tmp_path / "jobs.sqlite3").load(outputs)
+    (restored,) = load_jobs(Database(tmp_path / "jobs.sqlite3"), outputs)
     assert restored.request.split == tiles and restored.settings.tiles == tiles
     assert [f.state for f in restored.frames.values()][:3] == [FrameState.DONE, FrameState.DONE, FrameState.PENDING]
     assert not restored.stitched
     outputs.frame_path("j", 3, "png").write_bytes(b"x")
-    (again,) = Database(tmp_path / "jobs.sqlite3").load(outputs)
+    (again,) = load_jobs(Database(tmp_path / "jobs.sqlite3"), outputs)
     assert again.stitched
     with pytest.raises(UnsafeName):
         tile_name(1, 0, "py")
@@ -257,6 +260,8 @@ def test_stitch_keeps_only_each_band_from_canvas_or_cropped_tiles(tmp_path: Path
         stitch(spec, paths, tmp_path / "frame.png", "PNG")
 
 
+@pytest.mark.integration
+@pytest.mark.ffmpeg
 def test_jpeg_without_pillow_is_encoded_by_ffmpeg(tmp_path: Path) -> None:
     pixels = bytes(range(256)) * (48 * 32 * 3 // 256)
     _ffmpeg_jpeg(tmp_path / "f.jpg", 48, 32, "RGB", pixels, 90)
@@ -298,6 +303,7 @@ def assert_same_image(got: Path, want: Path, spec: TileSpec, tolerance: int, sea
     assert ImageStat.Stat(diff).mean[0] <= max(0.5, tolerance / 4)
 
 
+@pytest.mark.ffmpeg
 def test_split_frame_matches_a_single_machine_render(farm: Farm, clients: Clients, scenes, tmp_path: Path) -> None:
     blend = scenes("split-alpha", "--frames", "6", "--size", "96x54", "--samples", "16", "--film-transparent")
     clients.start("left", farm.address)

@@ -31,6 +31,8 @@ from tools.bpyenv import MATRIX, BpyEnvError, StockBlender, ensure, find_python
 from tools.client_bundle import build_bundle
 from tools.localfarm import REPO
 
+pytestmark = pytest.mark.integration
+
 FRAMES = 3
 SIZE = (64, 36)
 #: Largest difference of one 8-bit channel between a farm frame and the local render of the same file by the

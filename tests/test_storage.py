@@ -17,10 +17,12 @@ from protocol.handshake import client_handshake
 from protocol.messages import Role
 from protocol.settings import JobRequest, SceneInfo, resolve
 from protocol.stream import MessageStream
+from server_addon.core.config import ServerConfig
 from server_addon.core.jobs import FrameRecord, Job, JobState
-from server_addon.core.server import ServerConfig
 from server_addon.core.storage import BlendStore, OutputStore, UnsafeName, frame_name, is_job_id, is_sha256, new_job_id
-from server_addon.core.thread import ServerThread
+from server_addon.thread import ServerThread
+
+pytestmark = pytest.mark.unit
 
 TIMEOUT = 5.0
 SHA = hashlib.sha256(b"blend").hexdigest()

@@ -26,6 +26,8 @@ from server_addon.core.storage import FREE_SPACE_MARGIN_BYTES, PARTIAL_PREFIX
 from tools.control import Control, ToolError
 from tools.localfarm import start_server
 
+pytestmark = pytest.mark.integration
+
 TIMEOUT = 20.0
 SETTINGS = {"frame_start": 1, "frame_end": 1}
 #: Enough of a .blend for the server: it reads the header (the version that saved it), never the rest.
@@ -53,7 +55,7 @@ def raw_submit(manifest: Manifest) -> m.Submit:
 
 
 def stored(farm: Farm) -> set[str]:
-    return {p.name for p in farm.server.blends.root.iterdir() if not p.name.startswith(PARTIAL_PREFIX)}
+    return {p.name for p in farm.server.files.root.iterdir() if not p.name.startswith(PARTIAL_PREFIX)}
 
 
 def test_a_job_deleted_during_an_upload_keeps_the_files_the_upload_reuses(tmp_path: Path) -> None:
@@ -111,10 +113,10 @@ def test_files_of_a_refused_or_abandoned_submission_do_not_stay(tmp_path: Path) 
         by_sha = {f.sha256: folder / f.relpath for f in man.files}
         first, second = ready.need[0], ready.need[1]
         await control.stream.send_file(None, by_sha[first])
-        farm.wait_until(lambda s: s.blends.has(first), what="the first file in the store")
+        farm.wait_until(lambda s: s.files.has(first), what="the first file in the store")
         await control.stream.send(m.Chunk(data=by_sha[second].read_bytes()[:65536]))
         await control.close()
-        farm.wait_until(lambda s: not any(s.blends.root.iterdir()), what="an empty store")
+        farm.wait_until(lambda s: not any(s.files.root.iterdir()), what="an empty store")
 
     try:
         asyncio.run(scenario())

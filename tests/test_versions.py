@@ -16,8 +16,11 @@ from protocol.blendfile import BlenderVersion, BlendHeaderError, read_version
 from protocol.settings import JobRequest, SettingsError
 from server_addon.core.database import Database
 from server_addon.core.jobs import Job, JobState, LeaseKind
+from server_addon.core.recovery import load_jobs
 from server_addon.core.scheduler import Farm
 from server_addon.core.storage import OutputStore
+
+pytestmark = pytest.mark.unit
 
 #: The first bytes of files as Blender writes them (the rest does not matter to the header).
 HEADER_4_5 = b"BLENDER-v405REND" + bytes(64)
@@ -259,5 +262,5 @@ def test_versions_survive_a_restart(tmp_path: Path) -> None:
     farm.probe_succeeded(probe.id, probe.client_id, scene())
     assert farm.next_work("a") is not None
     store.close()
-    (loaded,) = Database(tmp_path / "jobs.sqlite3").load(OutputStore(tmp_path / "out"))
+    (loaded,) = load_jobs(Database(tmp_path / "jobs.sqlite3"), OutputStore(tmp_path / "out"))
     assert loaded.file_blender == BlenderVersion(4, 5) and loaded.pinned_blender == "4.5.15"

@@ -31,6 +31,8 @@ from server_addon.core.video import (
     video_path,
 )
 
+pytestmark = pytest.mark.unit
+
 TIMEOUT = 60
 #: A cancelled build must have stopped ffmpeg well within this.
 STOP_TIMEOUT = 10
@@ -109,6 +111,8 @@ def top_level_boxes(path: Path) -> list[str]:
     return names
 
 
+@pytest.mark.integration
+@pytest.mark.ffmpeg
 @needs_ffmpeg
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("codec", "codec_name", "tag", "pix_fmt", "suffix"), [
@@ -135,6 +139,8 @@ async def test_each_codec_makes_a_video_of_every_frame(tmp_path, codec, codec_na
     assert len(list(job_dir.iterdir())) == 12
 
 
+@pytest.mark.integration
+@pytest.mark.ffmpeg
 @needs_ffmpeg
 @pytest.mark.asyncio
 async def test_stepped_frames_become_consecutive_video_frames_in_order(tmp_path):
@@ -168,6 +174,9 @@ def test_check_sequence_returns_frames_in_frame_order(tmp_path):
     assert names == ["frame_0001.png", "frame_0004.png", "frame_0007.png", "frame_0010.png"]
 
 
+@pytest.mark.integration
+@pytest.mark.ffmpeg
+@pytest.mark.bpy
 @needs_ffmpeg
 @pytest.mark.asyncio
 async def test_linear_exr_looks_like_the_same_srgb_png(tmp_path):
@@ -188,6 +197,8 @@ async def test_linear_exr_looks_like_the_same_srgb_png(tmp_path):
     assert max(sum(mean_colour(frame)) / 3 for frame in decode(raw_video)) < SRGB_HALF_GREY - 40
 
 
+@pytest.mark.integration
+@pytest.mark.ffmpeg
 @needs_ffmpeg
 @pytest.mark.asyncio
 async def test_ntsc_frame_rate_is_exact(tmp_path):
@@ -211,6 +222,8 @@ def test_frame_rate_must_be_positive(fps):
         frame_rate(fps)
 
 
+@pytest.mark.integration
+@pytest.mark.ffmpeg
 @needs_ffmpeg
 @pytest.mark.asyncio
 async def test_ffmpeg_failure_reports_its_error_and_keeps_the_old_video(tmp_path):
@@ -228,6 +241,7 @@ async def test_ffmpeg_failure_reports_its_error_and_keeps_the_old_video(tmp_path
                                                           "job.mp4"]
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_cancelling_stops_ffmpeg_and_leaves_nothing(tmp_path):
     frames = png_frames(tmp_path / "job", [1, 2], [RED, GREEN])
@@ -260,6 +274,8 @@ async def test_cancelling_stops_ffmpeg_and_leaves_nothing(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.integration
+@pytest.mark.ffmpeg
 @needs_ffmpeg
 @pytest.mark.asyncio
 async def test_frames_are_copied_where_links_are_not_allowed(tmp_path, monkeypatch):
@@ -273,6 +289,7 @@ async def test_frames_are_copied_where_links_are_not_allowed(tmp_path, monkeypat
     assert [max(range(3), key=mean_colour(frame).__getitem__) for frame in decode(out)] == [0, 1, 2]
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_a_missing_ffmpeg_binary_is_a_video_error(tmp_path):
     frames = png_frames(tmp_path / "job", [1], [RED])

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import Clients, Farm, connected, jobs_tool, status_json, submit
 
+pytestmark = [pytest.mark.e2e, pytest.mark.ffmpeg]
+
 
 def probe(video: Path) -> dict:
     result = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",

@@ -26,10 +26,13 @@ from PIL import Image
 from web_support import Http, start_web_on, stop_web
 
 from protocol.settings import JobRequest, SceneInfo, resolve
+from server_addon.core.config import ServerConfig
 from server_addon.core.jobs import FrameRecord, FrameState
-from server_addon.core.server import FarmServer, ServerConfig
-from server_addon.core.thread import ServerThread
+from server_addon.core.service import FarmService
+from server_addon.thread import ServerThread
 from tools.localfarm import REPO
+
+pytestmark = pytest.mark.integration
 
 FAKE_BLEND = b"BLENDER-v500" + bytes(range(256)) * 64
 SECRET = "correct horse battery staple"
@@ -63,7 +66,7 @@ def test_upload_creates_a_job_and_stores_the_blend(farm: Farm, web: Http) -> Non
     assert job["name"] == "shot.blend" and job["state"] == "queued" and job["priority"] == 7
     assert job["chunk"] == 2 and job["video"] == {"codec": "h264", "quality": "low", "location": "frames"}
     sha = hashlib.sha256(FAKE_BLEND).hexdigest()
-    stored = farm.call(lambda s: s.blends.path(sha))
+    stored = farm.call(lambda s: s.files.path(sha))
     assert stored.read_bytes() == FAKE_BLEND
     request = farm.call(lambda s: s.farm.jobs[job["id"]].request)
     assert (request.frame_start, request.frame_end, request.file_format, request.samples, request.percentage) == (
@@ -102,7 +105,7 @@ def test_upload_rejects_bad_settings(farm: Farm, web: Http, fields: dict[str, st
     reply = web.upload(FAKE_BLEND, **fields)
     assert reply.status == 400 and message in reply.error, reply.body
     assert farm.call(lambda s: len(s.farm.jobs)) == 0
-    assert not list(farm.call(lambda s: s.blends.root).iterdir())
+    assert not list(farm.call(lambda s: s.files.root).iterdir())
 
 
 def test_upload_rejects_what_is_not_a_blend(farm: Farm, web: Http) -> None:
@@ -121,7 +124,7 @@ def test_upload_rejects_what_is_not_a_blend(farm: Farm, web: Http) -> None:
     assert web.upload(gzip.compress(header)).status == 201
     damaged = web.upload(b"\x28\xb5\x2f\xfd" + b"z" * 100)
     assert damaged.status == 400 and "shot.blend: the zstd-compressed file is damaged" in damaged.error
-    assert not [p for p in farm.call(lambda s: s.blends.root).iterdir() if p.name.startswith(".")]
+    assert not [p for p in farm.call(lambda s: s.files.root).iterdir() if p.name.startswith(".")]
 
 
 def test_oversized_uploads_are_refused(farm: Farm) -> None:
@@ -135,7 +138,7 @@ def test_oversized_uploads_are_refused(farm: Farm) -> None:
         streamed = http.upload(big, chunked=True)  # no Content-Length: cut off once past the limit
         assert streamed.status == 413 and "larger than the 64.0 KiB" in streamed.error
         assert http.upload(FAKE_BLEND[: limit // 2]).status == 201
-        blends = farm.call(lambda s: s.blends.root)
+        blends = farm.call(lambda s: s.files.root)
         assert [p.name for p in blends.iterdir() if p.name.startswith(".")] == []  # no partial file left
         assert farm.call(lambda s: len(s.farm.jobs)) == 1
         huge_json = http.post_json("/api/jobs/clear_completed", {"pad": "x" * 100_000})
@@ -364,13 +367,14 @@ def test_events_push_changes_coalesced(farm: Farm, web: Http) -> None:
         reader.close()
 
 
+@pytest.mark.ffmpeg
 def test_exr_frames_get_a_png_preview(farm: Farm, web: Http, tmp_path: Path) -> None:
     job_id = upload_job(web)
     exr = tmp_path / "frame.exr"
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=96x54",
                     "-frames:v", "1", "-pix_fmt", "gbrpf32le", "-c:v", "exr", str(exr)], check=True, timeout=60)
 
-    def finish_with_exr(server: FarmServer) -> None:
+    def finish_with_exr(server: FarmService) -> None:
         job = server.farm.jobs[job_id]
         scene = SceneInfo(scene="s", engine="CYCLES", frame_start=1, frame_end=2, frame_step=1, fps=24.0,
                           resolution_x=96, resolution_y=54, percentage=100, file_format="OPEN_EXR")
@@ -378,7 +382,8 @@ def test_exr_frames_get_a_png_preview(farm: Farm, web: Http, tmp_path: Path) -> 
         job.frames = {1: FrameRecord(1, FrameState.DONE, render_s=1.0), 2: FrameRecord(2)}
         server.outputs.job_dir(job_id).mkdir(parents=True, exist_ok=True)
         server.outputs.frame_path(job_id, 1, "exr").write_bytes(exr.read_bytes())
-        server._notify()
+        with server.unit():
+            pass  # (a change the page is to see)
     farm.call(finish_with_exr)
 
     view = web.get("/api/status").json()["jobs"][0]

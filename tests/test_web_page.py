@@ -20,6 +20,8 @@ from web_support import Http, launch_chromium, start_web_on, stop_web
 
 from server_addon.web import WebServer
 
+pytestmark = pytest.mark.e2e
+
 SECRET = "open sesame"
 #: Long enough for the page to show a few steps of progress, short enough for the suite (about 3 s).
 WATCHED_SCENE = ("web12", "--frames", "12", "--size", "64x36", "--samples", "64")
@@ -90,6 +92,7 @@ def card_in(page: Page, group: str, job_id: str) -> Any:
     return page.locator(f'#jobs-{group} article.job[data-job-id="{job_id}"]')
 
 
+@pytest.mark.ffmpeg
 def test_upload_watch_render_and_download(farm: Farm, clients: Clients, scenes: Callable[..., Path], page: Page,
                                           web: WebServer, tmp_path: Path) -> None:
     blend = scenes(*WATCHED_SCENE)

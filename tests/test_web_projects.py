@@ -30,6 +30,8 @@ from web_support import Http, Reply, start_web_on, stop_web
 
 from server_addon.web.staging import MAX_ZIP_ENTRIES, STAGING_DIR
 
+pytestmark = pytest.mark.integration
+
 #: The hostile-zip tests run with a small upload limit, so that a bomb is a bomb without filling the disk.
 SMALL_LIMIT = 32 * 1024 * 1024
 RENDER_TIMEOUT_S = 180
@@ -96,7 +98,7 @@ def sha(data: bytes) -> str:
 
 
 def store_of(farm: Farm) -> dict[str, int]:
-    root = farm.call(lambda s: s.blends.root)
+    root = farm.call(lambda s: s.files.root)
     return {p.name: p.stat().st_size for p in root.iterdir()}
 
 
@@ -209,6 +211,7 @@ def test_every_kind_of_file_in_a_zip_renders_on_a_client_that_cannot_see_it(
         assert complaint not in log, (complaint, log[-3000:])
 
 
+@pytest.mark.bpy
 def test_an_outside_path_of_the_all_kinds_project_is_named_in_the_refusal(farm: Farm, web: Http,
                                                                          tmp_path: Path) -> None:
     work, external = tmp_path / "work", tmp_path / "ext"
@@ -232,6 +235,7 @@ def test_an_outside_path_of_the_all_kinds_project_is_named_in_the_refusal(farm: 
     assert view["warnings"] == [f"outside the upload (not read from the server's disk): {noise}"], view
 
 
+@pytest.mark.bpy
 def test_missing_and_outside_files_are_named(farm: Farm, web: Http, tmp_path: Path) -> None:
     work, external = tmp_path / "work", tmp_path / "ext"
     make_project(work, "--texture", "--external", str(external))
@@ -261,6 +265,7 @@ def test_missing_and_outside_files_are_named(farm: Farm, web: Http, tmp_path: Pa
     assert single.status == 400 and single.json()["missing"] == ["//textures/wood.png"], single.body
 
 
+@pytest.mark.bpy
 def test_the_main_blend_is_chosen_or_asked_for(farm: Farm, web: Http, tmp_path: Path) -> None:
     work = tmp_path / "work"
     make_project(work)

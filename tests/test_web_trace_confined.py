@@ -46,6 +46,8 @@ from server_addon.core.confine import Confinement, TraceLimit
 from server_addon.web import projects
 from server_addon.web.staging import STAGING_DIR
 
+pytestmark = pytest.mark.unit
+
 #: Saves a .blend whose images name the paths given: "tiled:PATH", "sequence:PATH" or "file:PATH".
 IMAGES = """
 import bpy, sys
@@ -98,6 +100,7 @@ def touched(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield seen
 
 
+@pytest.mark.bpy
 def test_outside_paths_are_named_as_written_and_nothing_of_the_disk_is_listed(
         farm: Farm, web: Http, tmp_path: Path, touched: list[str]) -> None:
     # Someone else's job first: the store holds files whose names (sha256s) a listing would give away.
@@ -106,7 +109,7 @@ def test_outside_paths_are_named_as_written_and_nothing_of_the_disk_is_listed(
     stored = set(store_of(farm))
     assert stored
     data_dir = farm.call(lambda s: s.config.resolved_data_dir)
-    store_root = farm.call(lambda s: s.blends.root)
+    store_root = farm.call(lambda s: s.files.root)
     # project/ in <data dir>/staging/<random>/: three folders up is the data dir
     store = "//../../../" + store_root.relative_to(data_dir).as_posix() + "/<UDIM>"
     written = ["/etc/<UDIM>", "//" + "../" * 30 + "etc/ssl/<UDIM>", store, "/usr/share/**/<UDIM>",
@@ -209,6 +212,7 @@ def test_a_compressed_bomb_is_refused_at_the_upload_limit(farm: Farm, web: Http,
     assert farm.call(lambda s: len(s.farm.jobs)) == 0 and store_of(farm) == {} and staging_left(farm) == []
 
 
+@pytest.mark.bpy
 def test_a_trace_over_its_time_limit_is_refused(farm: Farm, web: Http, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     blend = make_project(tmp_path / "work")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import messages as m
+from protocol.address import AddressError, parse_server
 from protocol.errors import ProtocolError
 from protocol.handshake import client_handshake
 from protocol.manifest import Manifest, ManifestError, ProjectFile
@@ -40,13 +41,6 @@ def run_tool(main: Coroutine[Any, Any, int]) -> int:
         return 130
 
 
-def parse_server(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ToolError(f"--server wants HOST:PORT, not {text!r}")
-    return host.strip("[]"), int(port)
-
-
 def default_token() -> str | None:
     return os.environ.get("MICROFARM_TOKEN") or None
 
@@ -73,7 +67,10 @@ class Control:
 
     @classmethod
     async def connect(cls, server: str, token: str | None, name: str = "") -> Control:
-        host, port = parse_server(server)
+        try:
+            host, port = parse_server(server)
+        except AddressError as exc:
+            raise ToolError(str(exc)) from None
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
         except (TimeoutError, OSError) as exc:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from server_addon.core.video import CODECS, LOCATIONS, QUALITIES, VideoSettings
+
 from .control import Control, ToolError, default_token, run_tool
 from .status import render_text
 
@@ -87,9 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     log.add_argument("frame", type=int)
     video = sub.add_parser("video", help="build (or rebuild) a job's video now")
     video.add_argument("job")
-    video.add_argument("--codec", default="h264", choices=["h264", "h265", "prores"])
-    video.add_argument("--quality", default="high", choices=["high", "medium", "low"])
-    video.add_argument("--location", default="frames", choices=["frames", "parent", "root"])
+    video.add_argument("--codec", default=VideoSettings.codec, choices=CODECS)
+    video.add_argument("--quality", default=VideoSettings.quality, choices=QUALITIES)
+    video.add_argument("--location", default=VideoSettings.location, choices=LOCATIONS)
     return parser.parse_args(argv)
 
 

@@ -19,10 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from protocol.blendfile import BlendHeaderError, read_version
+from protocol.blendfile import MAGIC_BYTES, BlendHeaderError, looks_like_blend, read_version
 from protocol.settings import BLENDER_FILE, IMAGE_FORMATS, JobRequest, SettingsError
+from server_addon.core.actions import MAX_PRIORITY, check_priority
 from server_addon.core.shared import absolute_copy
 from server_addon.core.trace import OUTSIDE_DIR, Trace, TraceError, bat_available, traced
+from server_addon.core.video import CODECS, LOCATIONS, QUALITIES, VideoSettings
 
 from .control import Control, ToolError, UploadPlan, default_token, run_tool
 
@@ -38,16 +40,6 @@ def parse_frames(text: str) -> tuple[int, int]:
     if end < start:
         raise ToolError(f"--frames {text}: the range ends before it starts")
     return start, end
-
-
-#: A .blend starts with "BLENDER", or with the zstd or gzip magic when saved compressed.
-_BLEND_MAGICS = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")
-
-
-def looks_like_blend(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        head = handle.read(7)
-    return head.startswith(_BLEND_MAGICS)
 
 
 def blender_value(text: str) -> str:
@@ -93,12 +85,10 @@ def build_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def priority_value(text: str) -> int:
     try:
-        value = int(text)
+        return check_priority(int(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if abs(value) > 1_000_000:
-        raise argparse.ArgumentTypeError("priority must be between -1000000 and 1000000")
-    return value
+        raise argparse.ArgumentTypeError(f"priority must be a whole number between -{MAX_PRIORITY} and "
+                                         f"{MAX_PRIORITY}, not {text!r}") from None
 
 
 def progress_line(job: dict[str, Any], width: int = 30) -> str:
@@ -115,7 +105,9 @@ async def run(args: argparse.Namespace) -> int:
     if not blend.is_file():
         raise ToolError(f"{blend} is not a file")
     try:
-        if not looks_like_blend(blend):
+        with open(blend, "rb") as handle:
+            head = handle.read(MAGIC_BYTES)
+        if not looks_like_blend(head):
             raise ToolError(f"{blend} is not a .blend file")
     except OSError as exc:
         raise ToolError(f"cannot read {blend}: {exc.strerror or exc}") from None
@@ -240,9 +232,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--priority", type=priority_value, default=0,
                         help="higher renders first, -1000000 to 1000000 (default: 0)")
     parser.add_argument("--queue", action="store_true", help="queue the job without starting it (tools.jobs resume)")
-    parser.add_argument("--video", choices=["h264", "h265", "prores"], help="build a video when the frames are done")
-    parser.add_argument("--quality", choices=["high", "medium", "low"], default="high", help="video quality")
-    parser.add_argument("--video-location", choices=["frames", "parent", "root"], default="frames",
+    parser.add_argument("--video", choices=CODECS, help="build a video when the frames are done")
+    parser.add_argument("--quality", choices=QUALITIES, default=VideoSettings.quality, help="video quality")
+    parser.add_argument("--video-location", choices=LOCATIONS, default=VideoSettings.location,
                         help="where the video goes: beside the frames, the job folder's parent, the output root")
     parser.add_argument("--wait", action="store_true", help="show progress and wait until the job ends")
     parser.add_argument("--project", type=Path, default=None, metavar="DIR",

@@ -1,6 +1,7 @@
-"""The Blender side of the add-on: settings, operators, the panel and the runtime that links them
-to the server thread. Loaded by server_addon.register(), never by the headless server; the
-modules are imported in register() so that `runtime` (which needs no bpy) can be tested alone."""
+"""The Blender side of the add-on: settings, operators, the panel, and the runtime that links them to the
+server thread (runtime.py: the bpy glue; session.py: the state machine; bridge.py, outbox.py: the threads'
+bridge; sending.py: jobs sent off the UI thread). Loaded by server_addon.register(), never by the headless
+server; the bpy modules are imported in register() so that the others (no bpy) can be tested alone."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ class MICROFARM_OT_save_client(bpy.types.Operator):
             rt.post("INFO", f"Saved the render client as {path}: unzip it on a render node and run "
                             f"blender -b --python {BUNDLE_DIR}/client/__main__.py -- --name NODE")
 
-        rt._spawn("saving the render client", save)  # the runtime tracks its worker threads for shutdown
+        rt.spawn("saving the render client", save)  # the session tracks its worker threads for shutdown
         self.report({'INFO'}, f"Saving the render client to {folder}...")
         return {'FINISHED'}
 

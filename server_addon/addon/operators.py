@@ -1,4 +1,4 @@
-"""Operators. Each returns at once: network, hashing and packing happen on other threads (runtime.py)."""
+"""Operators. Each returns at once: network, hashing and packing happen on other threads (session.py, sending.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from bpy.props import BoolProperty, EnumProperty, StringProperty
 from protocol.settings import JobRequest, SettingsError
 
 from . import props, runtime
+from .bridge import ServerSettings
 from .errors import FarmError, sentence
-from .runtime import ServerSettings, State
+from .session import State
 from .submit import JobSubmission
 
 _NOT_STOPPED = {State.STARTING: "The farm server is starting", State.RUNNING: "The farm server is running",

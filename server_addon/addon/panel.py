@@ -1,4 +1,4 @@
-"""The MicroFarm panel in Render Properties. It draws runtime.view (plain data) and never waits on anything."""
+"""The MicroFarm panel in Render Properties. It draws the session's view (plain data) and never waits on anything."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..core.versions import job_blender
 from . import props, runtime
 from .errors import sentence
 from .project import SHOWN_NAMES, FileCheck
-from .runtime import State
+from .session import State
 
 _JOB_ICONS = {"queued": 'TIME', "probing": 'VIEWZOOM', "rendering": 'RENDER_ANIMATION', "paused": 'PAUSE',
               "done": 'CHECKMARK', "failed": 'ERROR', "cancelled": 'CANCEL'}

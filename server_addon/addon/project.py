@@ -11,7 +11,6 @@ written there.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 import threading
 from dataclasses import dataclass, replace
@@ -162,9 +161,7 @@ def send(entries: list[Entry], copy: Path, store: ContentStore, work: Cancel) ->
             continue
         done.add(entry.sha256)
         if entry.source == copy:
-            destination = store.path(entry.sha256)
-            os.replace(copy, destination)
-            os.chmod(destination, 0o444)
+            store.move_in(copy, entry.sha256)
         else:
             _copy_in(entry, store, work)
         written += entry.size

@@ -11,7 +11,9 @@ from bpy.props import BoolProperty, EnumProperty, IntProperty, PointerProperty, 
 from protocol.settings import DEFAULT_CHUNK, IMAGE_FORMATS, MAX_CHUNK
 from protocol.tiles import MAX_TILES
 
-from . import runtime
+from ..core.actions import MAX_PRIORITY
+from ..core.video import CODECS, LOCATIONS, QUALITIES
+from . import runtime, session
 
 #: The add-on's module name: "bl_ext.<repository>.microfarm" as an extension, "server_addon" from a checkout.
 ADDON_ID = __package__.rpartition(".")[0]
@@ -24,12 +26,15 @@ _FORMAT_LABELS = {"OPEN_EXR": "OpenEXR", "OPEN_EXR_MULTILAYER": "OpenEXR MultiLa
 FORMAT_ITEMS = [("SCENE", "Scene's Format", "The output format set in the scene (a movie format renders PNG frames)")]
 FORMAT_ITEMS += [(name, _FORMAT_LABELS.get(name, name), f"Frames as .{ext} files")
                  for name, ext in IMAGE_FORMATS.items()]
-CODEC_ITEMS = [("h264", "H.264", "MP4, plays everywhere"), ("h265", "H.265", "MP4, smaller files"),
-               ("prores", "ProRes", "MOV, for editing")]
-QUALITY_ITEMS = [("high", "High", ""), ("medium", "Medium", ""), ("low", "Low", "")]
-LOCATION_ITEMS = [("frames", "Beside the Frames", "Inside the job's folder"),
-                  ("parent", "Job Folder's Parent", "Next to the job's folder"),
-                  ("root", "Output Folder", "The farm's output folder")]
+# The choices are core.video's; only their labels are the panel's.
+_CODEC_LABELS = {"h264": ("H.264", "MP4, plays everywhere"), "h265": ("H.265", "MP4, smaller files"),
+                 "prores": ("ProRes", "MOV, for editing")}
+_LOCATION_LABELS = {"frames": ("Beside the Frames", "Inside the job's folder"),
+                    "parent": ("Job Folder's Parent", "Next to the job's folder"),
+                    "root": ("Output Folder", "The farm's output folder")}
+CODEC_ITEMS = [(codec, *_CODEC_LABELS[codec]) for codec in CODECS]
+QUALITY_ITEMS = [(quality, quality.title(), "") for quality in QUALITIES]
+LOCATION_ITEMS = [(location, *_LOCATION_LABELS[location]) for location in LOCATIONS]
 
 
 class MicroFarmPreferences(bpy.types.AddonPreferences):
@@ -97,7 +102,7 @@ class MicroFarmSceneSettings(bpy.types.PropertyGroup):
     video_codec: EnumProperty(name="Codec", items=CODEC_ITEMS, default="h264")
     video_quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default="high")
     video_location: EnumProperty(name="Location", items=LOCATION_ITEMS, default="frames")
-    priority: IntProperty(name="Priority", default=0, min=-1_000_000, max=1_000_000,
+    priority: IntProperty(name="Priority", default=0, min=-MAX_PRIORITY, max=MAX_PRIORITY,
                           description="Jobs with a higher priority render first")
     use_split: BoolProperty(name="Split Across Clients", default=False,
                             description="Render Current Frame cuts the frame into horizontal tiles that several "
@@ -113,7 +118,7 @@ class MicroFarmWindowState(bpy.types.PropertyGroup):
     show_finished: BoolProperty(name="Show Finished Jobs", default=True)
 
     @property
-    def runtime(self) -> runtime.Runtime:
+    def runtime(self) -> session.Session:
         return runtime.get()
 
 

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePath
 from typing import Any, BinaryIO
 
+from protocol.blendfile import GZIP_MAGIC, ZSTD_MAGIC
 from protocol.limits import MAX_BLEND_BYTES
 
 #: Names compared while expanding sequences, UDIM tiles and cache folders, in one confined trace at most.
@@ -67,9 +68,9 @@ def _size(count: int) -> str:
 
 def compression(head: bytes) -> str:
     """'gzip', 'zstd' or '' from a file's first four bytes (zstd skippable frames count as zstd, as in BAT)."""
-    if head[:2] == b"\x1f\x8b":
+    if head.startswith(GZIP_MAGIC):
         return "gzip"
-    if head[:4] == b"\x28\xb5\x2f\xfd" or (len(head) >= 4 and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18"):
+    if head.startswith(ZSTD_MAGIC) or (len(head) >= 4 and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18"):
         return "zstd"
     return ""
 

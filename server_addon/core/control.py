@@ -5,32 +5,50 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from protocol import messages as m
 from protocol.errors import ProtocolError
 from protocol.handshake import Peer
-from protocol.limits import MAX_BLEND_BYTES, MAX_NAME_CHARS
+from protocol.limits import MAX_BLEND_BYTES
+from protocol.names import clean_name
 from protocol.settings import JobRequest, SettingsError
 from protocol.stream import MessageStream
 
-from .actions import MAX_PRIORITY
-from .scheduler import JobActionError
-from .storage import StoreFull, UnsafeName
+from .actions import check_priority
+from .config import ServerStats
+from .feed import ChangeFeed
+from .jobs import Job
+from .scheduler import Farm, JobActionError
+from .storage import ContentStore, StoreFull, UnsafeName
+from .tasks import Spawner
 from .video import VideoSettings
-
-if TYPE_CHECKING:
-    from .server import FarmServer
 
 log = logging.getLogger(__name__)
 
 
+class ControlService(Protocol):
+    """What the tools' side needs of the service."""
+
+    farm: Farm
+    files: ContentStore
+    stats: ServerStats
+    feed: ChangeFeed
+
+    def snapshot(self) -> dict[str, Any]: ...
+    def create_job(self, name: str, blend_sha256: str, blend_size: int, request: JobRequest, *, start: bool = True,
+                   priority: int = 0, video: dict[str, Any] | None = None, project: Any = None) -> Job: ...
+    def collect_files(self, candidates: Any = None) -> int: ...
+    async def job_action(self, action: str, job_id: str = "", args: dict[str, Any] | None = None) -> str: ...
+
+
 class ControlConnections:
-    def __init__(self, server: FarmServer) -> None:
-        self.server = server
+    def __init__(self, service: ControlService, tasks: Spawner) -> None:
+        self._service = service
+        self._tasks = tasks
 
     async def serve(self, stream: MessageStream, peer: Peer, client_id: str) -> None:
-        server = self.server
+        server = self._service
         watchers: list[asyncio.Task[None]] = []
         try:
             while True:
@@ -52,7 +70,7 @@ class ControlConnections:
                 elif isinstance(message, m.Watch):
                     if message.job_id not in server.farm.jobs:
                         raise ProtocolError(f"no job {message.job_id!r}")
-                    watchers.append(server._spawn(self._watch(stream, message.job_id)))
+                    watchers.append(self._tasks.spawn(self._watch(stream, message.job_id)))
                 else:
                     raise ProtocolError(f"a control connection may not send {message.TYPE.value}")
         finally:
@@ -70,13 +88,15 @@ class ControlConnections:
                 video = VideoSettings.from_wire(submit.video).to_wire()  # only known keys are kept
             except ValueError as exc:
                 raise ProtocolError(f"invalid video settings: {exc}") from None
-        if abs(submit.priority) > MAX_PRIORITY:
-            raise ProtocolError(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+        try:
+            check_priority(submit.priority)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
         if not 0 < submit.blend_size <= MAX_BLEND_BYTES:
             raise ProtocolError(f"a .blend of {submit.blend_size} bytes is out of bounds")
-        name = "".join(ch for ch in submit.name if ch.isprintable())[:MAX_NAME_CHARS] or "untitled.blend"
+        name = clean_name(submit.name) or "untitled.blend"
         sha = submit.blend_sha256
-        blends = self.server.blends
+        blends = self._service.files
         blends.path(sha)
         project = submit.manifest()  # validated with the message: safe relative paths, bounded
         wanted = {f.sha256: f.size for f in project.files} if project else {sha: submit.blend_size}
@@ -103,13 +123,13 @@ class ControlConnections:
                     log.info("%s: received %d of the job's %d files from %s", name, len(need), len(wanted),
                              peer.name)
                 try:
-                    job = self.server.create_job(name, sha, submit.blend_size, request, start=submit.start,
+                    job = self._service.create_job(name, sha, submit.blend_size, request, start=submit.start,
                                                  priority=submit.priority, video=video, project=project)
                 except ValueError as exc:  # e.g. a file that is no .blend: the submitter gets the sentence
                     refusal = str(exc)
         finally:
             if job is None:  # refused, or the submitter went away after some of its files: none of them stay
-                self.server.collect_files(wanted)
+                self._service.collect_files(wanted)
         if job is None:  # (told only now: by then none of its files is left in the store)
             await stream.send(m.Error(reason=refusal))
             return
@@ -117,7 +137,7 @@ class ControlConnections:
         await stream.send(m.Submitted(job_id=job.id))
 
     def _frame_log(self, request: m.FrameLogRequest) -> m.Message:
-        job = self.server.farm.jobs.get(request.job_id)
+        job = self._service.farm.jobs.get(request.job_id)
         frame = job.frames.get(request.frame) if job else None
         if frame is None:
             return m.Error(reason=f"there is no frame {request.frame} in job {request.job_id!r}")
@@ -125,7 +145,7 @@ class ControlConnections:
                           log=frame.log, clients=sorted(frame.failed_on))
 
     async def _receive_blend(self, stream: MessageStream, sha: str, size: int) -> None:
-        blends = self.server.blends
+        blends = self._service.files
         sink = blends.sink(sha, size)
         try:
             while True:
@@ -141,14 +161,14 @@ class ControlConnections:
             sink.abort()
             raise
         blends.commit(sink, sha)
-        self.server.stats.upload_bytes_received += size
-        self.server.stats.files_received += 1
+        self._service.stats.upload_bytes_received += size
+        self._service.stats.files_received += 1
 
     async def _watch(self, stream: MessageStream, job_id: str) -> None:
-        server = self.server
+        server = self._service
         try:
             while True:
-                version = server.version
+                version = server.feed.version
                 job = server.farm.jobs.get(job_id)
                 if job is None:
                     await stream.send(m.Error(reason=f"job {job_id} was deleted"))
@@ -156,6 +176,6 @@ class ControlConnections:
                 await stream.send(m.JobUpdate(job=job.view()))
                 if job.settled:
                     return
-                await server.wait_change(version, timeout=5.0)
+                await server.feed.wait_change(version, timeout=5.0)
         except ProtocolError:
             return

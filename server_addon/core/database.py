@@ -1,16 +1,14 @@
-"""Jobs kept in SQLite under the server's data directory, written as they change.
+"""Jobs kept in SQLite under the server's data directory, written as they change (by the scheduler, its
+JobStore), read back as they were saved on start-up (core.recovery repairs them against the disk).
 
-The frames on disk are the truth about which frames are done: a frame file only appears by an
-atomic rename after its sha256 was checked, so on start-up a frame counts as done exactly when
-its file is there. The database keeps everything else: jobs, settings, failures and logs.
+The frames on disk are the truth about which frames are done; the database keeps everything else:
+jobs, settings, failures and logs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import sqlite3
 from pathlib import Path
 
@@ -19,8 +17,7 @@ from protocol.errors import ProtocolError
 from protocol.manifest import Manifest
 from protocol.settings import JobRequest, SceneInfo, SettingsError, resolve
 
-from .jobs import FrameRecord, FrameState, Job, JobState
-from .storage import OutputStore, UnsafeName, frame_name, tile_name
+from .jobs import FrameRecord, FrameState, Job, JobState, VideoState
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +125,7 @@ class Database:
             (job.id, job.seq, job.name, job.blend_sha256, job.blend_size, json.dumps(job.request.to_wire()),
              json.dumps(job.scene.to_wire()) if job.scene else None, job.state.value, job.priority, job.error,
              int(job.forced), job.probe_failures, json.dumps(job.client_failures), job.created, job.finished_at,
-             json.dumps(job.video) if job.video is not None else None, job.video_state, job.video_path,
+             json.dumps(job.video) if job.video is not None else None, job.video_state.value, job.video_path,
              job.video_error, json.dumps(_versions(job)), json.dumps(job.warnings),
              json.dumps(job.project.to_wire()) if job.project else ""))
 
@@ -143,8 +140,8 @@ class Database:
 
     # --- loading ---------------------------------------------------------------------------
 
-    def load(self, outputs: OutputStore) -> list[Job]:
-        """Every stored job, with its frames checked against the files in the output folder."""
+    def load(self) -> list[Job]:
+        """Every stored job as it was saved (core.recovery checks its frames against the disk)."""
         jobs = []
         self.unrestored = 0
         rows = self.conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
@@ -157,7 +154,7 @@ class Database:
                 log.error("job %s: cannot be restored (%s); it stays in the database untouched", record["id"], exc)
                 self.unrestored += 1
                 continue
-            self._frames(job, outputs)
+            self._frames(job)
             jobs.append(job)
         return jobs
 
@@ -169,7 +166,8 @@ class Database:
                   state=JobState(r["state"]), scene=scene, error=r["error"], forced=bool(r["forced"]),
                   probe_failures=r["probe_failures"], client_failures=json.loads(r["client_failures"]),
                   finished_at=r["finished_at"], video=json.loads(r["video"]) if r["video"] else None,
-                  video_state=r["video_state"], video_path=r["video_path"], video_error=r["video_error"])
+                  video_state=VideoState(r["video_state"]), video_path=r["video_path"],
+                  video_error=r["video_error"])
         if r.get("project"):
             project = json.loads(r["project"])
             job.project = Manifest.from_wire(project.get("files"), project.get("main"))
@@ -181,11 +179,9 @@ class Database:
         if scene is not None:
             job.settings = resolve(request, scene)
             job.frames = {n: FrameRecord(n) for n in job.settings.items}
-        elif job.state is JobState.RENDERING:
-            job.state = JobState.PROBING
         return job
 
-    def _frames(self, job: Job, outputs: OutputStore) -> None:
+    def _frames(self, job: Job) -> None:
         rows = self.conn.execute(
             "SELECT number, done, failures, failed_on, error, log, rendered_by, render_s FROM frames WHERE job_id = ?",
             (job.id,)).fetchall()
@@ -193,35 +189,7 @@ class Database:
             frame = job.frames.get(number)
             if frame is None:
                 continue
-            frame.state = FrameState.DONE if done else FrameState.PENDING
+            frame.state = FrameState.DONE if done else FrameState.PENDING  # (as saved: not a move)
             frame.failures, frame.error, frame.log = failures, error, render_log
             frame.failed_on = set(json.loads(failed_on))
             frame.rendered_by, frame.render_s = rendered_by, render_s
-        if job.settings is None:
-            return
-        settings = job.settings
-        if settings.tiles:  # a split frame: stitched when the frame is there; its tiles wait in .tiles/
-            with contextlib.suppress(OSError, UnsafeName):
-                job.stitched = outputs.frame_path(job.id, settings.frames[0], settings.ext).is_file()
-        if job.state.finished:
-            return
-        # For unfinished jobs the files decide: a frame (or tile) is done exactly when its file exists.
-        try:
-            folder = outputs.tiles_dir(job.id) if settings.tiles else outputs.job_dir(job.id)
-            present = set(os.listdir(folder))
-        except (OSError, UnsafeName):
-            present = set()
-        if settings.tiles and job.stitched:
-            present = {tile_name(settings.frames[0], n, settings.tile_ext) for n in job.frames}  # tiles cleared
-        for frame in job.frames.values():
-            if settings.tiles:
-                on_disk = tile_name(settings.frames[0], frame.number, settings.tile_ext) in present
-            else:
-                on_disk = frame_name(frame.number, settings.ext) in present
-            if on_disk and frame.state is not FrameState.DONE:
-                frame.state = FrameState.DONE
-                self.save_frame(job, frame)
-            elif not on_disk and frame.state is FrameState.DONE:
-                log.warning("job %s: frame %d is missing from disk; it will be rendered again", job.id, frame.number)
-                frame.state = FrameState.PENDING
-                self.save_frame(job, frame)

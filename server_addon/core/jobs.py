@@ -37,6 +37,13 @@ class FrameState(StrEnum):
     DONE = "done"
 
 
+class VideoState(StrEnum):
+    NONE = ""            # none asked for, or asked for and not started yet (see Job.video)
+    BUILDING = "building"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class LeaseKind(StrEnum):
     PROBE = "probe"
     RENDER = "render"
@@ -83,7 +90,7 @@ class Job:
     client_failures: dict[str, int] = field(default_factory=dict)  # client name -> failed frames
     finished_at: float | None = None
     video: dict[str, Any] | None = None  # requested video settings (wire form)
-    video_state: str = ""  # "", "building", "done", "failed"
+    video_state: VideoState = VideoState.NONE
     video_path: str = ""
     video_error: str = ""
     waiting: str = ""  # why no client can take the job's frames now, for the user
@@ -104,9 +111,15 @@ class Job:
     @property
     def settled(self) -> bool:
         """Finished, and no video on the way: nothing about this job will change by itself."""
-        if not self.state.finished or self.video_state == "building":
+        if not self.state.finished or self.video_state is VideoState.BUILDING:
             return False
-        return not (self.state is JobState.DONE and self.video is not None and self.video_state == "")
+        return not self.video_due
+
+    @property
+    def video_due(self) -> bool:
+        """A finished job whose video was asked for and is not built yet (or was cut off by a stop)."""
+        return (self.state is JobState.DONE and self.video is not None
+                and self.video_state in (VideoState.NONE, VideoState.BUILDING))
 
     @property
     def complete(self) -> bool:
@@ -179,7 +192,7 @@ class Job:
                          for f in failed[:20]],
             "excluded_clients": sorted(self.excluded_clients()),
             "video": self.video,
-            "video_state": self.video_state,
+            "video_state": self.video_state.value,
             "video_path": self.video_path,
             "video_error": self.video_error,
         }

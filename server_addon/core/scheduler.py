@@ -1,8 +1,9 @@
 """The scheduler: which client renders which frames of which job, and what happens on failure.
 
-Pure logic: the server layer feeds events in (a client connected, a frame arrived, a client went
-silent) and carries out what comes back (assignments, revocations). Every change worth keeping
-goes to a JobStore, which the server backs with SQLite.
+Pure logic: the service feeds events in (a client connected, a frame arrived, a client went
+silent) and carries out what decide() returns (assignments, revocations, stitches, videos: effects).
+States move only through core.states. Every change worth keeping goes to a JobStore, which the
+server backs with SQLite; this module is the only one that writes to it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from protocol.assets import MAX_WARNING_CHARS, clip_text, missing_sentence, scri
 from protocol.errors import ProtocolError
 from protocol.settings import SceneInfo, SettingsError, resolve
 
-from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation
+from .effects import Assign, BuildVideo, Effect, Stitch
+from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation, VideoState
+from .states import move_frame, move_job, move_video
 from .tiling import client_speeds, tile_count
 from .versions import client_version, connected_summary, preferred_version, version_fits, wanted_sentence
 
@@ -121,15 +124,17 @@ class Farm:
 
     def add_job(self, job: Job, start: bool = True) -> None:
         job.seq = next(self._seq)
-        job.state = JobState.PROBING if start else JobState.QUEUED
+        job.state = JobState.PROBING if start else JobState.QUEUED  # (its first state: not a move)
         self.store.save_job(job)  # first: a job that cannot be saved is refused, not half-added
         self.jobs[job.id] = job
         log.info("job %s: added (%s), %s", job.id, job.name, job.state.value)
 
     def restore_job(self, job: Job) -> None:
-        """Take back a job loaded from the store, as it was."""
+        """Take back a job loaded from the store, as it was, repaired where a stop cut it off."""
         self.jobs[job.id] = job
         self._seq = itertools.count(max(job.seq + 1, next(self._seq)))
+        if job.state is JobState.RENDERING and job.settings is None:
+            move_job(job, JobState.PROBING)  # saved rendering without its scene: read the scene again
         if job.state is JobState.RENDERING and job.complete:
             self._finish(job, JobState.DONE)  # the server stopped between the last frame and saving the job
 
@@ -144,7 +149,7 @@ class Farm:
         return sorted((j for j in self.jobs.values() if j.state.running), key=lambda j: (-j.priority, j.seq))
 
     def _finish(self, job: Job, state: JobState, error: str = "") -> None:
-        job.state = state
+        move_job(job, state)
         job.error = error
         job.finished_at = time.time()
         self._end_leases_of(job)
@@ -169,7 +174,7 @@ class Farm:
         if not job.state.running:
             raise JobActionError(f"job {job_id} is {job.state.value}; only a running job can be paused")
         log.info("job %s: paused", job.id)
-        job.state = JobState.PAUSED
+        move_job(job, JobState.PAUSED)
         self._end_leases_of(job)
         self.store.save_job(job)
         return job
@@ -190,13 +195,14 @@ class Farm:
             job.probe_failed_on.clear()
             job.probe_losses.clear()
         self._unpin_if_unused(job)
-        job.state = JobState.RENDERING if job.settings is not None else JobState.PROBING
         job.error = ""
         job.forced = False
         job.finished_at = None
         if job.complete:  # (a split job whose tiles are all there but not stitched stays RENDERING: stitch_due)
-            job.state = JobState.DONE
+            move_job(job, JobState.DONE)
             job.finished_at = time.time()
+        else:
+            move_job(job, JobState.RENDERING if job.settings is not None else JobState.PROBING)
         log.info("job %s: resumed (%s)", job.id, job.state.value)
         self.store.save_job(job)
         return job
@@ -301,8 +307,7 @@ class Farm:
             for number in lease.frames:
                 frame = job.frames.get(number)
                 if frame is not None and frame.state is FrameState.LEASED and frame.lease_id == lease.id:
-                    frame.state = FrameState.PENDING
-                    frame.lease_id = None
+                    move_frame(job, frame, FrameState.PENDING)
         client = self.clients.get(lease.client_id)
         if client is not None and client.lease_id == lease.id:
             client.lease_id = None
@@ -323,6 +328,20 @@ class Farm:
     def drain_revocations(self) -> list[Revocation]:
         out, self._revocations = self._revocations, []
         return out
+
+    def decide(self, reachable: Callable[[str], bool] = lambda client_id: True) -> list[Effect]:
+        """What is due now, in the order it is to be carried out: stitches and videos to start (the service
+        starts each once), waiting notes refreshed, then what clients must stop, then work for every idle
+        client (each idle client at once: a client never waits for the next change to get work)."""
+        effects: list[Effect] = [Stitch(job.id) for job in self.jobs.values() if job.stitch_due]
+        effects += [BuildVideo(job.id) for job in self.jobs.values() if job.video_due]
+        self.note_waiting()
+        effects += self.drain_revocations()
+        for client_id in self.idle_clients():
+            lease = self.next_work(client_id) if reachable(client_id) else None
+            if lease is not None:
+                effects.append(Assign(lease))
+        return effects
 
     # --- handing out work -----------------------------------------------------------------
 
@@ -408,8 +427,7 @@ class Farm:
             self.store.save_job(job)
         for number in frames:
             record = job.frames[number]
-            record.state = FrameState.LEASED
-            record.lease_id = lease.id
+            move_frame(job, record, FrameState.LEASED, lease.id)
             record.held_by[lease.id] = client.id
         return lease
 
@@ -457,7 +475,7 @@ class Farm:
             log.info("job %s: frame %d split into %d tiles (margin %d rows)", job.id, settings.frames[0],
                      settings.tiles, settings.margin)
         job.frames = {n: FrameRecord(n) for n in settings.items}
-        job.state = JobState.RENDERING
+        move_job(job, JobState.RENDERING)
         self.store.save_job(job)
         log.info("job %s: %d frames, %s, %dx%d at %g fps", job.id, len(job.frames), settings.file_format,
                  settings.resolution_x, settings.resolution_y, settings.fps)
@@ -531,8 +549,7 @@ class Farm:
             # Another client holds this frame (it was reassigned); it need not render it now.
             self._revocations.append(Revocation(holder.client_id, holder.id, (number,)))
         client = self.clients.get(client_id)
-        frame.state = FrameState.DONE
-        frame.lease_id = None
+        move_frame(job, frame, FrameState.DONE)
         frame.rendered_by = client.name if client else client_id
         frame.render_s = render_s
         if client is not None:
@@ -555,6 +572,48 @@ class Farm:
             log.info("job %s: all %d tiles rendered; stitching frame %d", job.id, len(job.frames),
                      job.settings.frames[0])
         return True
+
+    # --- the server's own failures and videos ----------------------------------------------
+
+    def storage_failed(self, job_id: str, reason: str) -> None:
+        """The server cannot write a job's frames (disk full, permissions): the job pauses with the reason."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        log.error("job %s: %s", job.id, reason)
+        if job.state.running:
+            self.pause_job(job.id)
+        job.error = reason
+        self.store.save_job(job)
+
+    def check_video(self, job_id: str) -> Job:
+        """The job, if a video may be built from it (it is done); JobActionError otherwise."""
+        job = self.job(job_id)
+        if job.state is not JobState.DONE:
+            raise JobActionError(f"job {job_id} is {job.state.value}; a video is built from a finished job")
+        return job
+
+    def request_video(self, job_id: str, video: dict) -> Job:
+        """Ask for a finished job's video (again) with these settings (wire form, checked by the caller)."""
+        job = self.check_video(job_id)
+        job.video = video
+        move_video(job, VideoState.NONE)
+        self.store.save_job(job)
+        return job
+
+    def video_started(self, job: Job) -> None:
+        move_video(job, VideoState.BUILDING)
+        self.store.save_job(job)
+
+    def video_ended(self, job: Job, state: VideoState, error: str = "", path: str = "") -> None:
+        """A video build ended: built (with its path), failed (with why), or stopped (NONE: built again later).
+        A job deleted meanwhile is left alone."""
+        if self.jobs.get(job.id) is not job:
+            return
+        move_video(job, state, error)
+        if path:
+            job.video_path = path
+        self.store.save_job(job)
 
     # --- split frames ---------------------------------------------------------------------
 
@@ -605,8 +664,7 @@ class Farm:
         frame.failed_on.add(name)
         frame.error = error
         frame.log = render_log
-        frame.state = FrameState.PENDING
-        frame.lease_id = None
+        move_frame(job, frame, FrameState.PENDING)
         job.client_failures[name] = job.client_failures.get(name, 0) + 1
         self.store.save_frame(job, frame)
         log.warning("job %s: frame %d failed on %s (%d/%d): %s", job.id, number, name, frame.failures,

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from protocol.tiles import TileSpec
 
-from . import exrfile, pngfile
+from . import exrfile, ffmpeg, pngfile
 from .storage import PARTIAL_PREFIX
 
 log = logging.getLogger(__name__)
@@ -114,7 +112,7 @@ def jpeg_encoder_available() -> bool:
     try:
         import PIL.Image  # noqa: F401
     except ImportError:
-        return shutil.which("ffmpeg") is not None
+        return ffmpeg.available()
     return True
 
 
@@ -124,20 +122,23 @@ def ffmpeg_qscale(quality: int) -> int:
 
 
 def _ffmpeg_jpeg(path: Path, width: int, height: int, mode: str, pixels: bytes, quality: int) -> None:
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise StitchError("encoding a JPEG needs Pillow or ffmpeg on the server, and neither is installed")
-    pix_fmt = "gray" if mode == "L" else "rgb24"
-    command = [ffmpeg, "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", pix_fmt, "-s", f"{width}x{height}",
-               "-i", "-", "-frames:v", "1", "-c:v", "mjpeg", "-q:v", str(ffmpeg_qscale(quality)),
-               "-pix_fmt", "gray" if mode == "L" else "yuvj444p", "-f", "image2", str(path)]
     try:
-        result = subprocess.run(command, input=pixels, capture_output=True, timeout=FFMPEG_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+        executable = ffmpeg.find()
+    except ffmpeg.FfmpegError:
+        raise StitchError("encoding a JPEG needs Pillow or ffmpeg on the server, and neither is installed") from None
+    pix_fmt = "gray" if mode == "L" else "rgb24"
+    command = [*ffmpeg.quiet(executable, stdin=True), "-y", "-f", "rawvideo", "-pix_fmt", pix_fmt,
+               "-s", f"{width}x{height}", "-i", "-", "-frames:v", "1", "-c:v", "mjpeg",
+               "-q:v", str(ffmpeg_qscale(quality)), "-pix_fmt", "gray" if mode == "L" else "yuvj444p",
+               "-f", "image2", str(path)]
+    try:
+        code, tail = ffmpeg.run_blocking(command, input=pixels, timeout_s=FFMPEG_TIMEOUT_S)
+    except ffmpeg.FfmpegTimeout:
         raise StitchError(f"ffmpeg took longer than {FFMPEG_TIMEOUT_S:.0f} s to encode the JPEG") from None
-    if result.returncode != 0:
-        lines = result.stderr.decode(errors="replace").strip().splitlines()
-        raise StitchError(f"ffmpeg could not encode the JPEG: {lines[-1] if lines else result.returncode}")
+    except ffmpeg.FfmpegError as exc:
+        raise StitchError(str(exc)) from None
+    if code != 0:
+        raise StitchError(f"ffmpeg could not encode the JPEG: {tail[-1] if tail else code}")
 
 
 def _stitch_exr(spec: TileSpec, tiles: Sequence[Path], partial: Path, exr_codec: str) -> None:

@@ -34,6 +34,8 @@ _TILE_EXTENSIONS = frozenset(SPLIT_FORMATS.values())
 #: An upload is accepted only if the store's disk keeps at least this much free after it (the job database,
 #: frames and videos live on the same disk more often than not).
 FREE_SPACE_MARGIN_BYTES = 256 * 2**20
+#: Files in the content store are read-only: one file serves every job with those bytes.
+STORED_MODE = 0o444
 
 
 class UnsafeName(ValueError):
@@ -170,9 +172,15 @@ class ContentStore:
             partial.unlink(missing_ok=True)
 
     def commit(self, sink: FileSink, sha256: str) -> Path:
+        """Put a finished, verified transfer into the store (see move_in)."""
+        return self.move_in(sink.path, sha256)
+
+    def move_in(self, source: Path, sha256: str) -> Path:
+        """Rename a file whose bytes are known to hash to sha256 into the store, read-only from then on (it is
+        shared by every job that uses those bytes). `source` must be on the store's filesystem."""
         destination = self.path(sha256)
-        sink.commit(destination)
-        os.chmod(destination, 0o444)
+        os.replace(source, destination)
+        os.chmod(destination, STORED_MODE)
         return destination
 
     @contextlib.contextmanager

@@ -1,7 +1,12 @@
-"""Frames that a render client streams in: begin, chunks, end; a frame is stored exactly once."""
+"""Frames that a render client streams in: begin, chunks, end; a frame is stored exactly once.
+
+The bytes go to disk off the loop (chunk, finish); the decisions (is the frame wanted, is it stored) are
+made on the loop inside a unit of work, where nothing can interleave between the check and the commit.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -12,11 +17,12 @@ from protocol.errors import ProtocolError
 from protocol.limits import MAX_FRAME_BYTES
 from protocol.stream import FileSink
 
-from .jobs import Job
-from .storage import frame_name
+from .config import ServerStats
+from .storage import OutputStore, frame_name
 
 if TYPE_CHECKING:
-    from .server import FarmServer
+    from .finishing import UnitOfWork
+    from .scheduler import Farm
     from .workers import WorkerConnection
 
 log = logging.getLogger(__name__)
@@ -27,23 +33,29 @@ class Incoming:
     """A frame upload in progress on one connection."""
 
     begin: m.FrameBegin
-    sink: FileSink | None  # None: the frame is unwanted; its bytes are read and dropped
+    sink: FileSink | None  # None: the frame is unwanted (its bytes are read and dropped), or writing it failed
     received: int = 0
+    failed: bool = False  # the server could not write it (its job was paused with the reason)
 
 
 class FrameUploads:
-    def __init__(self, server: FarmServer) -> None:
-        self.server = server
+    def __init__(self, work: UnitOfWork, outputs: OutputStore, stats: ServerStats) -> None:
+        self._work = work
+        self._outputs = outputs
+        self._stats = stats
 
     def begin(self, conn: WorkerConnection, begin: m.FrameBegin) -> None:
-        server = self.server
+        with self._work.unit() as farm:
+            self._begin(farm, conn, begin)
+
+    def _begin(self, farm: Farm, conn: WorkerConnection, begin: m.FrameBegin) -> None:
         if conn.incoming is not None:
             raise ProtocolError("a frame upload began inside another")
-        server.outputs.job_dir(begin.job_id)  # refuses an id that could never name a folder of ours
+        self._outputs.job_dir(begin.job_id)  # refuses an id that could never name a folder of ours
         frame_name(begin.frame, begin.ext)  # and an extension that is not an image format's
         if not 0 < begin.size <= MAX_FRAME_BYTES:
             raise ProtocolError(f"frame size {begin.size} is out of bounds")
-        job = server.farm.jobs.get(begin.job_id)
+        job = farm.jobs.get(begin.job_id)
         if job is not None and job.settings is not None:
             if begin.frame not in job.frames:
                 raise ProtocolError(f"job {job.id} has no frame {begin.frame}")
@@ -51,29 +63,32 @@ class FrameUploads:
             if begin.ext != expected:
                 raise ProtocolError(f"job {job.id} stores .{expected} {'tiles' if job.settings.tiles else 'frames'}, "
                                     f"not {begin.ext!r}")
-        server.farm.check_frame_holder(begin.job_id, begin.frame, conn.client_id, begin.lease_id)
+        farm.check_frame_holder(begin.job_id, begin.frame, conn.client_id, begin.lease_id)
         sink = None
         # A frame of a job deleted meanwhile is read and dropped: the client did nothing wrong. One it was
         # never leased is refused before a byte of it is written (NotLeaseHolder closes the connection).
-        if job is not None and server.farm.wants_frame(job.id, begin.frame, conn.client_id, begin.lease_id):
+        if job is not None and farm.wants_frame(job.id, begin.frame, conn.client_id, begin.lease_id):
             try:
-                sink = server.outputs.frame_sink(job.id, begin.size)
+                sink = self._outputs.frame_sink(job.id, begin.size)
             except OSError as exc:
-                self._storage_failed(job, exc)
+                self._storage_failed(job.id, exc)
         conn.incoming = Incoming(begin=begin, sink=sink)
 
-    def _storage_failed(self, job: Job, exc: OSError) -> None:
-        """The server cannot write a job's frames (disk full, permissions): pause it with the reason."""
-        farm = self.server.farm
-        where = self.server.outputs.root / job.id
+    def _storage_failed(self, job_id: str, exc: OSError) -> None:
+        """The server cannot write a job's frames (disk full, permissions): the job pauses with the reason."""
+        where = self._outputs.root / job_id
         reason = f"the server cannot write frames to {where}: {exc.strerror or exc}; fix that, then resume the job"
-        log.error("job %s: %s", job.id, reason)
-        if job.state.running:
-            farm.pause_job(job.id)
-        job.error = reason
-        farm.store.save_job(job)
+        with self._work.unit() as farm:
+            farm.storage_failed(job_id, reason)
 
-    def chunk(self, conn: WorkerConnection, chunk: m.Chunk) -> None:
+    def _write_failed(self, incoming: Incoming, exc: OSError) -> None:
+        assert incoming.sink is not None
+        incoming.sink.abort()
+        incoming.sink = None
+        incoming.failed = True
+        self._storage_failed(incoming.begin.job_id, exc)
+
+    async def chunk(self, conn: WorkerConnection, chunk: m.Chunk) -> None:
         incoming = conn.incoming
         if incoming is None:
             raise ProtocolError("data chunk outside an upload")
@@ -82,57 +97,67 @@ class FrameUploads:
             raise ProtocolError("upload is larger than announced")
         if incoming.sink is not None:
             try:
-                incoming.sink.write(chunk.data)
+                await asyncio.to_thread(incoming.sink.write, chunk.data)
             except OSError as exc:
-                incoming.sink.abort()
-                incoming.sink = None
-                job = self.server.farm.jobs.get(incoming.begin.job_id)
-                if job is not None:
-                    self._storage_failed(job, exc)
+                self._write_failed(incoming, exc)
 
-    def end(self, conn: WorkerConnection, end: m.End) -> None:
-        server = self.server
+    async def finish(self, conn: WorkerConnection, end: m.End) -> None:
+        """Close the upload's file and check its size and sha256, off the loop (end() then stores it)."""
+        incoming = conn.incoming
+        if incoming is None or incoming.sink is None:
+            return
+        try:
+            await asyncio.to_thread(incoming.sink.finish, end.sha256)
+        except ProtocolError:
+            self.abort(conn)
+            raise
+        except OSError as exc:
+            self._write_failed(incoming, exc)
+
+    def abort(self, conn: WorkerConnection) -> None:
+        """Throw away the connection's upload in progress, if any (its connection ended)."""
+        if conn.incoming is not None and conn.incoming.sink is not None:
+            conn.incoming.sink.abort()
+        conn.incoming = None
+
+    def end(self, conn: WorkerConnection) -> None:
+        """The upload ended (and finish() checked its file): store the frame if it is still wanted."""
+        with self._work.unit() as farm:
+            self._end(farm, conn)
+
+    def _end(self, farm: Farm, conn: WorkerConnection) -> None:
         incoming = conn.incoming
         if incoming is None:
             raise ProtocolError("end of an upload that never began")
         conn.incoming = None
         begin, sink = incoming.begin, incoming.sink
         if sink is None:
-            server.stats.duplicate_frames += 1
-            log.info("job %s: frame %d from %s was already stored; ignored", begin.job_id, begin.frame, conn.peer.name)
+            if not incoming.failed:
+                self._stats.duplicate_frames += 1
+                log.info("job %s: frame %d from %s was already stored; ignored", begin.job_id, begin.frame,
+                         conn.peer.name)
             return
         try:
-            sink.finish(end.sha256)
-        except ProtocolError:
-            sink.abort()
-            raise
-        except OSError as exc:
-            sink.abort()
-            job = server.farm.jobs.get(begin.job_id)
-            if job is not None:
-                self._storage_failed(job, exc)
-            return
-        try:
-            wanted = server.farm.wants_frame(begin.job_id, begin.frame, conn.client_id, begin.lease_id)
+            wanted = farm.wants_frame(begin.job_id, begin.frame, conn.client_id, begin.lease_id)
         except ProtocolError:
             sink.abort()
             raise
         if not wanted:
             sink.abort()
-            server.stats.duplicate_frames += 1
+            self._stats.duplicate_frames += 1
             return
         try:
-            settings = server.farm.jobs[begin.job_id].settings
+            settings = farm.jobs[begin.job_id].settings
             if settings is not None and settings.tiles:  # a tile of a split frame: it waits in .tiles/
-                path = server.outputs.commit_tile(sink, begin.job_id, settings.frames[0], begin.frame, begin.ext)
+                path = self._outputs.commit_tile(sink, begin.job_id, settings.frames[0], begin.frame, begin.ext)
             else:
-                path = server.outputs.commit_frame(sink, begin.job_id, begin.frame, begin.ext)
+                path = self._outputs.commit_frame(sink, begin.job_id, begin.frame, begin.ext)
         except OSError as exc:
             sink.abort()
-            self._storage_failed(server.farm.jobs[begin.job_id], exc)
+            self._storage_failed(begin.job_id, exc)
             return
-        server.farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s, begin.lease_id,
-                                 [clip_text(w, MAX_WARNING_CHARS) for w in begin.warnings[:MAX_LOG_WARNINGS + 1]])
-        server.stats.frames_stored += 1
+        farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s, begin.lease_id,
+                          [clip_text(w, MAX_WARNING_CHARS) for w in begin.warnings[:MAX_LOG_WARNINGS + 1]])
+        self._stats.frames_stored += 1
         log.info("job %s: frame %d stored from %s (%.2f s) -> %s", begin.job_id, begin.frame, conn.peer.name,
                  begin.render_s, path.name)

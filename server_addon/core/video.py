@@ -8,7 +8,6 @@ ffmpeg succeeded, so a half-written video never appears.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import math
@@ -21,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from . import ffmpeg as ffmpeg_binary
 from .storage import frame_name, is_job_id
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ LINEAR_EXTENSIONS = frozenset({"exr"})
 #: A rate this close to N*1000/1001 (and not whole) is the NTSC rate: 23.976 -> 24000/1001.
 NTSC_TOLERANCE = 0.005
 MISSING_SHOWN = 5
-STDERR_TAIL_LINES = 8
 #: Even sizes are required by 4:2:0 and 4:2:2 chroma subsampling.
 PAD_EVEN = "pad=ceil(iw/2)*2:ceil(ih/2)*2"
 #: On the frames too, not only the encoder: prores_ks writes the frames' colour tags into the stream.
@@ -84,17 +83,11 @@ class VideoSettings:
 
 
 def find_ffmpeg() -> str:
-    """The system's ffmpeg on PATH, else the binary shipped by the imageio-ffmpeg package."""
-    found = shutil.which("ffmpeg")
-    if found:
-        return found
+    """The ffmpeg that videos, stitched JPEGs and previews all use (see ffmpeg.find)."""
     try:
-        import imageio_ffmpeg  # optional: a pip-installable ffmpeg for machines without one
-
-        return str(imageio_ffmpeg.get_ffmpeg_exe())
-    except (ImportError, RuntimeError, OSError):
-        raise VideoError("ffmpeg is not installed: install it with your system's package manager "
-                         "or run `pip install imageio-ffmpeg`.") from None
+        return ffmpeg_binary.find()
+    except ffmpeg_binary.FfmpegError as exc:
+        raise VideoError(str(exc)) from None
 
 
 def frame_rate(fps: float) -> Fraction:
@@ -140,7 +133,7 @@ def ffmpeg_arguments(ffmpeg: str, pattern: str, rate: Fraction, settings: VideoS
                      destination: Path) -> list[str]:
     codec, quality = settings.codec, settings.quality
     # -xerror: without it ffmpeg skips a frame it cannot decode and still exits 0, a silently short video.
-    args = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-xerror", "-y",
+    args = [*ffmpeg_binary.quiet(ffmpeg), "-xerror", "-y",
             "-f", "image2", "-framerate", f"{rate.numerator}/{rate.denominator}", "-start_number", "0"]
     if is_linear:
         # A decoder option, so it goes before -i: scene-linear EXR -> sRGB display values.
@@ -209,11 +202,13 @@ async def build_video(frames: list[Path], fps: float, settings: VideoSettings, o
         with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.frames.") as links:
             await asyncio.to_thread(_link_frames, frames, Path(links), ext)
             args = ffmpeg_arguments(executable, f"%06d.{ext}", rate, settings, linear, partial)
-            code, tail = await _run(args, Path(links))
+            code, tail = await ffmpeg_binary.run(args, cwd=Path(links))
         if code != 0:
             detail = " / ".join(tail) or "no error output"
             raise VideoError(f"ffmpeg could not build {output.name} (exit status {code}): {detail}")
         os.replace(partial, output)
+    except ffmpeg_binary.FfmpegError as exc:
+        raise VideoError(str(exc)) from None
     except OSError as exc:
         raise VideoError(f"Cannot write the video {output}: {exc.strerror or exc}.") from exc
     finally:
@@ -221,29 +216,6 @@ async def build_video(frames: list[Path], fps: float, settings: VideoSettings, o
             partial.unlink()
     log.info("video %s: done, %d bytes", output, output.stat().st_size)
     return output
-
-
-async def _run(args: list[str], cwd: Path) -> tuple[int, list[str]]:
-    """Run ffmpeg, keeping the last lines of its stderr; kill it if the caller is cancelled."""
-    try:
-        proc = await asyncio.create_subprocess_exec(*args, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
-    except OSError as exc:
-        raise VideoError(f"ffmpeg could not be started ({args[0]}): {exc.strerror or exc}.") from None
-    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-    try:
-        assert proc.stderr is not None
-        async for line in proc.stderr:
-            text = line.decode(errors="replace").strip()
-            if text:
-                tail.append(text)
-        return await proc.wait(), list(tail)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.shield(proc.wait())
 
 
 def remove_leftovers(folder: Path) -> int:

@@ -1,14 +1,15 @@
 """Render-client connections: what a client sends (heartbeats, frames, probe results, .blend
 requests), what it is sent (one writer task per client, in order), and the watchdog that drops
-clients that went silent or hang on a frame."""
+clients that went silent or hang on a frame. Every change goes through the service's unit of work."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from protocol import messages as m
 from protocol.errors import ConnectionClosed, ProtocolError
@@ -16,33 +17,41 @@ from protocol.handshake import Peer
 from protocol.settings import SceneInfo
 from protocol.stream import MessageStream
 
+from .config import HANG_MIN_SAMPLES, ServerConfig, ServerStats
+from .finishing import UnitOfWork
 from .jobs import JobState
+from .scheduler import Farm
 from .stitch import jpeg_encoder_available
-from .storage import UnsafeName
+from .storage import ContentStore, OutputStore, UnsafeName
+from .tasks import Spawner
 from .uploads import FrameUploads, Incoming
-
-if TYPE_CHECKING:
-    from .server import FarmServer
 
 log = logging.getLogger(__name__)
 
 #: Lost clients kept in the status list for the user to see; older ones are forgotten.
 MAX_LOST_CLIENTS_SHOWN = 32
-#: A client on one frame for longer than FACTOR times the job's median frame time (and at least
-#: MIN_S, and only once MIN_SAMPLES frames were measured) is treated as lost.
-HANG_FACTOR = 10.0
-HANG_MIN_S = 120.0
-HANG_MIN_SAMPLES = 3
+
+
+class WorkerService(UnitOfWork, Protocol):
+    """What the render-client side needs of the service."""
+
+    farm: Farm
+    files: ContentStore
+    outputs: OutputStore
+    stats: ServerStats
+
+    def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None,
+                        device: str = "") -> None: ...
 
 
 class WorkerConnection:
-    def __init__(self, server: FarmServer, stream: MessageStream, client_id: str, peer: Peer) -> None:
-        self.server = server
+    def __init__(self, stream: MessageStream, client_id: str, peer: Peer, stats: ServerStats, now: float) -> None:
         self.stream = stream
         self.client_id = client_id
         self.peer = peer
-        self.last_seen = server.clock()
-        self.last_ping = self.last_seen
+        self.stats = stats
+        self.last_seen = now
+        self.last_ping = now
         self.incoming: Incoming | None = None
         self.outbox: asyncio.Queue[m.Message | tuple[m.BlendBegin, Path]] = asyncio.Queue()
         self.writer_task: asyncio.Task[None] | None = None
@@ -61,8 +70,8 @@ class WorkerConnection:
                     try:
                         await self.stream.send_file(begin, path, counter=counter)
                     finally:
-                        self.server.stats.blend_bytes_sent += counter[0]
-                        self.server.stats.files_sent += 1
+                        self.stats.blend_bytes_sent += counter[0]
+                        self.stats.files_sent += 1
                     log.info("client %s: sent file %s (%d bytes)", self.peer.name, begin.sha256[:12], counter[0])
                 else:
                     await self.stream.send(item)
@@ -71,34 +80,63 @@ class WorkerConnection:
             self.stream.close()
 
 
-class Workers:
-    """The connected render clients, by client id."""
+class ClientOutboxes:
+    """The connected render clients by id: where the service's messages to them go (its Outbox)."""
 
-    def __init__(self, server: FarmServer) -> None:
-        self.server = server
+    def __init__(self) -> None:
         self.connections: dict[str, WorkerConnection] = {}
-        self._uploads = FrameUploads(server)
 
-    def get(self, client_id: str) -> WorkerConnection | None:
-        return self.connections.get(client_id)
+    def post(self, client_id: str, message: m.Message) -> bool:
+        conn = self.connections.get(client_id)
+        if conn is None:
+            return False
+        conn.post(message)
+        return True
+
+    def reachable(self, client_id: str) -> bool:
+        return client_id in self.connections
+
+
+class Workers:
+    """Serves render-client connections: what they send goes to the service as units of work."""
+
+    def __init__(self, service: WorkerService, outboxes: ClientOutboxes, tasks: Spawner, config: ServerConfig,
+                 clock: Callable[[], float]) -> None:
+        self._service = service
+        self.connections = outboxes.connections
+        self._tasks = tasks
+        self._config = config
+        self._clock = clock
+        self._uploads = FrameUploads(service, service.outputs, service.stats)
+        self._closing = False
+
+    def close(self) -> None:
+        """The server is stopping: a connection that closes from now on is nobody's failure."""
+        self._closing = True
 
     async def serve(self, stream: MessageStream, peer: Peer, client_id: str) -> None:
-        server = self.server
-        conn = WorkerConnection(server, stream, client_id, peer)
-        self._forget_lost(peer)
-        server.farm.connect_client(client_id, peer.name, peer.host or stream.peer.rsplit(":", 1)[0], peer.device,
-                                   peer.devices, peer.blender, peer.allow_scripts)
-        self.connections[client_id] = conn
-        conn.writer_task = server._spawn(conn.write_loop())
-        log.info("client %s connected from %s as %s (Blender %s)", peer.name, stream.peer, client_id,
-                 peer.blender or "?")
-        server._dispatch()
-        server._notify()
+        service = self._service
+        conn = WorkerConnection(stream, client_id, peer, service.stats, self._clock())
+        with service.unit() as farm:
+            self._forget_lost(farm, peer)
+            farm.connect_client(client_id, peer.name, peer.host or stream.peer.rsplit(":", 1)[0], peer.device,
+                                peer.devices, peer.blender, peer.allow_scripts)
+            self.connections[client_id] = conn
+            conn.writer_task = self._tasks.spawn(conn.write_loop())
+            log.info("client %s connected from %s as %s (Blender %s)", peer.name, stream.peer, client_id,
+                     peer.blender or "?")
         try:
             while conn.client_id in self.connections:  # the watchdog may have dropped it meanwhile
                 message = await stream.recv()
-                conn.last_seen = server.clock()
-                self._on_message(conn, message)
+                conn.last_seen = self._clock()
+                if isinstance(message, m.Chunk):
+                    # Bytes of an upload change nothing anyone sees; only its end does. Written off the loop.
+                    await self._uploads.chunk(conn, message)
+                elif isinstance(message, m.End):
+                    await self._uploads.finish(conn, message)  # (closing and checking the file, off the loop)
+                    self._uploads.end(conn)
+                else:
+                    self._on_message(conn, message)
         except (ProtocolError, UnsafeName) as exc:
             if not isinstance(exc, ConnectionClosed):
                 # Tell the client why, before its connection goes (its log then says what it did wrong).
@@ -109,6 +147,7 @@ class Workers:
             raise
         finally:
             self.drop(conn)
+            self._uploads.abort(conn)  # here, not in drop(): no write of it runs in a thread any more
 
     def drop(self, conn: WorkerConnection) -> None:
         if self.connections.pop(conn.client_id, None) is None:
@@ -116,18 +155,13 @@ class Workers:
         conn.stream.close()
         if conn.writer_task is not None:
             conn.writer_task.cancel()
-        if conn.incoming is not None and conn.incoming.sink is not None:
-            conn.incoming.sink.abort()
-        conn.incoming = None
-        server = self.server
-        if server._stopping:
+        if self._closing:
             return  # the server is going away: nobody's frames are lost, nothing to hand out
-        server.farm.disconnect_client(conn.client_id)
-        server._dispatch()
-        server._notify()
+        with self._service.unit() as farm:
+            farm.disconnect_client(conn.client_id)
 
-    def _forget_lost(self, peer: Peer) -> None:
-        farm = self.server.farm
+    @staticmethod
+    def _forget_lost(farm: Farm, peer: Peer) -> None:
         lost = [c for c in farm.clients.values() if not c.connected]
         for record in lost:
             if record.name == peer.name and record.host == peer.host:
@@ -137,35 +171,26 @@ class Workers:
             farm.forget_client(record.id)
 
     def _on_message(self, conn: WorkerConnection, message: m.Message) -> None:
-        server, farm = self.server, self.server.farm
         if isinstance(message, m.Heartbeat):
-            if farm.client_reported(conn.client_id, message.state, message.lease_id, message.frame, message.device):
-                server._dispatch()
-                server._notify()
+            self._service.client_reported(conn.client_id, message.state, message.lease_id, message.frame,
+                                          message.device)
             return
-        if isinstance(message, m.Chunk):
-            self._uploads.chunk(conn, message)
-            return  # bytes of an upload change nothing anyone sees; only its end does
-        if isinstance(message, m.End):
-            self._uploads.end(conn, message)
-        elif isinstance(message, m.FrameBegin):
-            self._uploads.begin(conn, message)
-        elif isinstance(message, m.FrameFailed):
-            farm.frame_failed(message.lease_id, message.frame, conn.client_id,
-                              m.clip(message.error), m.clip(message.log))
-        elif isinstance(message, m.LeaseDone):
-            farm.lease_done(message.lease_id, conn.client_id)
-        elif isinstance(message, m.ProbeResult):
-            self._probe_result(conn, message)
-        elif isinstance(message, m.BlendRequest):
-            self._blend_request(conn, message)
-        else:
-            raise ProtocolError(f"a render client may not send {message.TYPE.value}")
-        server._dispatch()
-        server._notify()
+        with self._service.unit() as farm:
+            if isinstance(message, m.FrameBegin):
+                self._uploads.begin(conn, message)
+            elif isinstance(message, m.FrameFailed):
+                farm.frame_failed(message.lease_id, message.frame, conn.client_id,
+                                  m.clip(message.error), m.clip(message.log))
+            elif isinstance(message, m.LeaseDone):
+                farm.lease_done(message.lease_id, conn.client_id)
+            elif isinstance(message, m.ProbeResult):
+                self._probe_result(farm, conn, message)
+            elif isinstance(message, m.BlendRequest):
+                self._blend_request(farm, conn, message)
+            else:
+                raise ProtocolError(f"a render client may not send {message.TYPE.value}")
 
-    def _probe_result(self, conn: WorkerConnection, message: m.ProbeResult) -> None:
-        farm = self.server.farm
+    def _probe_result(self, farm: Farm, conn: WorkerConnection, message: m.ProbeResult) -> None:
         scene: SceneInfo | None = None
         error = message.error
         if message.ok:
@@ -180,15 +205,14 @@ class Workers:
             if job is not None:  # (logged once it counted: a stranger's spray is refused above, unlogged)
                 log.warning("client %s could not read the .blend: %s", conn.peer.name, error)
         if job is not None and job.state is JobState.RENDERING:
-            self.server.outputs.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+            self._service.outputs.job_dir(job.id).mkdir(parents=True, exist_ok=True)
             if job.settings.tiles and job.settings.file_format == "JPEG" and not jpeg_encoder_available():
                 farm.fail_job(job, "a split JPEG frame is encoded on the server, which needs Pillow or ffmpeg; "
                                    "install one, or render the frame as PNG or OpenEXR")
 
-    def _blend_request(self, conn: WorkerConnection, message: m.BlendRequest) -> None:
+    def _blend_request(self, farm: Farm, conn: WorkerConnection, message: m.BlendRequest) -> None:
         """Send a file of the job this client works on; nothing else leaves the store, whatever it asks."""
-        farm = self.server.farm
-        path = self.server.blends.path(message.sha256)
+        path = self._service.files.path(message.sha256)
         record = farm.clients.get(conn.client_id)
         lease = farm.leases.get(record.lease_id) if record is not None and record.lease_id is not None else None
         job = farm.jobs.get(lease.job_id) if lease is not None else None
@@ -203,15 +227,15 @@ class Workers:
         """Close the connections of clients that went silent for longer than the timeout (or hang on a
         frame), and ping the others so that they notice a server that went silent in turn."""
         while True:
-            await asyncio.sleep(min(1.0, self.server.config.heartbeat_interval / 2))
+            await asyncio.sleep(min(1.0, self._config.heartbeat_interval / 2))
             try:
                 self.check()
             except Exception:  # one bad round must not end the watchdog
                 log.exception("watchdog round failed")
 
     def check(self) -> None:
-        config = self.server.config
-        now = self.server.clock()
+        config = self._config
+        now = self._clock()
         for conn in list(self.connections.values()):
             silent = now - conn.last_seen
             if silent > config.heartbeat_timeout:
@@ -220,7 +244,7 @@ class Workers:
             elif now - conn.last_ping >= config.heartbeat_interval:
                 conn.last_ping = now
                 conn.post(m.Heartbeat(state="server"))
-        for client_id, elapsed, limit in self.server.farm.hung_clients(config.hang_factor, config.hang_min_s,
+        for client_id, elapsed, limit in self._service.farm.hung_clients(config.hang_factor, config.hang_min_s,
                                                                        HANG_MIN_SAMPLES):
             conn = self.connections.get(client_id)
             if conn is not None:

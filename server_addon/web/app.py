@@ -1,7 +1,7 @@
 """The web interface's application: routes, the guard every request passes, and start/stop.
 
 It runs on the farm server's own event loop (the headless server's, or the add-on's server thread),
-so handlers call the FarmServer directly with no locks: everything happens on one thread.
+so handlers call the FarmService directly with no locks: everything happens on one thread.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from aiohttp import web
 from protocol.limits import MAX_BLEND_BYTES
 from protocol.units import human_bytes
 
-from ..core.server import FarmServer
+from ..core.service import FarmService
 from . import client_zip, handlers
 from .auth import PAGE_HEADER, Auth, cross_site_reason, is_loopback_host
 from .errors import WebError, error_response
@@ -150,7 +150,7 @@ async def _end_streams(app: web.Application) -> None:
 
 
 class WebServer:
-    """The running web interface; stop() before the FarmServer stops."""
+    """The running web interface; stop() before the FarmService stops."""
 
     def __init__(self, runner: web.AppRunner, state: WebState, host: str, port: int) -> None:
         self._runner = runner
@@ -168,7 +168,7 @@ class WebServer:
         log.info("web interface on %s stopped", self.url)
 
 
-async def start_web(server: FarmServer, host: str = "127.0.0.1", port: int = 0, secret: str | None = None, *,
+async def start_web(server: FarmService, host: str = "127.0.0.1", port: int = 0, secret: str | None = None, *,
                     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                     event_interval_s: float = EVENT_MIN_INTERVAL_S) -> WebServer:
     """Serve the web interface for `server` on host:port (0: a free port), on the running loop."""

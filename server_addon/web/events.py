@@ -35,8 +35,8 @@ class StatusFeed:
         self._data = b""
 
     def payload(self) -> bytes:
-        if self._version != self.server.version:
-            self._version = self.server.version
+        if self._version != self.server.feed.version:
+            self._version = self.server.feed.version
             self._data = dumps(self.build(), separators=(",", ":")).encode()
         return self._data
 
@@ -56,15 +56,15 @@ async def stream_events(request: web.Request, server: Any, feed: StatusFeed,
         sent_version = -1
         sent_at = -min_interval
         while True:
-            if server.version == sent_version:
-                await server.wait_change(sent_version, KEEPALIVE_S)
-                if server.version == sent_version:
+            if server.feed.version == sent_version:
+                await server.feed.wait_change(sent_version, KEEPALIVE_S)
+                if server.feed.version == sent_version:
                     await response.write(b": keepalive\n\n")
                     continue
             pause = sent_at + min_interval - loop.time()
             if pause > 0:
                 await asyncio.sleep(pause)  # changes during the pause go out together
-            sent_version = server.version
+            sent_version = server.feed.version
             await response.write(b"event: status\ndata: " + feed.payload() + b"\n\n")
             sent_at = loop.time()
     except ConnectionError:

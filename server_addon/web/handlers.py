@@ -13,9 +13,10 @@ from aiohttp import web
 
 from protocol.settings import IMAGE_FORMATS
 
+from ..core import actions
 from ..core.jobs import FrameState, Job
 from ..core.scheduler import JobActionError
-from ..core.server import FarmServer
+from ..core.service import FarmService
 from ..core.storage import is_job_id
 from ..core.video import CODECS, LOCATIONS, QUALITIES, VideoSettings
 from . import events, files, jsonout, upload
@@ -26,15 +27,12 @@ from .thumbs import Thumbnails
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-#: Actions on one job: URL spelling -> FarmServer.job_action name.
-JOB_ACTIONS = {"cancel": "cancel", "pause": "pause", "resume": "resume", "force_complete": "force_complete",
-               "force-complete": "force_complete", "priority": "priority", "video": "video", "delete": "delete"}
 _YES = frozenset({"1", "true", "yes", "on"})
 
 
 @dataclass
 class WebState:
-    server: FarmServer
+    server: FarmService
     auth: Auth
     thumbnails: Thumbnails
     max_upload_bytes: int
@@ -56,7 +54,7 @@ def build_status(state: WebState) -> dict[str, Any]:
     working = Counter(c["job_id"] for c in snapshot["clients"] if c["state"] == "rendering")
     for view in snapshot["jobs"]:
         view.update(_web_fields(state.server, view, working[view["id"]]))
-    snapshot["version"] = state.server.version
+    snapshot["version"] = state.server.feed.version
     snapshot["web"] = {
         "auth": state.auth.required,
         "max_upload_bytes": state.max_upload_bytes,
@@ -66,7 +64,7 @@ def build_status(state: WebState) -> dict[str, Any]:
     return snapshot
 
 
-def _web_fields(server: FarmServer, view: dict[str, Any], working: int) -> dict[str, Any]:
+def _web_fields(server: FarmService, view: dict[str, Any], working: int) -> dict[str, Any]:
     job_id = view["id"]
     remaining = view["frames_total"] - view["frames_done"]
     mean = view.get("mean_frame_s")
@@ -191,12 +189,15 @@ async def job_view(request: web.Request) -> web.Response:
 async def job_action(request: web.Request) -> web.Response:
     job = _job(request)
     name = request.match_info["action"]
-    action = JOB_ACTIONS.get(name)
-    if action is None:
-        known = ", ".join(sorted(set(JOB_ACTIONS.values())))
-        raise WebError(404, f"unknown job action {name!r}; known: {known}")
+    try:
+        action = actions.resolve_action(name)
+    except JobActionError:
+        action = None
+    if action is None or not action.on_job:
+        known = ", ".join(sorted(a.name for a in actions.ACTIONS.values() if a.on_job))
+        raise WebError(404, f"unknown job action {name!r}; known: {known}") from None
     body = await _json_body(request)
-    return await _run_action(request, action, job.id, _action_args(action, body, request))
+    return await _run_action(request, action.name, job.id, _action_args(action.name, body, request))
 
 
 async def delete_job(request: web.Request) -> web.Response:

@@ -173,9 +173,7 @@ def commit(staging: Staging, plan: ProjectPlan, store: ContentStore) -> tuple[in
             reused += 1
             reused_bytes += f.size
             continue
-        destination = store.path(sha)
-        os.replace(staging.path(f.relpath), destination)
-        os.chmod(destination, 0o444)
+        store.move_in(staging.path(f.relpath), sha)
         new_files += 1
         new_bytes += f.size
     return new_files, new_bytes, reused, reused_bytes

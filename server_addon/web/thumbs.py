@@ -14,7 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..core.video import LINEAR_EXTENSIONS, VideoError, find_ffmpeg
+from ..core import ffmpeg
+from ..core.video import LINEAR_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -55,34 +56,28 @@ class Thumbnails:
 
     async def _make(self, job_id: str, frame: Path, target: Path, linear: bool) -> Path | None:
         try:
-            ffmpeg = find_ffmpeg()
-        except VideoError as exc:
+            executable = ffmpeg.find()
+        except ffmpeg.FfmpegError as exc:
             log.info("job %s: no preview of %s: %s", job_id, frame.name, exc)
             return None
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.part")
-        args = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
+        args = [*ffmpeg.quiet(executable), "-y"]
         if linear:
             args += ["-apply_trc", "iec61966_2_1"]  # scene-linear EXR -> sRGB display values
         args += ["-i", str(frame), "-frames:v", "1", "-vf", f"scale='min({THUMBNAIL_WIDTH},iw)':-2",
                  "-f", "image2", "-c:v", "png", str(partial)]
-        proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
         try:
-            async with asyncio.timeout(THUMBNAIL_TIMEOUT_S):
-                _, stderr = await proc.communicate()
-        except TimeoutError:
+            code, tail = await ffmpeg.run(args, timeout_s=THUMBNAIL_TIMEOUT_S)
+        except ffmpeg.FfmpegTimeout:
             log.warning("job %s: ffmpeg took over %.0f s to preview %s", job_id, THUMBNAIL_TIMEOUT_S, frame.name)
             return None
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if proc.returncode != 0 or not partial.is_file():
-            detail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no error output"]
-            log.warning("job %s: ffmpeg could not preview %s: %s", job_id, frame.name, detail[0])
+        except ffmpeg.FfmpegError as exc:
+            log.warning("job %s: no preview of %s: %s", job_id, frame.name, exc)
+            return None
+        if code != 0 or not partial.is_file():
+            log.warning("job %s: ffmpeg could not preview %s: %s", job_id, frame.name,
+                        tail[-1] if tail else "no error output")
             with contextlib.suppress(OSError):
                 partial.unlink()
             return None

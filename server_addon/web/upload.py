@@ -22,11 +22,14 @@ from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, MultipartReader, web
 
-from protocol.limits import MAX_NAME_CHARS, MAX_PROJECT_FILES
+from protocol.blendfile import MAGIC_BYTES, looks_like_blend
+from protocol.limits import MAX_PROJECT_FILES
 from protocol.manifest import safe_blend_name
+from protocol.names import clean_file_name
 from protocol.settings import JobRequest, SettingsError
 from protocol.units import human_bytes
 
+from ..core.actions import check_priority
 from ..core.storage import StoreFull
 from ..core.video import VideoSettings
 from . import projects
@@ -35,9 +38,6 @@ from .staging import Staging, looks_like_zip
 
 log = logging.getLogger(__name__)
 
-#: How a .blend starts: plain, zstd-compressed (Blender 3.0+) or gzip-compressed (older Blenders).
-BLEND_MAGICS = (b"BLENDER", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")
-MAGIC_BYTES = max(len(magic) for magic in BLEND_MAGICS)
 READ_CHUNK_BYTES = 256 * 1024
 #: Writes go to disk off the loop in batches of about this size.
 WRITE_BATCH_BYTES = 2 * 1024 * 1024
@@ -45,7 +45,6 @@ WRITE_BATCH_BYTES = 2 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 32
-MAX_PRIORITY = 1_000_000
 INT_FIELDS = ("frame_start", "frame_end", "frame_step", "chunk", "samples", "percentage", "split")
 TEXT_FIELDS = ("name", "file_format", "priority", "start", "video", "video_quality", "video_location", "device",
                "allow_missing", "needs_scripts", "blender")
@@ -85,9 +84,10 @@ def parse_options(fields: dict[str, str]) -> JobOptions:
                 raise SettingsError(f"{key} must be 1 or 0, not {fields[key]!r}")
             raw[key] = text in _TRUE
         request = JobRequest.from_wire(raw)
-        priority = _integer("priority", fields.get("priority", "")) or 0
-        if abs(priority) > MAX_PRIORITY:
-            raise SettingsError(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}, not {priority}")
+        try:
+            priority = check_priority(_integer("priority", fields.get("priority", "")) or 0)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         start_text = fields.get("start", "").strip().lower()
         if start_text not in _TRUE | _FALSE:
             raise SettingsError(f"start must be 1 (start now) or 0 (queue), not {fields['start']!r}")
@@ -103,7 +103,7 @@ def parse_options(fields: dict[str, str]) -> JobOptions:
     except (SettingsError, ValueError) as exc:
         raise WebError(400, f"invalid job settings: {exc}") from None
     return JobOptions(request=request, start=start_text in _TRUE, priority=priority, video=video,
-                      name=clean_name(fields.get("name", "")) or None)
+                      name=clean_file_name(fields.get("name", "")) or None)
 
 
 def _integer(key: str, text: str) -> int | None:
@@ -113,16 +113,6 @@ def _integer(key: str, text: str) -> int | None:
     if not _INTEGER.fullmatch(text):
         raise SettingsError(f"{key} must be a whole number, not {text!r}")
     return int(text)
-
-
-def clean_name(name: str) -> str:
-    """A job name from a file name: its last path part, printable characters only, bounded."""
-    base = re.split(r"[\\/]", name)[-1]
-    return "".join(ch for ch in base if ch.isprintable()).strip()[:MAX_NAME_CHARS]
-
-
-def looks_like_blend(head: bytes) -> bool:
-    return any(head.startswith(magic) for magic in BLEND_MAGICS)
 
 
 class Budget:
@@ -186,7 +176,7 @@ async def receive_job(request: web.Request, server: Any, max_upload_bytes: int) 
                             f"{human_bytes(max_upload_bytes)} this farm accepts")
     if request.content_length is not None:
         try:  # the upload is staged on the store's disk, and renamed into the store from there
-            server.blends.check_room(request.content_length)
+            server.files.check_room(request.content_length)
         except StoreFull as exc:
             raise WebError(507, str(exc)) from None
     reader = await request.multipart()
@@ -250,17 +240,17 @@ async def _receive(request: web.Request, server: Any, reader: MultipartReader, s
     if (plan.missing or plan.outside) and not options.request.allow_missing:
         projects.refuse_missing(plan)
     if kind == "blend":
-        name = options.name or clean_name(filename) or "untitled.blend"
+        name = options.name or clean_file_name(filename) or "untitled.blend"
         project = None  # the .blend alone keeps the job's name, as it always has
     else:
-        name = options.name or clean_name(main.relpath)
+        name = options.name or clean_file_name(main.relpath)
         project = plan.manifest
     shas = {f.sha256 for f in plan.files}
     job = None
     try:
         # Pinned from before commit asks the store what it has until the job exists (see ContentStore.pinned).
-        with server.blends.pinned(shas):
-            counts = await asyncio.to_thread(projects.commit, staging, plan, server.blends)
+        with server.files.pinned(shas):
+            counts = await asyncio.to_thread(projects.commit, staging, plan, server.files)
             server.stats.upload_bytes_received += counts[1]
             server.stats.files_received += counts[0]
             try:

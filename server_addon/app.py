@@ -1,0 +1,162 @@
+"""The composition root: the one place that builds the farm server's parts, starts them in one order and
+stops them in the reverse one. The headless server (server_addon.__main__) and the add-on's server thread
+(server_addon.thread) both run a FarmApp.
+
+    open the stores -> recover jobs -> service -> render-client and tool sides -> TCP port
+    -> watchdog and first dispatch -> web interface (optional) -> zeroconf advertisement (optional)
+
+Constructing a FarmApp does no I/O; start() does all of it, and a part that cannot start stops the ones
+started before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from protocol.discovery import Advertiser
+from protocol.errors import DiscoveryError
+
+from .core.config import ServerConfig, ServerStartError, ServerStats
+from .core.control import ControlConnections
+from .core.database import Database, DatabaseError
+from .core.listener import Listener
+from .core.recovery import recover
+from .core.scheduler import Farm
+from .core.service import FarmService
+from .core.storage import ContentStore, OutputStore
+from .core.tasks import Tasks
+from .core.workers import ClientOutboxes, Workers
+
+if TYPE_CHECKING:
+    from .web import WebServer
+
+__all__ = ["FarmApp", "ServerStartError", "WebStartError"]
+
+log = logging.getLogger(__name__)
+
+
+class WebStartError(ServerStartError, OSError):
+    """The web interface could not listen where it was told; the message is one line for the user."""
+
+
+class FarmApp:
+    """One farm server. With `web_port` (0: a free one) the web interface runs on `web_host` (loopback unless
+    told otherwise); with `discovery` the farm is advertised over zeroconf once it listens (on `interfaces`,
+    checked addresses; by default the interface of `config.host`, or all for 0.0.0.0)."""
+
+    def __init__(self, config: ServerConfig, *, discovery: bool = False, interfaces: Sequence[str] | None = None,
+                 web_port: int | None = None, web_host: str = "127.0.0.1",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._discovery = discovery
+        self._interfaces = interfaces
+        self._web_port = web_port
+        self._web_host = web_host
+        self._clock = clock
+        self.service: FarmService | None = None
+        self.web: WebServer | None = None
+        self.advertiser: Advertiser | None = None
+        self._db: Database | None = None
+        self._tasks = Tasks()
+        self._workers: Workers | None = None
+        self._listener: Listener | None = None
+        self._advertising: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int | None:
+        return self._listener.port if self._listener else None
+
+    async def start(self) -> None:
+        config = self.config
+        try:
+            outputs = OutputStore(config.output_dir)
+            # Every file of every job by sha256 (.blends, textures, caches, ...).
+            files = ContentStore(config.resolved_data_dir / "files", legacy=config.resolved_data_dir / "blends")
+            self._db = Database(config.resolved_data_dir / "jobs.sqlite3")
+        except OSError as exc:
+            raise ServerStartError(f"cannot use {exc.filename or config.output_dir}: {exc.strerror or exc}") from None
+        except DatabaseError as exc:
+            raise ServerStartError(str(exc)) from None
+        farm = Farm(self._clock, store=self._db)
+        try:
+            recover(farm, self._db, files, outputs)
+            stats = ServerStats()
+            outboxes = ClientOutboxes()
+            service = FarmService(config, farm, files, outputs, outbox=outboxes, tasks=self._tasks, stats=stats,
+                                  clock=self._clock)
+            self._workers = Workers(service, outboxes, self._tasks, config, self._clock)
+            control = ControlConnections(service, self._tasks)
+            self._listener = Listener(config, stats, self._tasks, workers=self._workers, control=control)
+            await self._listener.start()
+            self._tasks.spawn(self._workers.watchdog())
+            service.start()
+            self.service = service
+            log.info("farm %r listening on %s:%d, output in %s", config.farm_name, config.host, self.port,
+                     outputs.root)
+            if self._web_port is not None:
+                self.web = await self._start_web(service)
+        except BaseException:
+            await self.stop()
+            raise
+        if self._discovery:
+            # In the background: a caller (the add-on's UI) does not wait for zeroconf.
+            self._advertising = asyncio.get_running_loop().create_task(self._advertise())
+
+    async def _start_web(self, service: FarmService) -> WebServer:
+        from .web import start_web  # aiohttp is needed only for the web interface
+
+        try:
+            return await start_web(service, self._web_host, self._web_port or 0, self.config.secret)
+        except OSError as exc:
+            raise WebStartError(f"cannot start the web interface on {self._web_host}:{self._web_port}: "
+                                f"{exc.strerror or exc}") from None
+
+    async def _advertise(self) -> None:
+        assert self.port is not None
+        try:
+            advertiser = Advertiser(self.config.farm_name, self.port, self.config.host,
+                                    auth_required=bool(self.config.secret), interfaces=self._interfaces)
+            await advertiser.start()
+            self.advertiser = advertiser
+        except DiscoveryError as exc:
+            # The farm still works for clients given its address; only finding it is lost.
+            log.error("%s; clients must be given the server's address (--server)", exc)
+
+    async def advertised(self) -> None:
+        """Wait until the advertisement is out (or failed, which is logged)."""
+        if self._advertising is not None:
+            await asyncio.gather(self._advertising, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop in the reverse order: withdrawn first (clients must not find a server that is going away),
+        then the web, the port and its connections, background work, and the database last."""
+        if self._advertising is not None:
+            self._advertising.cancel()
+            await asyncio.gather(self._advertising, return_exceptions=True)
+            self._advertising = None
+        if self.advertiser is not None:
+            await self.advertiser.close()
+            self.advertiser = None
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
+        if self._workers is not None:
+            self._workers.close()  # from here on a closing connection is no client's failure
+        if self.service is not None:
+            self.service.finishing.close()
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+        await self._tasks.cancel_all()
+        if self._listener is not None:
+            await self._listener.wait_server_closed()
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            self._db = None
+            log.info("farm %r stopped", self.config.farm_name)
