@@ -51,3 +51,7 @@ MAX_RELPATH_BYTES = 400
 MAX_RELPATH_PARTS = 32
 #: One part of a relative path (a folder or file name), as most filesystems bound it.
 MAX_PATH_PART_BYTES = 255
+
+#: Jobs one STATUS reply carries at most: a tool asks for the next page for more (a queue of thousands of jobs
+#: does not fit in one message).
+MAX_STATUS_JOBS = 1000

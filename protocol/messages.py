@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
 from .errors import ProtocolError
-from .limits import MAX_ERROR_CHARS, MAX_HEARTBEAT_S, MAX_PROJECT_FILES, MAX_RENDER_S
+from .limits import MAX_ERROR_CHARS, MAX_HEARTBEAT_S, MAX_PROJECT_FILES, MAX_RENDER_S, MAX_STATUS_JOBS
 from .manifest import Manifest, ManifestError
 from .schema import (
     CHOICE,
@@ -24,6 +24,7 @@ from .schema import (
     SHORT,
     TYPE,
     Float,
+    Int,
     ListOf,
     Record,
     Str,
@@ -396,14 +397,22 @@ class Submitted(Message):
 
 @_message
 class StatusRequest(Message):
+    """The farm's clients and a page of its jobs (job_limit 0: as many as a reply carries, MAX_STATUS_JOBS)."""
+
     TYPE = MessageType.STATUS_REQUEST
+    job_offset: Annotated[int, Int(0, 2**31)] = 0
+    job_limit: Annotated[int, Int(0, MAX_STATUS_JOBS)] = 0
 
 
 @_message
 class Status(Message):
+    """jobs: the page asked for, from job_offset, of jobs_total (a server before pages sends every job and 0)."""
+
     TYPE = MessageType.STATUS
     jobs: list[dict]
     clients: list[dict]
+    jobs_total: Annotated[int, Int(0, 2**31)] = 0
+    job_offset: Annotated[int, Int(0, 2**31)] = 0
 
 
 @_message

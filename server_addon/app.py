@@ -39,6 +39,9 @@ __all__ = ["FarmApp", "ServerStartError", "WebStartError"]
 
 log = logging.getLogger(__name__)
 
+#: Frame rows reach SQLite in batches at most this long after they change (see core.database.Database).
+FRAME_BATCH_S = 0.5
+
 
 class WebStartError(ServerStartError, OSError):
     """The web interface could not listen where it was told; the message is one line for the user."""
@@ -77,7 +80,7 @@ class FarmApp:
             outputs = OutputStore(config.output_dir)
             # Every file of every job by sha256 (.blends, textures, caches, ...).
             files = ContentStore(config.resolved_data_dir / "files", legacy=config.resolved_data_dir / "blends")
-            self._db = Database(config.resolved_data_dir / "jobs.sqlite3")
+            self._db = Database(config.resolved_data_dir / "jobs.sqlite3", frame_batch_s=FRAME_BATCH_S)
         except OSError as exc:
             raise ServerStartError(f"cannot use {exc.filename or config.output_dir}: {exc.strerror or exc}") from None
         except DatabaseError as exc:
@@ -94,6 +97,7 @@ class FarmApp:
             self._listener = Listener(config, stats, self._tasks, workers=self._workers, control=control)
             await self._listener.start()
             self._tasks.spawn(self._workers.watchdog())
+            self._tasks.spawn(self._flush_frames(self._db))
             service.start()
             self.service = service
             log.info("farm %r listening on %s:%d, output in %s", config.farm_name, config.host, self.port,
@@ -106,6 +110,15 @@ class FarmApp:
         if self._discovery:
             # In the background: a caller (the add-on's UI) does not wait for zeroconf.
             self._advertising = asyncio.get_running_loop().create_task(self._advertise())
+
+    @staticmethod
+    async def _flush_frames(db: Database) -> None:
+        while True:
+            await asyncio.sleep(FRAME_BATCH_S)
+            try:
+                db.flush()
+            except Exception:  # (a failing flush is tried again with the next batch)
+                log.exception("writing frame rows to %s failed", db.path)
 
     async def _start_web(self, service: FarmService) -> WebServer:
         from .web import start_web  # aiohttp is needed only for the web interface

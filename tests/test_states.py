@@ -209,3 +209,14 @@ def test_states_change_in_the_state_machine_and_the_store_is_written_by_the_sche
                   and node.attr in ("save_job", "delete_job") and isinstance(node.value, ast.Attribute)
                   and node.value.attr == "store"]
         assert not writes or path.name == "scheduler.py", f"{path.name} writes jobs to the store: {writes}"
+
+
+def test_a_frame_found_missing_leaves_the_counts() -> None:
+    j = job(JobState.RENDERING)
+    j.frames = {n: FrameRecord(n, FrameState.DONE, render_s=float(n)) for n in (1, 2, 3)}
+    assert (j.frames_done, j.mean_frame_s(), j.typical_frame_s(3)) == (3, 2.0, 2.0)
+    move_frame(j, j.frames[3], FrameState.PENDING)  # (on load: its file is gone)
+    assert (j.frames_done, j.mean_frame_s(), j.typical_frame_s(1)) == (2, 1.5, 1.5)
+    assert j.has_pending and not j.complete
+    j.frames = {1: FrameRecord(1)}  # frames replaced (a probe): the index is built for them
+    assert (j.frames_done, j.has_pending, j.mean_frame_s()) == (0, True, None)

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bench_project
+from . import bench_project, bench_scale
 from .control import Control, ToolError
 from .localfarm import REPO, LocalFarm, repo_env
 from .submit import parse_frames
@@ -192,9 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     wire.add_argument("--python", action="append", default=[], help="also measure in this Python (repeatable)")
     wire.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     bench_project.add_parser(sub)
+    bench_scale.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "wire":
         return wire_main(args)
+    if args.command == "scale":
+        try:
+            result = bench_scale.scale(args)
+        except ToolError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(result))
+        return 0
     if args.command == "project":
         try:
             result = _in_workdir(args, bench_project.project)

@@ -106,11 +106,22 @@ class Control:
             return None
         return message.reason if isinstance(message, m.Error) else None
 
-    async def status(self) -> m.Status:
+    async def status(self, *, all_jobs: bool = True) -> m.Status:
+        """The farm's clients and jobs: every job (page after page, for a queue too long for one reply), or
+        with all_jobs=False the first page only."""
         await self.stream.send(m.StatusRequest())
         reply = await self._reply(m.Status)
         assert isinstance(reply, m.Status)
-        return reply
+        jobs = list(reply.jobs)
+        while all_jobs and reply.jobs and len(jobs) < reply.jobs_total:
+            await self.stream.send(m.StatusRequest(job_offset=len(jobs)))
+            page = await self._reply(m.Status)
+            assert isinstance(page, m.Status)
+            if not page.jobs:
+                break  # jobs went meanwhile
+            jobs += page.jobs
+            reply = page
+        return m.Status(jobs=jobs, clients=reply.clients, jobs_total=max(reply.jobs_total, len(jobs)))
 
     async def submit(self, blend: Path, settings: dict[str, Any], *, priority: int = 0, start: bool = True,
                      video: dict[str, Any] | None = None,

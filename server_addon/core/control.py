@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from protocol import messages as m
 from protocol.errors import ProtocolError
 from protocol.handshake import Peer
-from protocol.limits import MAX_BLEND_BYTES
+from protocol.limits import MAX_BLEND_BYTES, MAX_STATUS_JOBS
 from protocol.names import clean_name
 from protocol.settings import JobRequest, SettingsError
 from protocol.stream import MessageStream
@@ -35,7 +35,7 @@ class ControlService(Protocol):
     stats: ServerStats
     feed: ChangeFeed
 
-    def snapshot(self) -> dict[str, Any]: ...
+    def snapshot(self, *, job_offset: int = 0, job_limit: int | None = None) -> dict[str, Any]: ...
     def create_job(self, name: str, blend_sha256: str, blend_size: int, request: JobRequest, *, start: bool = True,
                    priority: int = 0, video: dict[str, Any] | None = None, project: Any = None) -> Job: ...
     def collect_files(self, candidates: Any = None) -> int: ...
@@ -54,8 +54,10 @@ class ControlConnections:
             while True:
                 message = await stream.recv()
                 if isinstance(message, m.StatusRequest):
-                    snap = server.snapshot()
-                    await stream.send(m.Status(jobs=snap["jobs"], clients=snap["clients"]))
+                    limit = message.job_limit or MAX_STATUS_JOBS
+                    snap = server.snapshot(job_offset=message.job_offset, job_limit=limit)
+                    await stream.send(m.Status(jobs=snap["jobs"], clients=snap["clients"],
+                                               jobs_total=snap["jobs_total"], job_offset=message.job_offset))
                 elif isinstance(message, m.Submit):
                     await self._submit(stream, peer, message)
                 elif isinstance(message, m.JobControl):

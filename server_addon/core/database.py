@@ -86,9 +86,16 @@ class DatabaseError(Exception):
 
 
 class Database:
-    def __init__(self, path: Path) -> None:
+    """With `frame_batch_s`, frame rows are written together at most that long after they change (flush(), which
+    the server calls on a timer, and before any job row is written): a stored frame costs no SQLite statement
+    of its own. What such a batch holds is safe to lose in a kill: the frame files on disk say which frames are
+    done (core.recovery), and a failure not counted yet only gives its frame one more try."""
+
+    def __init__(self, path: Path, *, frame_batch_s: float = 0.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.frame_batch_s = frame_batch_s
+        self._frame_rows: dict[tuple[str, int], tuple] = {}
         try:
             # The server's event loop thread creates and uses the connection; nothing else does.
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -112,11 +119,19 @@ class Database:
     unrestored = 0
 
     def close(self) -> None:
+        self.flush()
         self.conn.close()
+
+    def flush(self) -> None:
+        """Write the frame rows that wait in the batch."""
+        if self._frame_rows:
+            rows, self._frame_rows = list(self._frame_rows.values()), {}
+            self.conn.executemany("INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
     # --- JobStore --------------------------------------------------------------------------
 
     def save_job(self, job: Job) -> None:
+        self.flush()
         # An upsert, not INSERT OR REPLACE: a REPLACE deletes the row first, and the cascade would
         # take the job's frame rows with it.
         self.conn.execute(
@@ -130,18 +145,23 @@ class Database:
              json.dumps(job.project.to_wire()) if job.project else ""))
 
     def save_frame(self, job: Job, frame: FrameRecord) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)",  # no table references frames
-            (job.id, frame.number, int(frame.state is FrameState.DONE), frame.failures,
-             json.dumps(sorted(frame.failed_on)), frame.error, frame.log, frame.rendered_by, frame.render_s))
+        row = (job.id, frame.number, int(frame.state is FrameState.DONE), frame.failures,
+               json.dumps(sorted(frame.failed_on)) if frame.failed_on else "[]", frame.error, frame.log,
+               frame.rendered_by, frame.render_s)
+        if self.frame_batch_s > 0:
+            self._frame_rows[(job.id, frame.number)] = row
+        else:
+            self.conn.execute("INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)", row)  # nothing refers to it
 
     def delete_job(self, job_id: str) -> None:
+        self.flush()
         self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     # --- loading ---------------------------------------------------------------------------
 
     def load(self) -> list[Job]:
         """Every stored job as it was saved (core.recovery checks its frames against the disk)."""
+        self.flush()
         jobs = []
         self.unrestored = 0
         rows = self.conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
+import bisect
+import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -63,6 +65,82 @@ class FrameRecord:
     # Every lease that covered it: lease id -> client id. Only these may store it (not saved: a server
     # restart ends every lease, and clients drop what they rendered for an earlier connection).
     held_by: dict[int, str] = field(default_factory=dict)
+    # A second lease on it, given to an idle client when its first holder is late at the job's tail: whichever
+    # copy lands first is stored, the other holder is told to stop.
+    spare_lease: int | None = None
+
+
+def _usable_time(frame: FrameRecord) -> float | None:
+    """A finished frame's render time, unless it is no usable number (0, negative, NaN, infinite: from an older
+    database or a client before the protocol refused them)."""
+    s = frame.render_s
+    return s if frame.state is FrameState.DONE and s is not None and 0 < s <= MAX_RENDER_S else None
+
+
+class FrameIndex:
+    """What the scheduler asks of a job's frames on every event, kept up to date as frames move (core.states
+    calls moved()) instead of scanned for: the pending frames in order, how many are done, the render times.
+
+    It belongs to one frames dict: Job.index builds a new one when the job's frames are replaced."""
+
+    def __init__(self, frames: dict[int, FrameRecord]) -> None:
+        self.frames = frames
+        self.pending = {n for n, f in frames.items() if f.state is FrameState.PENDING}
+        self._heap = sorted(self.pending)  # (a sorted list is a heap) lowest number first; entries not in
+        #                                    `pending` any more are stale and skipped when they come up
+        self.done = sum(1 for f in frames.values() if f.state is FrameState.DONE)
+        self.times = sorted(t for f in frames.values() if (t := _usable_time(f)) is not None)
+        self.time_sum = sum(self.times)
+        self.failed = {n for n, f in frames.items() if f.failures}  # frames that failed at least once
+        self.leased = {n for n, f in frames.items() if f.state is FrameState.LEASED}
+
+    def moved(self, frame: FrameRecord, old: FrameState) -> None:
+        new = frame.state
+        if old is new:
+            return
+        if old is FrameState.DONE:
+            self.done -= 1
+            self._forget_time(frame)
+        elif new is FrameState.DONE:
+            self.done += 1
+        if new is FrameState.PENDING:
+            self.pending.add(frame.number)
+            heapq.heappush(self._heap, frame.number)
+        else:
+            self.pending.discard(frame.number)
+        if new is FrameState.LEASED:
+            self.leased.add(frame.number)
+        else:
+            self.leased.discard(frame.number)
+
+    def timed(self, frame: FrameRecord) -> None:
+        """A done frame's render time was set."""
+        if (t := _usable_time(frame)) is not None:
+            bisect.insort(self.times, t)
+            self.time_sum += t
+
+    def _forget_time(self, frame: FrameRecord) -> None:
+        t = frame.render_s
+        if t is None:
+            return
+        i = bisect.bisect_left(self.times, t)
+        if i < len(self.times) and self.times[i] == t:
+            del self.times[i]
+            self.time_sum -= t
+
+    def pick(self, limit: int, skip: Callable[[int], bool]) -> list[int]:
+        """Up to `limit` pending frames, lowest first, leaving out those `skip` says no to. The caller leases
+        every frame returned (which takes it out of `pending`)."""
+        picked: list[int] = []
+        passed: list[int] = []
+        while self._heap and len(picked) < limit:
+            number = heapq.heappop(self._heap)
+            if number not in self.pending or (picked and picked[-1] == number) or (passed and passed[-1] == number):
+                continue  # stale, or a second entry of one already seen
+            (passed if skip(number) else picked).append(number)
+        for number in passed:
+            heapq.heappush(self._heap, number)
+        return picked
 
 
 @dataclass
@@ -96,6 +174,18 @@ class Job:
     waiting: str = ""  # why no client can take the job's frames now, for the user
     stitched: bool = False  # a split job: its tiles were stitched into the frame, which is on disk
     project: Manifest | None = None  # the files it needs (None: the .blend alone, see manifest)
+    _index: FrameIndex | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def index(self) -> FrameIndex:
+        """The index of this job's frames (built again when `frames` is another dict than it was built for)."""
+        if self._index is None or self._index.frames is not self.frames:
+            self._index = FrameIndex(self.frames)
+        return self._index
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self.index.pending)
 
     @property
     def manifest(self) -> Manifest:
@@ -124,7 +214,7 @@ class Job:
     @property
     def complete(self) -> bool:
         """Every work item is on disk, and a split frame's tiles are stitched."""
-        if self.settings is None or not all(f.state is FrameState.DONE for f in self.frames.values()):
+        if self.settings is None or self.index.done < len(self.frames):
             return False
         return not self.settings.tiles or self.stitched
 
@@ -132,31 +222,28 @@ class Job:
     def stitch_due(self) -> bool:
         """A split job whose tiles are all on disk, waiting for the server to stitch them."""
         return (self.state is JobState.RENDERING and self.settings is not None and bool(self.settings.tiles)
-                and not self.stitched and all(f.state is FrameState.DONE for f in self.frames.values()))
+                and not self.stitched and self.index.done >= len(self.frames))
 
     @property
     def frames_done(self) -> int:
-        return sum(1 for f in self.frames.values() if f.state is FrameState.DONE)
-
-    def _render_times(self) -> list[float]:
-        """The render times of finished frames, leaving out any that is no usable number (0, negative, NaN,
-        infinite: from an older database or a client before the protocol refused them)."""
-        return [f.render_s for f in self.frames.values()
-                if f.state is FrameState.DONE and f.render_s is not None and 0 < f.render_s <= MAX_RENDER_S]
+        return self.index.done
 
     def typical_frame_s(self, min_samples: int) -> float | None:
         """Median render time of this job's finished frames, once there are enough of them."""
-        times = self._render_times()
-        return statistics.median(times) if len(times) >= min_samples else None
+        times = self.index.times
+        n = len(times)
+        if n < max(1, min_samples):
+            return None
+        return times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
 
     def mean_frame_s(self) -> float | None:
         """Mean render time of this job's finished frames (None before the first); the web page's ETA."""
-        times = self._render_times()
-        return statistics.fmean(times) if times else None
+        index = self.index
+        return index.time_sum / len(index.times) if index.times else None
 
     def view(self) -> dict[str, Any]:
         s = self.settings
-        failed = [f for f in self.frames.values() if f.failures]
+        failed = [self.frames[n] for n in sorted(self.index.failed)]
         return {
             "id": self.id,
             "name": self.name,
@@ -209,6 +296,7 @@ class Lease:
     kind: LeaseKind
     frames: list[int]
     started: float
+    spare: bool = False  # a second copy of a late frame at a job's tail (see FrameRecord.spare_lease)
 
 
 @dataclass

@@ -36,6 +36,10 @@ MAX_PROBE_LOSSES = 2
 MAX_CLIENT_JOB_FAILURES = 3
 #: Warnings a job keeps (the first ones: later frames mostly repeat them).
 MAX_JOB_WARNINGS = 32
+#: At a job's tail (no frame left to hand out), a leased frame whose holder is this many typical frame times
+#: behind (counting the frames before it in its lease) is given to an idle client as well: a slow or stuck
+#: client then never holds the end of a job back alone.
+SPARE_AFTER = 1.5
 
 
 def _device_fits(job: Job, client: ClientRecord) -> bool:
@@ -119,6 +123,39 @@ class Farm:
         self._lease_ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._revocations: list[Revocation] = []
+        # Kept up to date instead of scanned for on every event (see decide): which clients to look at, when
+        # everything must be looked at again, and what each job's possible clients are.
+        self._order: dict[str, int] = {}  # client id -> when it connected (the order clients get work in)
+        self._hints: set[str] = set()  # clients that may have become idle since the last decide
+        self._rescan = True  # something changed that may give any idle client work
+        self._gen = 0  # moves with every such change (running jobs, waiting notes)
+        self._clients_gen = 0  # moves when the set of connected clients or what they can do changes
+        self._running: tuple[int, list[Job]] | None = None
+        self._capable: dict[str, tuple[int, str, set[str]]] = {}
+        self._noted = (-1, -1)
+        self._deferred = False  # next_work held a client back for another Blender version
+        self._stitch_watch: set[str] = set()
+        self._video_watch: set[str] = set()
+
+    def _widely_changed(self) -> None:
+        """Any idle client may have work now (a job came, moved, or got frames back; a client came or went)."""
+        self._rescan = True
+        self._gen += 1
+
+    def _clients_changed(self) -> None:
+        self._clients_gen += 1
+        self._widely_changed()
+
+    def _move(self, job: Job, state: JobState) -> None:
+        move_job(job, state)
+        self._widely_changed()
+        self._watch_finishing(job)
+
+    def _watch_finishing(self, job: Job) -> None:
+        if job.stitch_due:
+            self._stitch_watch.add(job.id)
+        if job.video_due:
+            self._video_watch.add(job.id)
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -127,16 +164,19 @@ class Farm:
         job.state = JobState.PROBING if start else JobState.QUEUED  # (its first state: not a move)
         self.store.save_job(job)  # first: a job that cannot be saved is refused, not half-added
         self.jobs[job.id] = job
+        self._widely_changed()
         log.info("job %s: added (%s), %s", job.id, job.name, job.state.value)
 
     def restore_job(self, job: Job) -> None:
         """Take back a job loaded from the store, as it was, repaired where a stop cut it off."""
         self.jobs[job.id] = job
         self._seq = itertools.count(max(job.seq + 1, next(self._seq)))
+        self._widely_changed()
         if job.state is JobState.RENDERING and job.settings is None:
-            move_job(job, JobState.PROBING)  # saved rendering without its scene: read the scene again
+            self._move(job, JobState.PROBING)  # saved rendering without its scene: read the scene again
         if job.state is JobState.RENDERING and job.complete:
             self._finish(job, JobState.DONE)  # the server stopped between the last frame and saving the job
+        self._watch_finishing(job)
 
     def job(self, job_id: str) -> Job:
         try:
@@ -145,11 +185,14 @@ class Farm:
             raise JobActionError(f"there is no job {job_id!r}") from None
 
     def running_jobs(self) -> list[Job]:
-        """Jobs that may get work, highest priority first, then in submission order."""
-        return sorted((j for j in self.jobs.values() if j.state.running), key=lambda j: (-j.priority, j.seq))
+        """Jobs that may get work, highest priority first, then in submission order (kept until a job moves)."""
+        if self._running is None or self._running[0] != self._gen:
+            ordered = sorted((j for j in self.jobs.values() if j.state.running), key=lambda j: (-j.priority, j.seq))
+            self._running = (self._gen, ordered)
+        return self._running[1]
 
     def _finish(self, job: Job, state: JobState, error: str = "") -> None:
-        move_job(job, state)
+        self._move(job, state)
         job.error = error
         job.finished_at = time.time()
         self._end_leases_of(job)
@@ -174,7 +217,7 @@ class Farm:
         if not job.state.running:
             raise JobActionError(f"job {job_id} is {job.state.value}; only a running job can be paused")
         log.info("job %s: paused", job.id)
-        move_job(job, JobState.PAUSED)
+        self._move(job, JobState.PAUSED)
         self._end_leases_of(job)
         self.store.save_job(job)
         return job
@@ -190,6 +233,7 @@ class Farm:
             for frame in job.frames.values():
                 frame.failures = 0
                 frame.failed_on.clear()
+            job.index.failed.clear()
             job.client_failures.clear()
             job.probe_failures = 0
             job.probe_failed_on.clear()
@@ -199,10 +243,10 @@ class Farm:
         job.forced = False
         job.finished_at = None
         if job.complete:  # (a split job whose tiles are all there but not stitched stays RENDERING: stitch_due)
-            move_job(job, JobState.DONE)
+            self._move(job, JobState.DONE)
             job.finished_at = time.time()
         else:
-            move_job(job, JobState.RENDERING if job.settings is not None else JobState.PROBING)
+            self._move(job, JobState.RENDERING if job.settings is not None else JobState.PROBING)
         log.info("job %s: resumed (%s)", job.id, job.state.value)
         self.store.save_job(job)
         return job
@@ -221,6 +265,8 @@ class Farm:
         job = self.job(job_id)
         self._end_leases_of(job)
         del self.jobs[job_id]
+        self._capable.pop(job_id, None)
+        self._widely_changed()
         self.store.delete_job(job_id)
         log.info("job %s: deleted", job.id)
         return job
@@ -234,6 +280,7 @@ class Farm:
     def set_priority(self, job_id: str, priority: int) -> Job:
         job = self.job(job_id)
         job.priority = priority
+        self._widely_changed()
         self.store.save_job(job)
         return job
 
@@ -249,6 +296,8 @@ class Farm:
         record = ClientRecord(id=client_id, name=name, host=host, device=device or "CPU", devices=devices,
                               blender=blender, allow_scripts=allow_scripts)
         self.clients[client_id] = record
+        self._order[client_id] = len(self._order)
+        self._clients_changed()
         return record
 
     def disconnect_client(self, client_id: str) -> list[Lease]:
@@ -257,6 +306,7 @@ class Farm:
         if record is None:
             return []
         record.connected = False
+        self._clients_changed()
         working_on = record.frame
         taken = [lease for lease in self.leases.values() if lease.client_id == client_id]
         for lease in taken:
@@ -287,14 +337,19 @@ class Farm:
     def forget_client(self, client_id: str) -> None:
         self.disconnect_client(client_id)
         self.clients.pop(client_id, None)
+        self._order.pop(client_id, None)
+        self._hints.discard(client_id)
 
     def idle_clients(self) -> list[str]:
         return [c.id for c in self.clients.values() if c.connected and c.ready and not c.busy and c.lease_id is None]
 
     def client_views(self) -> list[dict]:
-        return [c.view(self.leases, [j.id for j in self.jobs.values()
-                                     if not j.state.finished and c.name in j.excluded_clients(MAX_CLIENT_JOB_FAILURES)])
-                for c in self.clients.values()]
+        excluded: dict[str, list[str]] = {}  # client name -> the unfinished jobs it is shut out of
+        for job in self.jobs.values():
+            if job.client_failures and not job.state.finished:
+                for name in job.excluded_clients(MAX_CLIENT_JOB_FAILURES):
+                    excluded.setdefault(name, []).append(job.id)
+        return [c.view(self.leases, excluded.get(c.name, [])) for c in self.clients.values()]
 
     def _drop_lease(self, lease: Lease) -> None:
         self.leases.pop(lease.id, None)
@@ -306,23 +361,43 @@ class Farm:
                 self._unpin_if_unused(job)
             for number in lease.frames:
                 frame = job.frames.get(number)
-                if frame is not None and frame.state is FrameState.LEASED and frame.lease_id == lease.id:
-                    move_frame(job, frame, FrameState.PENDING)
+                if frame is None:
+                    continue
+                if frame.spare_lease == lease.id:
+                    frame.spare_lease = None
+                elif frame.state is FrameState.LEASED and frame.lease_id == lease.id:
+                    self._hand_back(job, frame)
+            if lease.kind is LeaseKind.PROBE and job.state is JobState.PROBING:
+                self._widely_changed()  # another client may read the scene now
         client = self.clients.get(lease.client_id)
         if client is not None and client.lease_id == lease.id:
             client.lease_id = None
             client.frame = None
             client.frame_started = None
+            self._hints.add(client.id)
+
+    def _hand_back(self, job: Job, frame: FrameRecord) -> None:
+        """A frame's holder no longer renders it: its second holder (see SPARE_AFTER) goes on with it, or it
+        waits for the next client."""
+        second = self.leases.get(frame.spare_lease) if frame.spare_lease is not None else None
+        frame.spare_lease = None
+        if second is not None:
+            move_frame(job, frame, FrameState.LEASED, second.id)
+            second.spare = False
+        else:
+            move_frame(job, frame, FrameState.PENDING)
+            self._widely_changed()  # a frame back: any idle client may take it
 
     def _unpin_if_unused(self, job: Job) -> None:
         """A job is pinned to a Blender version when its first frames are handed out; until one of them is
         on disk, losing those leases (a client that crashed, left or lied) frees the job for any version."""
-        if not job.pinned_blender or any(f.state is FrameState.DONE for f in job.frames.values()):
+        if not job.pinned_blender or job.index.done:
             return
         if any(lease.job_id == job.id and lease.kind is LeaseKind.RENDER for lease in self.leases.values()):
             return
         log.info("job %s: no frame rendered with Blender %s yet; any version may take it", job.id, job.pinned_blender)
         job.pinned_blender = ""
+        self._widely_changed()
         self.store.save_job(job)
 
     def drain_revocations(self) -> list[Revocation]:
@@ -333,20 +408,65 @@ class Farm:
         """What is due now, in the order it is to be carried out: stitches and videos to start (the service
         starts each once), waiting notes refreshed, then what clients must stop, then work for every idle
         client (each idle client at once: a client never waits for the next change to get work)."""
-        effects: list[Effect] = [Stitch(job.id) for job in self.jobs.values() if job.stitch_due]
-        effects += [BuildVideo(job.id) for job in self.jobs.values() if job.video_due]
-        self.note_waiting()
+        effects: list[Effect] = [Stitch(job_id) for job_id in self._due(self._stitch_watch, "stitch_due")]
+        effects += [BuildVideo(job_id) for job_id in self._due(self._video_watch, "video_due")]
+        if self._noted != (self._gen, self._clients_gen):
+            self.note_waiting()
         effects += self.drain_revocations()
-        for client_id in self.idle_clients():
-            lease = self.next_work(client_id) if reachable(client_id) else None
-            if lease is not None:
-                effects.append(Assign(lease))
+        if self._rescan:
+            looking = list(self.clients)
+        else:  # only the clients that changed since: nothing else did that could give work to the others
+            looking = sorted((c for c in self._hints if c in self.clients), key=self._order.__getitem__)
+        self._rescan = False
+        self._hints.clear()
+        while looking and any(self._has_work(job) or job.index.leased for job in self.running_jobs()):
+            self._deferred = False
+            left = []
+            assigned = False
+            for client_id in looking:
+                client = self.clients[client_id]
+                if client.connected and client.ready and not client.busy and client.lease_id is None:
+                    lease = self.next_work(client_id) if reachable(client_id) else None
+                    if lease is not None:
+                        effects.append(Assign(lease))
+                        assigned = True
+                    else:
+                        left.append(client_id)
+            # A client held back for the version most idle clients run may go ahead once others took other work.
+            looking = left
+            if not (self._deferred and assigned):
+                break
+        # Who is still idle may take a second copy of a late frame at a job's tail.
+        effects += [Assign(lease) for lease in self.spares(reachable)]
         return effects
+
+    @staticmethod
+    def _idle(client: ClientRecord) -> bool:
+        return client.connected and client.ready and not client.busy and client.lease_id is None
+
+    def _due(self, watch: set[str], due: str) -> list[str]:
+        """The watched jobs for which `due` (a Job property) holds; the others leave the watch."""
+        found = []
+        for job_id in list(watch):
+            job = self.jobs.get(job_id)
+            if job is not None and getattr(job, due):
+                found.append(job_id)
+            else:
+                watch.discard(job_id)
+        return sorted(found, key=lambda job_id: self.jobs[job_id].seq)
+
+    @staticmethod
+    def _has_work(job: Job) -> bool:
+        """Work any client might take: a scene to read, or frames waiting."""
+        if job.state is JobState.PROBING:
+            return job.probe_lease is None
+        return job.has_pending
 
     # --- handing out work -----------------------------------------------------------------
 
     def note_waiting(self) -> None:
         """Say on each running job that no connected client may take why it waits, and for what."""
+        self._noted = (self._gen, self._clients_gen)
         connected = [c for c in self.clients.values() if c.connected]
         for job in self.jobs.values():
             job.waiting = self._waiting(job, connected) if job.state.running else ""
@@ -373,8 +493,9 @@ class Farm:
         client = self.clients[client_id]
         if not client.connected or client.lease_id is not None:
             return None
-        connected = [c for c in self.clients.values() if c.connected]
         for job in self.running_jobs():
+            if not self._has_work(job):
+                continue
             if job.state is JobState.PROBING:
                 # Reading a scene renders nothing (any device will do), but only a Blender that may
                 # render the job reads it, and a client that could not open the file is not asked again.
@@ -384,52 +505,124 @@ class Farm:
             if not _fits(job, client):
                 continue  # a GPU-only job never renders on a CPU, nor a job on another Blender version
             # Who else could take this job's frames: connected, the right device and Blender, not shut out.
-            capable = {c.name for c in connected if _fits(job, c)}
+            capable = self._capable_of(job)
             excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
             takers = capable - excluded
             if client.name in excluded and takers:
                 continue  # it failed too many of this job's frames, and others can do them
             if not job.pinned_blender:
                 # Among the clients that could start it now (idle ones): a busy majority holds nothing back.
-                candidates = [c for c in connected if (c is client or (c.ready and not c.busy and c.lease_id is None))
+                candidates = [c for c in self.clients.values() if c.connected
+                              and (c is client or (c.ready and not c.busy and c.lease_id is None))
                               and _fits(job, c) and c.name in (takers or capable)]
                 if preferred_version(job, candidates) not in (None, client_version(client)):
+                    self._deferred = True
                     continue  # the job will be pinned to the Blender most of its possible clients run
             frames = self._eligible_frames(job, client.name, takers or capable)
             if frames:
                 return self._lease(job, client, LeaseKind.RENDER, frames)
         return None
 
+    def _capable_of(self, job: Job) -> set[str]:
+        """The names of the connected clients whose device, Blender and scripts setting fit the job (kept until
+        a client comes, goes or changes, or the job is pinned to another version)."""
+        cached = self._capable.get(job.id)
+        if cached is None or cached[0] != self._clients_gen or cached[1] != job.pinned_blender:
+            names = {c.name for c in self.clients.values() if c.connected and _fits(job, c)}
+            cached = (self._clients_gen, job.pinned_blender, names)
+            self._capable[job.id] = cached
+        return cached[2]
+
     def _eligible_frames(self, job: Job, name: str, takers: set[str]) -> list[int]:
         assert job.settings is not None
-        picked: list[int] = []
-        for frame in job.frames.values():
-            if frame.state is not FrameState.PENDING:
-                continue
-            # A frame that failed on this client goes elsewhere, unless no other taker is left for it.
-            if name in frame.failed_on and takers - frame.failed_on:
-                continue
-            picked.append(frame.number)
-            if len(picked) >= job.settings.chunk:
-                break
-        return picked
+        frames = job.frames
 
-    def _lease(self, job: Job, client: ClientRecord, kind: LeaseKind, frames: list[int]) -> Lease:
+        def elsewhere(number: int) -> bool:
+            # A frame that failed on this client goes elsewhere, unless no other taker is left for it.
+            failed_on = frames[number].failed_on
+            return bool(failed_on) and name in failed_on and bool(takers - failed_on)
+        return job.index.pick(job.settings.chunk, elsewhere)
+
+    def _lease(self, job: Job, client: ClientRecord, kind: LeaseKind, frames: list[int],
+               spare: bool = False) -> Lease:
         lease = Lease(id=next(self._lease_ids), job_id=job.id, client_id=client.id, kind=kind,
-                      frames=frames, started=self.clock())
+                      frames=frames, started=self.clock(), spare=spare)
         self.leases[lease.id] = lease
         client.lease_id = lease.id
         if kind is LeaseKind.PROBE:
             job.probe_lease = lease.id
         elif not job.pinned_blender:
             job.pinned_blender = client_version(client)
+            self._widely_changed()  # which clients fit the job changed
             log.info("job %s: renders with Blender %s (client %s)", job.id, job.pinned_blender, client.name)
             self.store.save_job(job)
         for number in frames:
             record = job.frames[number]
-            move_frame(job, record, FrameState.LEASED, lease.id)
+            if spare:
+                record.spare_lease = lease.id  # (it stays its first holder's too)
+            else:
+                move_frame(job, record, FrameState.LEASED, lease.id)
             record.held_by[lease.id] = client.id
         return lease
+
+    def spares(self, reachable: Callable[[str], bool] = lambda client_id: True,
+               only: str | None = None) -> list[Lease]:
+        """Second copies of late frames at the tail of jobs (see SPARE_AFTER) for idle clients (or the one named
+        `only`): each late frame once, latest first; each client one."""
+        now = self.clock()
+        free: list[ClientRecord] | None = None  # looked for once a late frame is found
+        given: list[Lease] = []
+        for job in self.running_jobs():
+            if free is not None and not free:
+                break
+            if job.state is not JobState.RENDERING or job.has_pending or not job.index.leased:
+                continue
+            typical = job.typical_frame_s(1)
+            if typical is None:
+                continue
+            late: list[tuple[float, int]] = []
+            for number in job.index.leased:
+                frame = job.frames[number]
+                holder = self.leases.get(frame.lease_id) if frame.lease_id is not None else None
+                if holder is None or frame.spare_lease is not None:
+                    continue
+                # Where its holder should be by now: the frames before it in its lease, then this one.
+                behind = (now - holder.started) / (typical * (holder.frames.index(number) + 1))
+                if behind >= SPARE_AFTER:
+                    late.append((-behind, number))
+            if not late:
+                continue
+            late.sort()
+            if free is None:
+                names = [only] if only is not None else list(self.clients)
+                free = [c for c in (self.clients[n] for n in names) if self._idle(c) and reachable(c.id)]
+            excluded = job.excluded_clients(MAX_CLIENT_JOB_FAILURES)
+            for client in list(free):
+                if not _fits(job, client) or client.name in excluded:
+                    continue
+                for i, (_, number) in enumerate(late):
+                    frame = job.frames[number]
+                    if self.leases[frame.lease_id].client_id != client.id and client.name not in frame.failed_on:
+                        log.info("job %s: frame %d is late on its client; client %s renders it too", job.id, number,
+                                 client.name)
+                        given.append(self._lease(job, client, LeaseKind.RENDER, [number], spare=True))
+                        free.remove(client)
+                        del late[i]
+                        break
+                if not late:
+                    break
+        return given
+
+    def tail_waiting(self) -> bool:
+        """Whether a job's tail has leased frames and some client is idle: a late frame may be worth a second
+        copy now (lateness comes with time alone, so the watchdog asks each round)."""
+        if not any(j.state is JobState.RENDERING and not j.has_pending and j.index.leased
+                   for j in self.running_jobs()):
+            return False
+        if not any(c.connected and c.ready and not c.busy and c.lease_id is None for c in self.clients.values()):
+            return False
+        self._rescan = True
+        return True
 
     def _own_lease(self, lease_id: int, client_id: str) -> Lease | None:
         """The lease, while it lasts, if it is this client's; None once it ended (a late report changes
@@ -475,7 +668,7 @@ class Farm:
             log.info("job %s: frame %d split into %d tiles (margin %d rows)", job.id, settings.frames[0],
                      settings.tiles, settings.margin)
         job.frames = {n: FrameRecord(n) for n in settings.items}
-        move_job(job, JobState.RENDERING)
+        self._move(job, JobState.RENDERING)
         self.store.save_job(job)
         log.info("job %s: %d frames, %s, %dx%d at %g fps", job.id, len(job.frames), settings.file_format,
                  settings.resolution_x, settings.resolution_y, settings.fps)
@@ -496,6 +689,7 @@ class Farm:
         error = as_submitted(job, error)
         job.probe_failures += 1
         job.probe_failed_on[name] = f"Blender {version}: {error}"
+        self._widely_changed()
         self.store.save_job(job)
         # The job fails once every connected client that may take it has failed to open the file.
         others = [c for c in self.clients.values()
@@ -548,10 +742,17 @@ class Farm:
         if holder is not None and holder.id != lease_id:
             # Another client holds this frame (it was reassigned); it need not render it now.
             self._revocations.append(Revocation(holder.client_id, holder.id, (number,)))
+        spare = self.leases.get(frame.spare_lease) if frame.spare_lease is not None else None
+        frame.spare_lease = None
+        if spare is not None and spare.id != lease_id:
+            # The first holder was not so late after all: the second copy is not wanted.
+            self._revocations.append(Revocation(spare.client_id, spare.id, ()))
+            self._drop_lease(spare)
         client = self.clients.get(client_id)
         move_frame(job, frame, FrameState.DONE)
         frame.rendered_by = client.name if client else client_id
         frame.render_s = render_s
+        job.index.timed(frame)
         if client is not None:
             client.frames_rendered += 1
         what = f"tile {number}" if job.settings and job.settings.tiles else f"frame {number}"
@@ -569,6 +770,7 @@ class Farm:
             log.info("job %s: done, %d frames", job.id, len(job.frames))
             self._finish(job, JobState.DONE)
         elif job.stitch_due:
+            self._stitch_watch.add(job.id)
             log.info("job %s: all %d tiles rendered; stitching frame %d", job.id, len(job.frames),
                      job.settings.frames[0])
         return True
@@ -598,6 +800,7 @@ class Farm:
         job = self.check_video(job_id)
         job.video = video
         move_video(job, VideoState.NONE)
+        self._video_watch.add(job.id)
         self.store.save_job(job)
         return job
 
@@ -662,9 +865,10 @@ class Farm:
         name = client.name if client else client_id
         frame.failures += 1
         frame.failed_on.add(name)
+        job.index.failed.add(number)
         frame.error = error
         frame.log = render_log
-        move_frame(job, frame, FrameState.PENDING)
+        self._hand_back(job, frame)
         job.client_failures[name] = job.client_failures.get(name, 0) + 1
         self.store.save_frame(job, frame)
         log.warning("job %s: frame %d failed on %s (%d/%d): %s", job.id, number, name, frame.failures,
@@ -692,9 +896,14 @@ class Farm:
             log.warning("client %s now renders on %s (was %s)", client.name, device, client.device)
             client.device = device
             client.ready = False  # counts as a change below
+            self._clients_changed()
         if lease_id is None or lease_id != client.lease_id:
             frame = None  # a report about other work than the lease we gave it
         changed = not client.ready or client.busy != (state == "busy") or client.frame != frame
+        if not client.ready or client.busy != (state == "busy"):
+            # It may be idle now, and which Blender a job's idle clients run (see next_work) may have changed.
+            self._hints.add(client.id)
+            self._widely_changed()
         client.ready = True
         client.busy = state == "busy"
         if client.frame != frame:

@@ -88,6 +88,12 @@ class FarmService:
             with self.unit():
                 pass
 
+    def tick(self) -> None:
+        """Each watchdog round: time alone makes a frame at a job's tail late (see Farm.tail_waiting)."""
+        if self.farm.tail_waiting():
+            with self.unit():
+                pass
+
     def _settle(self) -> None:
         for effect in self.farm.decide(self._outbox.reachable):
             self._carry_out(effect)
@@ -112,7 +118,7 @@ class FarmService:
             log.info("job %s: probing the scene on client %s", job.id, lease.client_id)
             return m.Probe.of(job.manifest, lease_id=lease.id, job_id=job.id)
         assert job.settings is not None
-        log.info("job %s: frames %s to client %s (lease %d)", job.id, ",".join(map(str, lease.frames)),
+        log.debug("job %s: frames %s to client %s (lease %d)", job.id, ",".join(map(str, lease.frames)),
                  lease.client_id, lease.id)
         # The job's manifest was checked when it arrived: it is not checked again for every chunk it is sent with.
         return m.Assign.of(job.manifest, lease_id=lease.id, job_id=job.id, frames=lease.frames,
@@ -125,11 +131,15 @@ class FarmService:
 
     # --- what viewers read --------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, job_offset: int = 0, job_limit: int | None = None) -> dict[str, Any]:
+        """The farm as viewers see it: unfinished jobs first, by priority then submission; a page of them
+        (`job_limit` from `job_offset`) if asked, with how many there are in all."""
         jobs = sorted(self.farm.jobs.values(), key=lambda j: (j.state.finished, -j.priority, j.seq))
+        page = jobs[job_offset:] if job_limit is None else jobs[job_offset:job_offset + job_limit]
         return {
             "farm": self.config.farm_name,
-            "jobs": [job.view() for job in jobs],
+            "jobs": [job.view() for job in page],
+            "jobs_total": len(jobs),
             "clients": self.farm.client_views(),
         }
 

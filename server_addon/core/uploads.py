@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Frames up to this size are written and closed on the loop (into the page cache: a thread's hand-over costs
+#: more than the write); bigger ones in a worker thread, so that a slow disk never holds up the farm.
+INLINE_WRITE_BYTES = 64 * 1024
+
 
 @dataclass
 class Incoming:
@@ -44,11 +48,20 @@ class FrameUploads:
         self._outputs = outputs
         self._stats = stats
 
-    def begin(self, conn: WorkerConnection, begin: m.FrameBegin) -> None:
+    async def begin(self, conn: WorkerConnection, begin: m.FrameBegin) -> None:
         with self._work.unit() as farm:
-            self._begin(farm, conn, begin)
+            wanted = self._begin(farm, conn, begin)
+        sink = None
+        if wanted:
+            try:
+                # (making a file waits on the disk's journal: always off the loop)
+                sink = await asyncio.to_thread(self._outputs.frame_sink, begin.job_id, begin.size)
+            except OSError as exc:
+                self._storage_failed(begin.job_id, exc)
+        conn.incoming = Incoming(begin=begin, sink=sink)
 
-    def _begin(self, farm: Farm, conn: WorkerConnection, begin: m.FrameBegin) -> None:
+    def _begin(self, farm: Farm, conn: WorkerConnection, begin: m.FrameBegin) -> bool:
+        """Check the upload; whether its frame is wanted (else its bytes are read and dropped)."""
         if conn.incoming is not None:
             raise ProtocolError("a frame upload began inside another")
         self._outputs.job_dir(begin.job_id)  # refuses an id that could never name a folder of ours
@@ -64,15 +77,9 @@ class FrameUploads:
                 raise ProtocolError(f"job {job.id} stores .{expected} {'tiles' if job.settings.tiles else 'frames'}, "
                                     f"not {begin.ext!r}")
         farm.check_frame_holder(begin.job_id, begin.frame, conn.client_id, begin.lease_id)
-        sink = None
         # A frame of a job deleted meanwhile is read and dropped: the client did nothing wrong. One it was
         # never leased is refused before a byte of it is written (NotLeaseHolder closes the connection).
-        if job is not None and farm.wants_frame(job.id, begin.frame, conn.client_id, begin.lease_id):
-            try:
-                sink = self._outputs.frame_sink(job.id, begin.size)
-            except OSError as exc:
-                self._storage_failed(job.id, exc)
-        conn.incoming = Incoming(begin=begin, sink=sink)
+        return job is not None and farm.wants_frame(job.id, begin.frame, conn.client_id, begin.lease_id)
 
     def _storage_failed(self, job_id: str, exc: OSError) -> None:
         """The server cannot write a job's frames (disk full, permissions): the job pauses with the reason."""
@@ -97,7 +104,10 @@ class FrameUploads:
             raise ProtocolError("upload is larger than announced")
         if incoming.sink is not None:
             try:
-                await asyncio.to_thread(incoming.sink.write, chunk.data)
+                if incoming.begin.size <= INLINE_WRITE_BYTES:
+                    incoming.sink.write(chunk.data)
+                else:
+                    await asyncio.to_thread(incoming.sink.write, chunk.data)
             except OSError as exc:
                 self._write_failed(incoming, exc)
 
@@ -107,7 +117,10 @@ class FrameUploads:
         if incoming is None or incoming.sink is None:
             return
         try:
-            await asyncio.to_thread(incoming.sink.finish, end.sha256)
+            if incoming.begin.size <= INLINE_WRITE_BYTES:
+                incoming.sink.finish(end.sha256)
+            else:
+                await asyncio.to_thread(incoming.sink.finish, end.sha256)
         except ProtocolError:
             self.abort(conn)
             raise

@@ -10,6 +10,7 @@ version. When several versions could start a job, it goes to the one most connec
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -23,17 +24,28 @@ from .jobs import ClientRecord, Job
 UNKNOWN = "unknown"
 
 
+@functools.lru_cache(maxsize=256)
+def _parse(text: str) -> BlenderVersion | None:
+    """A version text parsed once: the scheduler asks about every client for every job."""
+    return BlenderVersion.parse(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _pin_name(text: str) -> str:
+    parsed = _parse(text)
+    return str(parsed) if parsed is not None else (text.strip() or UNKNOWN)
+
+
 def client_version(client: ClientRecord) -> str:
     """A client's version as jobs are pinned to it: '4.2.23' for '4.2.23 LTS'; the raw text if unreadable."""
-    parsed = BlenderVersion.parse(client.blender)
-    return str(parsed) if parsed is not None else (client.blender.strip() or UNKNOWN)
+    return _pin_name(client.blender)
 
 
 def can_open(job: Job, client: ClientRecord) -> bool:
     """The client's Blender is not older than the one that saved the job's file."""
     if job.file_blender is None:
         return True
-    parsed = BlenderVersion.parse(client.blender)
+    parsed = _parse(client.blender)
     return parsed is not None and parsed.line >= job.file_blender.line
 
 
@@ -46,12 +58,12 @@ def version_fits(job: Job, client: ClientRecord) -> bool:
     wanted = job.request.blender
     if wanted is None:
         return True
-    parsed = BlenderVersion.parse(client.blender)
+    parsed = _parse(client.blender)
     if parsed is None:
         return False
     if wanted == BLENDER_FILE:
         return job.file_blender is None or parsed.line == job.file_blender.line
-    target = BlenderVersion.parse(wanted)
+    target = _parse(wanted)
     if target is None:
         return False
     return parsed.line == target.line if target.patch is None else parsed == target

@@ -42,6 +42,7 @@ class WorkerService(UnitOfWork, Protocol):
 
     def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None,
                         device: str = "") -> None: ...
+    def tick(self) -> None: ...
 
 
 class WorkerConnection:
@@ -135,6 +136,8 @@ class Workers:
                 elif isinstance(message, m.End):
                     await self._uploads.finish(conn, message)  # (closing and checking the file, off the loop)
                     self._uploads.end(conn)
+                elif isinstance(message, m.FrameBegin):
+                    await self._uploads.begin(conn, message)  # (its file is made off the loop)
                 else:
                     self._on_message(conn, message)
         except (ProtocolError, UnsafeName) as exc:
@@ -176,9 +179,7 @@ class Workers:
                                           message.device)
             return
         with self._service.unit() as farm:
-            if isinstance(message, m.FrameBegin):
-                self._uploads.begin(conn, message)
-            elif isinstance(message, m.FrameFailed):
+            if isinstance(message, m.FrameFailed):
                 farm.frame_failed(message.lease_id, message.frame, conn.client_id,
                                   m.clip(message.error), m.clip(message.log))
             elif isinstance(message, m.LeaseDone):
@@ -226,12 +227,27 @@ class Workers:
     async def watchdog(self) -> None:
         """Close the connections of clients that went silent for longer than the timeout (or hang on a
         frame), and ping the others so that they notice a server that went silent in turn."""
+        loop = asyncio.get_running_loop()
+        period = min(1.0, self._config.heartbeat_interval / 2)
         while True:
-            await asyncio.sleep(min(1.0, self._config.heartbeat_interval / 2))
+            due = loop.time() + period
+            await asyncio.sleep(period)
+            late = loop.time() - due
             try:
+                if late > self._config.heartbeat_interval:  # (not mere jitter: a whole ping period missed)
+                    self.forgive(late)
                 self.check()
+                self._service.tick()
             except Exception:  # one bad round must not end the watchdog
                 log.exception("watchdog round failed")
+
+    def forgive(self, late: float) -> None:
+        """The server's own loop was held up for `late` seconds (a stall, a burst of work, a suspended
+        machine): what clients sent meanwhile may still wait unread in their sockets, so that silence is
+        the server's, not theirs: nobody is dropped for it."""
+        log.warning("the server was held up for %.1f s; clients' silence during it is not held against them", late)
+        for conn in self.connections.values():
+            conn.last_seen += late
 
     def check(self) -> None:
         config = self._config
