@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import re
 import signal
 import socket
@@ -14,6 +13,8 @@ from pathlib import Path
 
 from protocol.address import AddressError, parse_server
 from protocol.errors import DiscoveryError
+from protocol.names import printable
+from protocol.secret import SecretError, add_secret_options, secret_from_args
 
 from .cache import BlendCache, default_cache_dir
 from .pathmap import Mapping, PathMapError
@@ -75,8 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-discovery", dest="discovery", action="store_false",
                         help="do not look for farms on the LAN; --server is then required")
     parser.add_argument("--name", default=socket.gethostname(), help="name shown on the farm (default: host name)")
-    parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"),
-                        help="farm secret (default: $MICROFARM_TOKEN)")
+    add_secret_options(parser)
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where job files are cached (default: ~/.cache/microfarm)")
     parser.add_argument("--cache-max", default="50G", metavar="SIZE",
@@ -93,6 +93,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gpu-index", type=int, default=None, metavar="N",
                         help="use only the Nth GPU of the backend (one client per GPU on a multi-GPU machine)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="limit CPU render threads")
+    parser.add_argument("--render-in-process", action="store_true",
+                        help="render in this Blender process instead of a supervised second one: uses less memory, "
+                             "but a Blender crash then ends the client (and is not reported), and a hung frame "
+                             "cannot be stopped")
     parser.add_argument("--exit-on-auth-failure", action="store_true",
                         help="exit (status 2) when a server fails the farm-secret check or speaks another protocol "
                              "version, instead of skipping it and looking on (for scripts)")
@@ -103,7 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s [" + args.name + "] %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s [" + printable(args.name).replace("%", "%%")
+                        + "] %(name)s: %(message)s")
     log = logging.getLogger("client")
     try:
         servers = [parse_server(text) for text in args.servers or []]
@@ -114,7 +119,8 @@ def main(argv: list[str]) -> int:
             raise UsageError("--gpu-index must be 0 or more")
         path_map = tuple(Mapping.parse(text) for text in args.path_map)
         cache_max = parse_size(args.cache_max)
-    except (UsageError, AddressError, PathMapError) as exc:
+        secret = secret_from_args(args)
+    except (UsageError, AddressError, PathMapError, SecretError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -125,6 +131,7 @@ def main(argv: list[str]) -> int:
     from .devices import DeviceError, inventory
     from .devices import choose as choose_device
     from .link import Link, Refused, fixed_targets
+    from .supervisor import RenderCrash, RenderProcess
     from .worker import Worker
 
     with contextlib.ExitStack() as resources:
@@ -146,11 +153,19 @@ def main(argv: list[str]) -> int:
         except DeviceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        link = Link(resolve, name=args.name, secret=args.token or None, cache=cache, blender=blender_version(),
+        link = Link(resolve, name=args.name, secret=secret, cache=cache, blender=blender_version(),
                     device=device.backend, devices=inventory(), allow_scripts=args.allow_scripts,
                     refused=refused, exit_on_refusal=args.exit_on_auth_failure)
-        worker = Worker(link, Renderer(allow_scripts=args.allow_scripts, device=device, threads=args.threads,
-                                       path_map=path_map))
+        if args.render_in_process:
+            renderer: Renderer | RenderProcess = Renderer(allow_scripts=args.allow_scripts, device=device,
+                                                          threads=args.threads, path_map=path_map, name=args.name)
+        else:
+            # Blender renders in a second process that this one supervises: a crash of Blender on a frame is
+            # reported as that frame's failure, and a frame the server declares hung is stopped.
+            renderer = RenderProcess(allow_scripts=args.allow_scripts, device=device, gpu_index=args.gpu_index,
+                                     threads=args.threads, path_map=path_map, name=args.name)
+            resources.callback(renderer.close)
+        worker = Worker(link, renderer)
 
         def stop(signum: int, _frame: object) -> None:
             log.info("stopping (signal %d)", signum)
@@ -160,11 +175,17 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGINT, stop)
         log.info("render client %r for %s (Blender %s, %s, scripts %s)", args.name, where, blender_version(),
                  device.describe(), "allowed" if args.allow_scripts else "disabled")
+        if isinstance(renderer, RenderProcess):
+            try:
+                renderer.start()  # warm before the first task comes
+            except RenderCrash as exc:
+                print(f"error: the render process could not start: {exc}", file=sys.stderr)
+                return 2
         link.start()
         try:
             code = worker.run()
         finally:
             link.stop()
     if link.fatal:
-        print(f"error: {link.fatal}", file=sys.stderr)
+        print(f"error: {printable(link.fatal)}", file=sys.stderr)
     return code

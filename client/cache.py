@@ -31,6 +31,11 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: A partial download untouched for this long belongs to no running client.
 STALE_PARTIAL_S = 3600.0
 HASH_BLOCK_BYTES = 1024 * 1024
+#: A use marks a file's access time (the eviction order) at most this often: marking it changes its ctime, and so
+#: its identity, which is then written down again.
+TOUCH_INTERVAL_S = 600.0
+#: Beside the store (<root>/verified/<sha256>): for each file, its identity when its content last matched its name.
+VERIFIED_DIR = "verified"
 #: --cache-max unless told: the textures and caches of a few productions, so that a project that comes back
 #: sends nothing; the free-space check keeps a smaller disk from filling up.
 DEFAULT_MAX_BYTES = 50 * 1024**3
@@ -59,8 +64,13 @@ def _writable(path: Path) -> None:
         os.chmod(path, stat.S_IWRITE)
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
-    return (stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns)
+Identity = tuple[int, int, int, int, int]
+
+
+def _identity(stat: os.stat_result) -> Identity:
+    """What changes whenever the file's content may have: a write or a replacement changes the inode, the size, the
+    modification time or, at the least, the change time (which no program can set back, unlike the others)."""
+    return (stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class BlendCache:
@@ -73,8 +83,11 @@ class BlendCache:
         self.pinned: frozenset[str] = frozenset()  # the shas of the job this client has open
         self.root = root / "files"
         self.root.mkdir(parents=True, exist_ok=True)
-        # sha -> the file's identity when this process last hashed it: hashed again only when it changed.
-        self._verified: dict[str, tuple[int, int, int, int]] = {}
+        # sha -> the file's identity when its content was last found to match (here, or by an earlier run or
+        # another client sharing the cache, as written in verified/): hashed again only when it changed.
+        self._verified: dict[str, Identity] = {}
+        self.verified_dir = root / VERIFIED_DIR  # beside files/, which holds the files alone
+        self.verified_dir.mkdir(exist_ok=True)
         # Downloads a stopped client left unfinished; a live download (maybe another client's, sharing
         # this cache) writes to its file all the time, so only long-untouched ones are removed.
         for partial in self.root.glob(".incoming-*"):
@@ -91,9 +104,9 @@ class BlendCache:
         """The stored file if it is there, of that size, and its content still has that sha256.
 
         A file whose checksum no longer matches (a damaged disk, a program that wrote into a job folder)
-        is removed, so that it is fetched again. Hashing is skipped for a file this process already
-        verified and that has not changed since (same inode, size and modification time). `name` (the file's
-        place in a job) is what the log calls it.
+        is removed, so that it is fetched again. Hashing is skipped for a file whose identity (inode, size,
+        modification and change time) is the one noted when its content last matched (see _known). `name` (the
+        file's place in a job) is what the log calls it.
         """
         path = self.path(sha256)
         try:
@@ -103,25 +116,64 @@ class BlendCache:
         if stat.st_size != size:
             self._discard(path, sha256, f"is {stat.st_size} bytes, not {size}", name)
             return None
-        if self._verified.get(sha256) == _identity(stat):
-            self._touch(path, stat)
+        if self._known(sha256, _identity(stat)):
+            self._touch(path, sha256, stat)
             return path
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
+            before = _identity(os.fstat(handle.fileno()))
             while block := handle.read(HASH_BLOCK_BYTES):
                 digest.update(block)
-        if digest.hexdigest() != sha256:
+            changed = _identity(os.fstat(handle.fileno())) != before  # written to while it was read
+        if digest.hexdigest() != sha256 or changed:
             self._discard(path, sha256, "no longer matches its checksum", name)
             return None
-        self._verified[sha256] = _identity(stat)
-        self._touch(path, stat)
+        if self._verified.get(sha256) is not None or (self.verified_dir / sha256).exists():
+            log.info("stored file %s%s changed on disk since it was checked; its content still matches",
+                     f"//{name} " if name else "", sha256[:12])
+        self._remember(sha256, before)
+        self._touch(path, sha256, stat)
         return path
 
-    @staticmethod
-    def _touch(path: Path, info: os.stat_result) -> None:
-        """Mark a use (the access time orders eviction); the modification time stays, so the identity does."""
+    def _known(self, sha256: str, identity: Identity) -> bool:
+        """Is this the identity the file had when its content last matched? As this process remembers it, else
+        as noted beside the store (by an earlier run, or by another client sharing the cache, whose use of the
+        file changed its change time)."""
+        if self._verified.get(sha256) == identity:
+            return True
+        try:
+            noted = tuple(int(x) for x in (self.verified_dir / sha256).read_text().split())
+        except (OSError, ValueError):
+            return False
+        if noted != identity:
+            return False
+        self._verified[sha256] = identity
+        return True
+
+    def _remember(self, sha256: str, identity: Identity) -> None:
+        self._verified[sha256] = identity
+        note = self.verified_dir / f".{sha256}.{os.getpid()}"
+        try:
+            note.write_text(" ".join(map(str, identity)))
+            os.replace(note, self.verified_dir / sha256)
+        except OSError as exc:  # only a cost: the next run hashes the file again
+            log.debug("cannot note that %s was checked: %s", sha256[:12], exc)
+            with contextlib.suppress(OSError):
+                note.unlink()
+
+    def _forget(self, sha256: str) -> None:
+        self._verified.pop(sha256, None)
+        with contextlib.suppress(OSError):
+            (self.verified_dir / sha256).unlink()
+
+    def _touch(self, path: Path, sha256: str, info: os.stat_result) -> None:
+        """Mark a use (the access time orders eviction), now and then; the file's new change time is written down
+        with it, so that the mark itself is not taken for a change."""
+        if time.time() - info.st_atime < TOUCH_INTERVAL_S and info.st_atime_ns >= info.st_mtime_ns:
+            return
         with contextlib.suppress(OSError):
             os.utime(path, ns=(time.time_ns(), info.st_mtime_ns))
+            self._remember(sha256, _identity(path.stat()))
 
     def pin(self, shas: Iterable[str]) -> None:
         """The files of the job this client has open: never evicted."""
@@ -174,7 +226,7 @@ class BlendCache:
                             f"{human_bytes(FREE_MARGIN_BYTES)} free; free space there or use --cache-dir)")
 
     def _remove(self, path: Path) -> bool:
-        self._verified.pop(path.name, None)
+        self._forget(path.name)
         try:
             _writable(path)
             path.unlink()
@@ -202,5 +254,5 @@ class BlendCache:
         with contextlib.suppress(OSError):
             os.chmod(path, 0o444)
         with contextlib.suppress(OSError):
-            self._verified[sha256] = _identity(path.stat())  # FileSink checked the digest as it wrote
+            self._remember(sha256, _identity(path.stat()))  # FileSink checked the digest as it wrote
         return path

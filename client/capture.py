@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ def _match_lines(tail: Tail, watch: re.Pattern[str], data: bytes) -> None:
 
 
 @contextmanager
-def capture_output(watch: re.Pattern[str] | None = None) -> Iterator[Tail]:
-    """Capture fds 1 and 2; the tail of the output lands in .text, lines matching `watch` in .matched."""
+def capture_output(watch: re.Pattern[str] | None = None, path: Path | None = None) -> Iterator[Tail]:
+    """Capture fds 1 and 2; the tail of the output lands in .text, lines matching `watch` in .matched.
+    With `path`, the output is caught in that file (left there: a render process that crashes mid-frame
+    leaves its parent the output up to the crash), else in an anonymous one."""
     tail = Tail()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -59,7 +62,7 @@ def capture_output(watch: re.Pattern[str] | None = None) -> Iterator[Tail]:
         log.debug("output capture unavailable: %s", exc)
         yield tail
         return
-    with tempfile.TemporaryFile() as sink:
+    with (open(path, "w+b") if path is not None else tempfile.TemporaryFile()) as sink:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:

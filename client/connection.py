@@ -16,6 +16,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from protocol.errors import AuthError, ConnectionClosed, ProtocolError, VersionM
 from protocol.handshake import client_handshake
 from protocol.limits import HEARTBEAT_INTERVAL_S
 from protocol.messages import Role
+from protocol.names import printable
 from protocol.stream import FileSink, MessageStream
 
 from .cache import BlendCache, CacheFull
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+#: A server that keeps refusing this client (another farm, or this client's secret is wrong) is logged once, then
+#: in a counted line at most this often.
+REFUSAL_SUMMARY_S = 600.0
 #: The server pings every heartbeat interval; this many intervals of silence mean it is gone.
 SERVER_SILENCE_INTERVALS = 5
 
@@ -80,7 +85,8 @@ class Shared:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._epoch = 0
-        self._revoked: dict[int, set[int] | None] = {}  # lease -> frames, None for all
+        self._revoked: dict[int, set[int]] = {}  # lease -> frames taken back one by one
+        self._whole: set[int] = set()  # leases taken back as a whole (a frame taken back before stays so)
         self._fatal: str | None = None
 
     # --- read by anyone ----------------------------------------------------------------------
@@ -97,17 +103,14 @@ class Shared:
 
     def wanted(self, epoch: int, lease_id: int, frame: int | None = None) -> bool:
         with self._lock:
-            if epoch != self._epoch:
+            if epoch != self._epoch or lease_id in self._whole:
                 return False
-            if lease_id not in self._revoked:
-                return True
-            frames = self._revoked[lease_id]
-            return frames is not None and frame is not None and frame not in frames
+            frames = self._revoked.get(lease_id)
+            return frames is None or (frame is not None and frame not in frames)
 
     def frame_revoked(self, lease_id: int, frame: int) -> bool:
         with self._lock:
-            frames = self._revoked.get(lease_id)
-            return frames is not None and frame in frames
+            return frame in self._revoked.get(lease_id, ())
 
     # --- written by the loop -----------------------------------------------------------------
 
@@ -115,15 +118,14 @@ class Shared:
         with self._lock:
             self._epoch += 1
             self._revoked.clear()
+            self._whole.clear()
 
     def revoke(self, lease_id: int, frames: list[int]) -> None:
         with self._lock:
             if frames:
-                current = self._revoked.setdefault(lease_id, set())
-                if current is not None:
-                    current.update(frames)
+                self._revoked.setdefault(lease_id, set()).update(frames)
             else:
-                self._revoked[lease_id] = None
+                self._whole.add(lease_id)
 
     def fail(self, reason: str) -> None:
         with self._lock:
@@ -155,8 +157,11 @@ class Connection:
         self.exit_on_refusal = exit_on_refusal
         self.host = ""  # the address of the current (or last) connection attempt
         self.port = 0
-        self._refusals: dict[tuple[str, int], str] = {}  # what each refusing server was last logged for
+        # What each refusing server was last logged for, the refusals since, and when that line was written.
+        self._refusals: dict[tuple[str, int], tuple[str, int, float]] = {}
+        self.refusal_summary_s = REFUSAL_SUMMARY_S
         self._report = Report()
+        self._progress: int | None = None
         self._outbox: asyncio.Queue[m.Message | Upload] | None = None
         self._download: tuple[str, FileSink | None, asyncio.Future[Path]] | None = None
         self._download_size: int | None = None  # what the manifest says the file being downloaded holds
@@ -181,7 +186,12 @@ class Connection:
 
     def report(self, report: Report) -> None:
         self._report = report
+        self._progress = None  # counted afresh for each frame
         self._heartbeat_now()
+
+    def set_progress(self, count: int) -> None:
+        """The frame being rendered shows signs of life; the next heartbeat carries the count."""
+        self._progress = count
 
     def set_device(self, device: str) -> None:
         self.device = device
@@ -232,11 +242,16 @@ class Connection:
                 except (AuthError, VersionMismatch) as exc:
                     if self.exit_on_refusal:
                         self.shared.fail(str(exc))
-                        log.error("%s", exc)
+                        log.error("%s", printable(exc))
                         return
                     self._refuse(str(exc))
                 except (TimeoutError, ProtocolError, OSError) as exc:
-                    log.warning("connection to %s:%d lost: %s", self.host, self.port, exc)
+                    if self.connected.is_set():
+                        log.warning("connection to %s:%d lost: %s", self.host, self.port, printable(exc))
+                    else:
+                        # Refused in the handshake (a full farm says so) or cut off in it: try again, backing off.
+                        log.warning("no session with %s:%d: %s; retrying in %.1f s", self.host, self.port,
+                                    printable(exc), delay)
                 finally:
                     if self.connected.is_set():
                         delay = RECONNECT_MIN_S  # a session that got going starts the backoff afresh
@@ -250,11 +265,20 @@ class Connection:
     def _refuse(self, reason: str) -> None:
         """Skip a server that failed the handshake's checks: said once per server, not on every retry."""
         key = (self.host, self.port)
-        if self._refusals.get(key) != reason:
-            self._refusals[key] = reason
-            log.warning("%s; skipping it and still looking for the farm", reason)
+        last = self._refusals.get(key)
+        now = time.monotonic()
+        if last is None or last[0] != reason:
+            self._refusals[key] = (reason, 0, now)
+            log.warning("%s; skipping it and still looking for the farm", printable(reason))
+        elif now - last[2] >= self.refusal_summary_s:
+            # A line now and then, not one per retry: the operator still learns that it goes on.
+            self._refusals[key] = (reason, 0, now)
+            log.warning("the server at %s:%d refused %d more time%s in the last %.0f s (%s); still looking",
+                        self.host, self.port, last[1] + 1, "" if last[1] == 0 else "s", now - last[2],
+                        printable(reason))
         else:
-            log.debug("the server at %s:%d refused again: %s", self.host, self.port, reason)
+            self._refusals[key] = (reason, last[1] + 1, last[2])
+            log.debug("the server at %s:%d refused again: %s", self.host, self.port, printable(reason))
         if self.refused is not None:
             try:
                 self.refused(self.host, self.port, reason)
@@ -291,7 +315,8 @@ class Connection:
                                                    secret=self.secret, blender=self.blender,
                                                    device=self.device, devices=self.devices,
                                                    allow_scripts=self.allow_scripts)
-        log.info("connected to farm %r at %s:%d as %s", welcome.farm, self.host, self.port, accepted.client_id)
+        log.info("connected to farm %r at %s:%d as %s%s", welcome.farm, self.host, self.port, accepted.client_id,
+                 " (TLS)" if stream.ssl_object is not None else "")
         self._refusals.pop((self.host, self.port), None)  # a later refusal there is news again
         self._outbox = asyncio.Queue()
         self.connected.set()
@@ -318,7 +343,8 @@ class Connection:
             self._outbox.put_nowait(m.Heartbeat(state="busy", device=self.device))
         else:
             self._outbox.put_nowait(m.Heartbeat(state=report.state, job_id=report.job_id, frame=report.frame,
-                                                lease_id=report.lease_id, device=self.device))
+                                                lease_id=report.lease_id, device=self.device,
+                                                progress=self._progress if report.frame is not None else None))
 
     async def _heartbeat_loop(self, interval: float) -> None:
         while True:

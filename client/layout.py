@@ -161,6 +161,11 @@ class JobFolders:
             if sys.platform == "win32":
                 _remove_tree(entry)  # an open file cannot be removed there
 
+    @property
+    def linked(self) -> bool:
+        """Job folders hold hard links to the store's files (else copies)."""
+        return self._linked
+
     def job_dir(self, job_id: str) -> Path:
         if not _JOB_ID.fullmatch(job_id):
             raise LayoutError(f"the server named a job badly: {job_id!r}")

@@ -143,6 +143,10 @@ class Link:
         """What the renderer is doing, for the heartbeats; epoch and lease tie it to one session's work."""
         self._call_soon(self._core.report, Report(state, job_id, frame, epoch, lease_id))
 
+    def progress(self, count: int) -> None:
+        """The frame being rendered made progress (any thread may say so); sent with the next heartbeat."""
+        self._call_soon(self._core.set_progress, count)
+
     def frame_revoked(self, lease_id: int, frame: int) -> bool:
         """Was this very frame taken back (stored by another client)? Then its upload is pointless."""
         return self._shared.frame_revoked(lease_id, frame)

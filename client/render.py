@@ -7,6 +7,8 @@ through the bpy API; nothing from the network is executed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +47,46 @@ class RenderError(Exception):
         self.render_log = render_log
 
 
+#: Told of the render's progress: a count that grows whenever Blender's render stats change.
+Progress = Callable[[int], None]
+
+
+@contextmanager
+def watch_progress(progress: Progress | None) -> Iterator[None]:
+    """Call `progress` with a growing count whenever Blender's render stats change while the block runs.
+
+    Cycles reports "Sample N/M" (and tiles, "Synchronizing object", "Updating shaders") as it goes, EEVEE its
+    samples: any change is a sign of life. The handler runs on Blender's render threads too; it only counts."""
+    if progress is None:
+        yield
+        return
+    state = {"count": 0, "last": None}
+
+    def changed(stats: Any = None, *_: Any) -> None:
+        if stats != state["last"]:
+            state["last"] = stats
+            state["count"] += 1
+            progress(state["count"])
+
+    handlers = bpy.app.handlers.render_stats
+    handlers.append(changed)
+    try:
+        yield
+    finally:
+        if changed in handlers:
+            handlers.remove(changed)
+
+
 def blender_version() -> str:
     return bpy.app.version_string
 
 
 class Renderer:
     def __init__(self, *, allow_scripts: bool = False, device: Device = devices.CPU,
-                 threads: int | None = None, path_map: tuple[pathmap.Mapping, ...] = ()) -> None:
+                 threads: int | None = None, path_map: tuple[pathmap.Mapping, ...] = (),
+                 capture_path: Path | None = None) -> None:
         self.allow_scripts = allow_scripts
+        self.capture_path = capture_path  # where a frame's output is caught (a render process's parent reads it)
         self.path_map = path_map  # shared storage reached by another prefix here
         self.device = device  # the client's device; CPU after a GPU failed
         self.threads = threads
@@ -163,7 +197,14 @@ class Renderer:
         """The split frame the current assignment renders tiles of (None: whole frames)."""
         return self._split
 
-    def render_frame(self, frame: int, directory: Path) -> Path:
+    def render_frame(self, frame: int, directory: Path, *, progress: Progress | None = None,
+                     abandon: Callable[[], bool] | None = None) -> Path:
+        """Render into `directory`; `progress` is told of signs of life. (`abandon` is for a render process,
+        which can stop a frame by ending its child; a render in this process cannot be stopped.)"""
+        with watch_progress(progress):
+            return self._render_with_fallback(frame, directory)
+
+    def _render_with_fallback(self, frame: int, directory: Path) -> Path:
         try:
             return self._render_frame(frame, directory)
         except RenderError as exc:
@@ -190,7 +231,7 @@ class Renderer:
         scene.render.filepath = str(directory / name)
         error = None
         self.frame_warnings = []
-        with capture_output(LOG_MISSING) as output:
+        with capture_output(LOG_MISSING, self.capture_path) as output:
             try:
                 bpy.ops.render.render(write_still=True, scene=scene.name)
             except RuntimeError as exc:

@@ -11,12 +11,14 @@ from pathlib import Path
 from protocol import messages as m
 from protocol.errors import ProtocolError
 from protocol.manifest import Manifest
+from protocol.names import printable
 from protocol.settings import validate_assignment
 
 from .cache import CacheError
 from .layout import JobFolders, LayoutError
 from .link import Link, LinkLost
 from .render import Renderer, RenderError
+from .supervisor import RenderAbandoned, RenderProcess
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ JOB_FOLDER_IDLE_S = 120.0
 
 
 class Worker:
-    def __init__(self, link: Link, renderer: Renderer) -> None:
+    def __init__(self, link: Link, renderer: Renderer | RenderProcess) -> None:
         self.link = link
         self.renderer = renderer
         self.scratch = Path(tempfile.mkdtemp(prefix="microfarm-frames-"))
@@ -51,7 +53,7 @@ class Worker:
                     else:
                         self._render(task.epoch, task.message)
                 except LinkLost as exc:
-                    log.warning("task abandoned: %s", exc)
+                    log.warning("task abandoned: %s", printable(exc))
                 finally:
                     self.link.set_state("idle")
                     self._idle_since = time.monotonic()
@@ -106,7 +108,11 @@ class Worker:
         damaged = []
         for entry in manifest.files:
             try:
-                intact = (folder / entry.relpath).stat().st_size == entry.size
+                info = (folder / entry.relpath).stat()
+                intact = info.st_size == entry.size
+                if intact and self.folders.linked:  # the very file the store checks, not one put in its place
+                    stored = self.link.cache.path(entry.sha256).stat()
+                    intact = (info.st_ino, info.st_dev) == (stored.st_ino, stored.st_dev)
             except OSError:
                 intact = False
             if not intact or self.link.cache.lookup(entry.sha256, entry.size, entry.relpath) is None:
@@ -154,10 +160,19 @@ class Worker:
                 continue
             self.link.set_state("rendering", assign.job_id, frame, epoch=epoch, lease_id=lease)
             started = time.monotonic()
+
+            def abandon(frame: int = frame) -> bool:
+                # This very frame was taken back (declared hung, or delivered by another client): its render is
+                # stopped. A whole lease taken back (a pause) and a lost connection are no reason: the frame is
+                # finished and sent, and kept if the server still wants it.
+                return self.link.frame_revoked(lease, frame)
             try:
-                path = self.renderer.render_frame(frame, self.scratch)
+                path = self.renderer.render_frame(frame, self.scratch, progress=self.link.progress, abandon=abandon)
+            except RenderAbandoned:
+                log.info("job %s: frame %d was taken back; its render was stopped", assign.job_id, frame)
+                continue
             except RenderError as exc:
-                log.warning("job %s: frame %d failed: %s", assign.job_id, frame, exc)
+                log.warning("job %s: frame %d failed: %s", assign.job_id, frame, printable(exc))
                 self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame,
                                                     error=m.clip(str(exc)), log=m.clip(exc.render_log)))
                 continue
@@ -169,14 +184,15 @@ class Worker:
             if self.renderer.frame_warnings and not job.allow_missing:
                 # Blender could not find files while rendering (gone since the file was opened): not a frame.
                 error = f"files missing while rendering (on this client): {'; '.join(self.renderer.frame_warnings)}"
-                log.warning("job %s: %s failed: %s", assign.job_id, what, error)
+                log.warning("job %s: %s failed: %s", assign.job_id, what, printable(error))
                 path.unlink(missing_ok=True)
                 self.link.send(epoch, m.FrameFailed(lease_id=lease, job_id=assign.job_id, frame=frame,
                                                     error=m.clip(error)))
                 continue
             warnings = ([missing] if missing else []) + self.renderer.frame_warnings
             if warnings:
-                log.warning("job %s: %s rendered with files missing: %s", assign.job_id, what, "; ".join(warnings))
+                log.warning("job %s: %s rendered with files missing: %s", assign.job_id, what,
+                            printable("; ".join(warnings)))
             begin = m.FrameBegin(lease_id=lease, job_id=assign.job_id, frame=frame, ext=path.suffix.lstrip("."),
                                  size=path.stat().st_size, render_s=elapsed, warnings=warnings)
             # Uploads are queued: the next frame renders while this one travels.

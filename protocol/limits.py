@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+#: 2: a farm with a secret speaks TLS after the first, plain hello and welcome (protocol.handshake).
+PROTOCOL_VERSION = 2
 
 #: Bytes in the length prefix that precedes every message (unsigned, big-endian).
 LENGTH_PREFIX_BYTES = 4
@@ -29,6 +30,8 @@ HEARTBEAT_TIMEOUT_S = 5 * HEARTBEAT_INTERVAL_S
 #: Longest render time a client may report for one frame (a week): beyond it the number is noise or hostile,
 #: and it would overflow the means that tile counts and ETAs are made of.
 MAX_RENDER_S = 7 * 24 * 3600.0
+#: Largest render progress count a heartbeat may carry (protocol.messages.Heartbeat.progress).
+MAX_PROGRESS = 1 << 62
 #: Longest heartbeat interval a server may ask of a client.
 MAX_HEARTBEAT_S = 3600.0
 

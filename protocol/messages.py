@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
 from .errors import ProtocolError
-from .limits import MAX_ERROR_CHARS, MAX_HEARTBEAT_S, MAX_PROJECT_FILES, MAX_RENDER_S, MAX_STATUS_JOBS
+from .limits import MAX_ERROR_CHARS, MAX_HEARTBEAT_S, MAX_PROGRESS, MAX_PROJECT_FILES, MAX_RENDER_S, MAX_STATUS_JOBS
 from .manifest import Manifest, ManifestError
 from .schema import (
     CHOICE,
@@ -180,6 +180,7 @@ class Hello(Message):
     device: str = ""  # what a render client renders on: "CPU", "OPTIX", "CUDA", ...
     devices: list[str] = dataclasses.field(default_factory=list)  # everything it could use
     allow_scripts: bool = False  # a render client started with --allow-scripts runs the scripts of .blend files
+    tls: bool = False  # in the first, plain hello of a client with a secret: it asks for TLS (protocol.handshake)
 
 
 @_message
@@ -190,12 +191,15 @@ class Welcome(Message):
     nonce: bytes
     auth_required: bool
     proof: bytes | None = None
+    tls: bool = False  # in the plain welcome: TLS follows
+    cert_sha256: bytes | None = None  # the server's own certificate (so that a client can name a relay)
 
 
 @_message
 class Auth(Message):
     TYPE = MessageType.AUTH
     proof: bytes | None = None
+    cert_sha256: bytes | None = None  # the certificate the client was shown
 
 
 @_message
@@ -221,6 +225,9 @@ class Heartbeat(Message):
     frame: int | None = None
     lease_id: int | None = None
     device: str = ""  # changes when a failing GPU made the client fall back to the CPU
+    # Signs of life of the frame being rendered: a count that grows whenever Blender's render stats change
+    # (Cycles' "Sample N/M", a tile, "Synchronizing object"); None from a client that cannot tell.
+    progress: Annotated[int | None, Int(0, MAX_PROGRESS)] = None
 
 
 @_message

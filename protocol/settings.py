@@ -53,6 +53,11 @@ MAX_PERCENTAGE = 1000
 MAX_FPS = 100_000.0
 #: Blender's own frame limit: scene.frame_set() clamps anything beyond it without a word.
 MAX_FRAME = 1_048_574
+#: A frame is declared hung when its render showed no progress (Cycles' samples, any change of Blender's render
+#: stats) for this long: never for being slower than the job's other frames. Settable per job (JobRequest.hang_s).
+DEFAULT_HANG_S = 600.0
+MIN_HANG_S = 1.0
+MAX_HANG_S = 7 * 24 * 3600.0
 #: A job's Blender: "file" (the version that saved it) or MAJOR.MINOR[.PATCH].
 BLENDER_FILE = "file"
 _BLENDER_CHOICE = re.compile(r"\d{1,3}\.\d{1,3}(\.\d{1,4})?")
@@ -100,6 +105,12 @@ class JobRequest:
     allow_missing: Annotated[bool, Bool(absent_if_none=True)] = False
     # Only clients started with --allow-scripts render it (and read its scene): the scene needs its Python.
     needs_scripts: Annotated[bool, Bool(absent_if_none=True)] = False
+    # Seconds a frame's render may show no progress before it is declared hung (None: DEFAULT_HANG_S).
+    hang_s: Annotated[float | None, Float(MIN_HANG_S, MAX_HANG_S)] = None
+
+    @property
+    def hang_limit_s(self) -> float:
+        return DEFAULT_HANG_S if self.hang_s is None else self.hang_s
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import ssl
+import sys
 import tempfile
 from pathlib import Path
 
-from .errors import ConnectionClosed, TransferError
+from .errors import ConnectionClosed, ProtocolError, TransferError
 from .framing import encode, read_frame
 from .limits import BULK_CHUNK_BYTES, MAX_MESSAGE_BYTES
 from .messages import Chunk, End, Message, from_wire
+
+#: How long closing a TLS connection waits for the peer's close_notify before it drops the socket.
+_TLS_SHUTDOWN_S = 2.0
 
 
 class MessageStream:
@@ -32,6 +37,27 @@ class MessageStream:
         if isinstance(info, tuple) and len(info) >= 2:
             return f"{info[0]}:{info[1]}"
         return str(info or "?")
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self.writer.get_extra_info("ssl_object")
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float | None = None) -> ssl.SSLObject:
+        """Turn this connection into TLS in place (the side follows how it was made: accepted or opened).
+
+        Called when the peer has nothing more to say in plain text: a byte already waiting would be read
+        as if it had come through TLS, so any is refused."""
+        if getattr(self.reader, "_buffer", b""):
+            raise ProtocolError("the peer sent plain bytes where TLS should begin")
+        extra = {"ssl_shutdown_timeout": _TLS_SHUTDOWN_S} if sys.version_info >= (3, 12) else {}
+        try:
+            await self.writer.start_tls(context, ssl_handshake_timeout=timeout, **extra)
+        except (ssl.SSLError, OSError) as exc:
+            raise ProtocolError(f"TLS handshake failed: {exc}") from None
+        ssl_object = self.ssl_object
+        if ssl_object is None:  # pragma: no cover - start_tls gives an SSL transport or raises
+            raise ProtocolError("TLS did not start")
+        return ssl_object
 
     async def recv(self) -> Message:
         payload = await read_frame(self.reader, self.max_bytes)

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -14,9 +13,10 @@ from pathlib import Path
 
 from protocol.discovery import interface_addresses
 from protocol.errors import DiscoveryError
+from protocol.secret import SecretError, add_secret_options, secret_from_args
 
 from .app import FarmApp
-from .core.config import ServerConfig, ServerStartError
+from .core.config import MAX_CONNECTIONS, ServerConfig, ServerStartError
 
 log = logging.getLogger("server_addon")
 
@@ -31,8 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where job folders with frames are written")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="server state and .blend store (default: OUTPUT/.microfarm)")
-    parser.add_argument("--token", default=os.environ.get("MICROFARM_TOKEN"),
-                        help="farm secret (default: $MICROFARM_TOKEN)")
+    add_secret_options(parser)
     parser.add_argument("--farm-name", default=None, help="name shown to clients (default: host name)")
     parser.add_argument("--interface", dest="interfaces", action="append", default=None, metavar="ADDR",
                         help="answer discovery only on this interface (an address or a name like eth0; repeatable; "
@@ -43,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve the web interface on this port (0 picks a free one; default: no web interface)")
     parser.add_argument("--web-host", default="127.0.0.1", metavar="ADDR",
                         help="address of the web interface (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                        help=f"render clients connected at once (default: {MAX_CONNECTIONS}, fewer where the "
+                             "open-files limit has no room; tools are counted apart)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     return parser.parse_args(argv)
 
@@ -77,8 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.web_port is not None and not 0 <= args.web_port <= 65535:
         print(f"error: web port {args.web_port} is not between 0 and 65535", file=sys.stderr)
         return 2
+    try:
+        secret = secret_from_args(args)
+    except SecretError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.max_connections < 1:
+        print(f"error: --max-connections {args.max_connections} must be at least 1", file=sys.stderr)
+        return 2
     config = ServerConfig(output_dir=args.output_dir, host=args.host, port=args.port, data_dir=args.data_dir,
-                          secret=args.token or None)
+                          secret=secret, max_connections=args.max_connections)
     if args.farm_name:
         config.farm_name = args.farm_name
     interfaces = None

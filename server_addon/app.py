@@ -23,7 +23,7 @@ from protocol.errors import DiscoveryError
 
 from .core.config import ServerConfig, ServerStartError, ServerStats
 from .core.control import ControlConnections
-from .core.database import Database, DatabaseError
+from .core.database import Database, DatabaseError, GuardedStore
 from .core.listener import Listener
 from .core.recovery import recover
 from .core.scheduler import Farm
@@ -85,7 +85,8 @@ class FarmApp:
             raise ServerStartError(f"cannot use {exc.filename or config.output_dir}: {exc.strerror or exc}") from None
         except DatabaseError as exc:
             raise ServerStartError(str(exc)) from None
-        farm = Farm(self._clock, store=self._db)
+        store = GuardedStore(self._db)
+        farm = Farm(self._clock, store=store)  # SQLite's refusals pause jobs, not the farm
         try:
             recover(farm, self._db, files, outputs)
             stats = ServerStats()
@@ -97,7 +98,7 @@ class FarmApp:
             self._listener = Listener(config, stats, self._tasks, workers=self._workers, control=control)
             await self._listener.start()
             self._tasks.spawn(self._workers.watchdog())
-            self._tasks.spawn(self._flush_frames(self._db))
+            self._tasks.spawn(self._flush_frames(service, store))
             service.start()
             self.service = service
             log.info("farm %r listening on %s:%d, output in %s", config.farm_name, config.host, self.port,
@@ -112,13 +113,12 @@ class FarmApp:
             self._advertising = asyncio.get_running_loop().create_task(self._advertise())
 
     @staticmethod
-    async def _flush_frames(db: Database) -> None:
+    async def _flush_frames(service: FarmService, store: GuardedStore) -> None:
         while True:
             await asyncio.sleep(FRAME_BATCH_S)
-            try:
-                db.flush()
-            except Exception:  # (a failing flush is tried again with the next batch)
-                log.exception("writing frame rows to %s failed", db.path)
+            if store.flush():  # refused (a full disk): their jobs pause with the reason, the rows wait
+                with service.unit():
+                    pass
 
     async def _start_web(self, service: FarmService) -> WebServer:
         from .web import start_web  # aiohttp is needed only for the web interface

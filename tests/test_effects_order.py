@@ -175,22 +175,22 @@ async def test_the_frames_of_a_lost_client_go_to_the_other_in_order(rig: Rig, ho
         await a.fall_silent()  # the server's watchdog drops it after TEST_HEARTBEAT_TIMEOUT_S
     else:
         await a.drop()
-    # Today the frame a lost client was rendering counts as a failure of that frame on that client (so a frame
-    # that kills every Blender ends its job); an open issue may change how a lost client counts. Its other
-    # frame (2) is pending again without a failure.
-    await rig.step("A was lost", "J rendering 0/4 fail 1x1 by A | A lost, B rendering")
+    # Changed on purpose (issue 11, "failures that mean failure"): a lost client's frames go back without a
+    # failure of the frame or of the client; it was characterised as "fail 1x1 by A" before. A crash of Blender
+    # is reported by the client itself (its render process), as FRAME_FAILED, and counts then.
+    await rig.step("A was lost", "J rendering 0/4 | A lost, B rendering")
     await b.render(lease_b, 3)
-    await rig.step("B sent frame 3", "J rendering 1/4 fail 1x1 by A | A lost, B rendering@3")
+    await rig.step("B sent frame 3", "J rendering 1/4 | A lost, B rendering@3")
     await b.render(lease_b, 4)
-    await rig.step("B sent frame 4", "J rendering 2/4 fail 1x1 by A | A lost, B rendering@4")
+    await rig.step("B sent frame 4", "J rendering 2/4 | A lost, B rendering@4")
     await b.lease_done(lease_b.lease_id)
     taken_over = await b.expect(m.Assign)
-    await rig.step("B ended its lease", "J rendering 2/4 fail 1x1 by A | A lost, B rendering")
+    await rig.step("B ended its lease", "J rendering 2/4 | A lost, B rendering")
     await b.render(taken_over, 1)
-    await rig.step("B sent frame 1", "J rendering 3/4 fail 1x1 by A | A lost, B rendering@1")
+    await rig.step("B sent frame 1", "J rendering 3/4 | A lost, B rendering@1")
     await b.render(taken_over, 2)
     await b.expect(m.Revoke)
-    await rig.step("B sent frame 2", "J done 4/4 fail 1x1 by A | A lost, B idle")
+    await rig.step("B sent frame 2", "J done 4/4 | A lost, B idle")
     await b.lease_done(taken_over.lease_id)
     await b.quiet()
 
@@ -198,9 +198,8 @@ async def test_the_frames_of_a_lost_client_go_to_the_other_in_order(rig: Rig, ho
     assert rig.received(b) == [("assign", 3, "J", [3, 4]), ("assign", 4, "J", [1, 2]), ("revoke", 4, [])]
     status = rig.viewer.latest
     assert status is not None
-    (failure,) = status["jobs"][0]["failures"]
-    assert failure == {"frame": 1, "count": 1, "clients": ["A"],
-                       "error": "client A was lost while rendering this frame"}
+    assert status["jobs"][0]["failures"] == []  # (was one failure of frame 1 on A: changed on purpose, see above)
+    assert [c["failures"] for c in status["clients"] if c["name"] == "A"] == [0]
 
 
 # --- 3. pause and resume ---------------------------------------------------------------------------

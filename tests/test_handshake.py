@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,8 @@ from protocol.handshake import client_handshake, server_handshake
 from protocol.limits import PROTOCOL_VERSION
 from protocol.messages import Role
 from protocol.stream import MessageStream
+from protocol.tls import ServerTls
+from server_addon.core.certificate import ensure_identity
 
 pytestmark = pytest.mark.unit
 
@@ -32,6 +37,15 @@ async def listening(handler):
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
 
 
+_CERT_DIR = tempfile.TemporaryDirectory(prefix="microfarm-tls-")  # removed when the test run ends
+
+
+@functools.cache
+def server_tls() -> ServerTls:
+    """One certificate for the module's servers (a farm with a secret speaks TLS since protocol 2)."""
+    return ServerTls.load(*ensure_identity(Path(_CERT_DIR.name)))
+
+
 @contextlib.asynccontextmanager
 async def handshake_server(secret: str | None):
     """A server that runs server_handshake once; yields its port and a future with the outcome."""
@@ -42,7 +56,7 @@ async def handshake_server(secret: str | None):
         try:
             result = await server_handshake(stream, farm="test-farm", secret=secret,
                                             assign_id=lambda peer: f"c-{peer.name}", heartbeat_s=2.0,
-                                            timeout=TIMEOUT)
+                                            tls=server_tls() if secret else None, timeout=TIMEOUT)
         except Exception as exc:
             outcome.set_exception(exc)
         else:
@@ -224,8 +238,10 @@ async def test_secret_never_appears_on_the_wire(client_secret):
                 await outcome_of(outcome)
         await asyncio.wait_for(finished, TIMEOUT)
     everything = bytes(wire["up"] + wire["down"])
-    # The capture saw the handshake (both directions), so its absence below means something.
-    assert b"relay-client" in wire["up"] and b"test-farm" in wire["down"]
+    # The capture saw the handshake (both directions), so its absence below means something. Changed with TLS
+    # (protocol 2): the client's name travels inside TLS now, so the capture shows the plain hello that asks for it.
+    assert b"hello" in wire["up"] and b"test-farm" in wire["down"]
+    assert b"relay-client" not in everything
     for secret in {SECRET, client_secret}:
         assert secret.encode("utf-8") not in everything
     assert b"horse battery" not in everything

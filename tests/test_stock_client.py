@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -296,3 +297,20 @@ def test_addon_saves_the_bundle(zip_path: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"NOTICE INFO Saved the render client as {tmp_path / zip_name()}" in result.stdout, result.stdout
     assert (tmp_path / zip_name()).read_bytes() == zip_path.read_bytes()
+
+
+def test_stock_client_speaks_tls_to_a_farm_with_a_secret(stock: Stock, bundle: Path, tmp_path: Path,
+                                                         stock_clients: StockClients) -> None:
+    """The standard library's ssl is all the render client needs for TLS: in every Python of the matrix."""
+    farm = Farm(tmp_path / "output", secret="stock-secret")
+    try:
+        name = f"tls-{stock.entry.line}"
+        stock_clients.start(stock, bundle, name, "--server", farm.address, "--token", "stock-secret")
+        farm.wait_until(connected(1), timeout=STEP_TIMEOUT_S, what=f"{name} to connect")
+        line = f"connected to farm 'test-farm' at {farm.address} as c1 (TLS)"
+        deadline = time.monotonic() + 30  # the client logs it a moment after the server counts it connected
+        while line not in stock_clients.log(name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert line in stock_clients.log(name), stock_clients.log(name)
+    finally:
+        farm.stop()

@@ -216,16 +216,19 @@ def test_an_idle_client_is_not_held_back_by_a_busy_majority() -> None:
     assert len({farm.clients[c].blender for c in by.values()}) == 1
 
 
-def test_a_client_lost_while_opening_the_file_is_asked_again_once() -> None:
+def test_a_client_lost_while_opening_the_file_is_asked_again() -> None:
+    # Changed on purpose (issue 11): the second loss on one client counted as a failed open ("lost 2 times while
+    # opening"). A loss is no verdict on the file now; a Blender that crashes on it is reported by the client.
     farm, job = farm_of({"only": "5.0.1"})
     first = farm.next_work("only")
-    farm.disconnect_client("only")  # a restart, or a network blip, while it opened the file
-    assert job.state is JobState.PROBING and not job.probe_failed_on
-    connect(farm, "only", "5.0.1")
-    again = farm.next_work("only")
-    assert again is not None and again.kind is LeaseKind.PROBE and again.id != first.id
-    farm.disconnect_client("only")  # lost again on the same file: Blender crashes on it
-    assert job.state is JobState.FAILED and "lost 2 times while opening" in job.error
+    for _ in range(3):
+        farm.disconnect_client("only")  # a restart, or a network blip, while it opened the file
+        assert job.state is JobState.PROBING and not job.probe_failed_on
+        connect(farm, "only", "5.0.1")
+        again = farm.next_work("only")
+        assert again is not None and again.kind is LeaseKind.PROBE and again.id != first.id
+    farm.probe_failed(again.id, "only", "Blender crashed (signal 11, SIGSEGV) while opening the .blend")
+    assert job.state is JobState.FAILED and "SIGSEGV" in job.error
 
 
 @pytest.mark.parametrize("name", ["shot\\1.blend", "C:\\x.blend", "a\\g<0>.blend"])

@@ -5,6 +5,7 @@
         [--keep DIR]
     python -m tools.bench wire [--python PYTHON ...]
     python -m tools.bench project [--size-mb 2048] [--files 500] [--keep DIR]
+    python -m tools.bench tls [--size-mb 1024] [--rounds 1]
 
 `overhead` renders the same frames once through a farm on 127.0.0.1 (a headless server and N
 clients, connected and idle before the clock starts, with empty .blend caches) and once in a
@@ -21,6 +22,10 @@ frame, the stitch).
 
 `project` sends a generated project of N files totalling SIZE through a local farm with one client, twice,
 and prints the peak memory of the server and the client, the bytes sent and the times (tools.bench_project).
+
+`tls` sends one job file (1 GiB) from a server process to a client process, in plain text (a farm without a
+secret) and over TLS (with one), and prints a JSON line for each with MB/s and each side's CPU seconds
+(tools.bench_tls).
 
 `wire` times the message path (schema to wire map, msgpack, framing, and back) of a 512 KiB CHUNK and of
 a heartbeat, in microseconds per message, with msgpack's compiled extension and with its pure-Python
@@ -43,7 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bench_project, bench_scale
+from . import bench_project, bench_scale, bench_tls
 from .control import Control, ToolError
 from .localfarm import REPO, LocalFarm, repo_env
 from .submit import parse_frames
@@ -193,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     wire.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     bench_project.add_parser(sub)
     bench_scale.add_parser(sub)
+    bench_tls.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "tls":
+        for row in bench_tls.run(args):
+            print(json.dumps(row), flush=True)
+        return 0
     if args.command == "wire":
         return wire_main(args)
     if args.command == "scale":

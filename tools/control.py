@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -17,6 +17,8 @@ from protocol.errors import ProtocolError
 from protocol.handshake import client_handshake
 from protocol.manifest import Manifest, ManifestError, ProjectFile
 from protocol.messages import Role
+from protocol.names import printable
+from protocol.secret import SecretError, secret_from_args
 from protocol.stream import MessageStream, sha256_file
 from protocol.units import human_bytes
 
@@ -32,17 +34,21 @@ def run_tool(main: Coroutine[Any, Any, int]) -> int:
     try:
         return asyncio.run(main)
     except ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)  # often the server's words
         return 1
     except (ProtocolError, OSError) as exc:
-        print(f"error: lost the connection to the farm: {exc}", file=sys.stderr)
+        print(f"error: lost the connection to the farm: {printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
-def default_token() -> str | None:
-    return os.environ.get("MICROFARM_TOKEN") or None
+def secret(args: argparse.Namespace) -> str | None:
+    """The farm secret a tool's options name (see protocol.secret.add_secret_options); raises ToolError."""
+    try:
+        return secret_from_args(args, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+    except SecretError as exc:
+        raise ToolError(str(exc)) from None
 
 
 @dataclass(frozen=True)

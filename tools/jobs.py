@@ -15,16 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from protocol.names import printable
+from protocol.secret import add_secret_options
 from server_addon.core.video import CODECS, LOCATIONS, QUALITIES, VideoSettings
 
-from .control import Control, ToolError, default_token, run_tool
+from .control import Control, ToolError, run_tool, secret
 from .status import render_text
 
 _SIMPLE = {"cancel": "cancel", "pause": "pause", "resume": "resume", "force-complete": "force_complete"}
 
 
 async def run(args: argparse.Namespace) -> int:
-    control = await Control.connect(args.server, args.token)
+    control = await Control.connect(args.server, secret(args))
     try:
         if args.command == "list":
             status = await control.status()
@@ -33,12 +35,12 @@ async def run(args: argparse.Namespace) -> int:
         if args.command == "log":
             entry = await control.frame_log(args.job, args.frame)
             print(f"job {entry.job_id} frame {entry.frame}: {entry.failures} failure(s) on "
-                  f"{', '.join(entry.clients) or 'no client'}")
+                  f"{printable(', '.join(entry.clients)) or 'no client'}")
             if entry.error:
-                print(f"error: {entry.error}")
+                print(f"error: {printable(entry.error)}")
             if entry.log:
                 print("--- render log (tail) ---")
-                print(entry.log)
+                print(printable(entry.log, lines=True))  # Blender's lines, but no escape codes
             return 0
         if args.command in _SIMPLE:
             reply = await control.job_action(_SIMPLE[args.command], args.job)
@@ -51,7 +53,7 @@ async def run(args: argparse.Namespace) -> int:
         elif args.command == "video":
             reply = await control.job_action("video", args.job, codec=args.codec, quality=args.quality,
                                              location=args.location)
-            print(reply.message, flush=True)
+            print(printable(reply.message), flush=True)
             job: dict = {}
             async for update in control.watch(args.job):
                 job = update
@@ -61,7 +63,7 @@ async def run(args: argparse.Namespace) -> int:
             return 0
         else:  # argparse only lets the commands above through
             raise ToolError(f"unknown command {args.command}")
-        print(reply.message)
+        print(printable(reply.message))
         return 0
     finally:
         await control.close()
@@ -70,7 +72,7 @@ async def run(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.jobs", description="Control a MicroFarm server's jobs.")
     parser.add_argument("--server", required=True, help="farm server as HOST:PORT")
-    parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
+    add_secret_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list jobs")
     for name, text in (("cancel", "stop a job for good"), ("pause", "stop handing out a job's frames"),

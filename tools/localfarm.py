@@ -26,15 +26,18 @@ def repo_env() -> dict[str, str]:
 
 
 def start_client(server: str | None, name: str, cache_dir: Path, log_path: Path, *extra: str,
-                 as_script: bool = False) -> subprocess.Popen[bytes]:
+                 as_script: bool = False, token: str | None = None) -> subprocess.Popen[bytes]:
     """A render client process; as_script runs client/__main__.py by path, as Blender's --python does.
     With server None the client finds its farm by discovery (pass --interface in extra)."""
     entry = [str(REPO / "client" / "__main__.py"), "--"] if as_script else ["-m", "client"]
     target = ["--server", server] if server is not None else []
+    env = repo_env()
+    if token:
+        env["MICROFARM_TOKEN"] = token  # not --token: the process list is readable by every local user
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [sys.executable, *entry, *target, "--name", name, "--cache-dir", str(cache_dir), *extra],
-            cwd=REPO, env=repo_env(), stdout=log, stderr=subprocess.STDOUT)
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_server(output: Path, log_path: Path, *, port: int = 0, token: str | None = None,
@@ -88,9 +91,8 @@ class LocalFarm:
         return self
 
     def add_client(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
-        if self.token:
-            extra = (*extra, "--token", self.token)
-        proc = start_client(self.address, name, self.root / "cache" / name, self.root / f"{name}.log", *extra)
+        proc = start_client(self.address, name, self.root / "cache" / name, self.root / f"{name}.log", *extra,
+                            token=self.token)
         self.clients.append(proc)
         return proc
 

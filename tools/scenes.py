@@ -16,7 +16,8 @@ from pathlib import Path
 def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps: int, engine: str,
           camera: bool, file_format: str, fail: bool = False, view_transform: str | None = None,
           script_marker: Path | None = None, slow_frame: int | None = None, film_transparent: bool = False,
-          color_depth: str | None = None, denoise: bool = False, adaptive: bool = True) -> None:
+          color_depth: str | None = None, denoise: bool = False, adaptive: bool = True,
+          python_driver: str | None = None, tile_size: int | None = None) -> None:
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -42,6 +43,10 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
         scene.cycles.use_denoising = denoise
         scene.cycles.use_adaptive_sampling = adaptive
         scene.cycles.seed = 0
+        if tile_size:
+            # Tile by tile: a background Cycles reports its progress per tile (its samples only now and then).
+            scene.cycles.use_auto_tile = True
+            scene.cycles.tile_size = tile_size
 
     world = bpy.data.worlds.new("World")
     world.color = (0.05, 0.06, 0.08)
@@ -79,6 +84,12 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
         for frame, count in ((slow_frame - 1, samples), (slow_frame, samples * 1000), (slow_frame + 1, samples)):
             scene.cycles.samples = count
             scene.keyframe_insert("cycles.samples", frame=frame)
+
+    if python_driver is not None:
+        # A Python driver on the floor's height (0 to keep the picture): it runs only with scripts allowed.
+        driver = floor.driver_add("location", 2).driver
+        driver.type = "SCRIPTED"
+        driver.expression = python_driver
 
     if fail:
         # A render border of zero width: Blender refuses every frame with "Image too small".
@@ -123,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--denoise", action="store_true", help="denoise the render (Cycles)")
     parser.add_argument("--no-adaptive-sampling", dest="adaptive", action="store_false",
                         help="render every sample of every pixel (Cycles): slow, evenly")
+    parser.add_argument("--python-driver", metavar="EXPR",
+                        help="a Python driver expression on the floor's height, e.g. to crash on a frame")
+    parser.add_argument("--tile-size", type=int, help="render in tiles of this many pixels (Cycles)")
     args = parser.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -133,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
           engine=args.engine, camera=not args.no_camera, file_format=args.format, fail=args.fail,
           view_transform=args.view_transform, script_marker=args.script_marker,
           slow_frame=args.slow_frame, film_transparent=args.film_transparent, color_depth=args.color_depth,
-          denoise=args.denoise, adaptive=args.adaptive)
+          denoise=args.denoise, adaptive=args.adaptive, python_driver=args.python_driver,
+          tile_size=args.tile_size)
     print(args.out)
     return 0
 

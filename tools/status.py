@@ -10,12 +10,16 @@ import json
 import sys
 from typing import Any
 
+from protocol.names import printable
+from protocol.secret import add_secret_options
 from server_addon.core.versions import job_blender
 
-from .control import Control, default_token, run_tool
+from .control import Control, run_tool, secret
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
+    # Names and errors come from clients and artists: control characters shown as escapes, never obeyed.
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
@@ -56,7 +60,7 @@ def render_text(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> st
 
 
 async def run(args: argparse.Namespace) -> int:
-    control = await Control.connect(args.server, args.token)
+    control = await Control.connect(args.server, secret(args))
     try:
         status = await control.status()
     finally:
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Show a MicroFarm server's jobs and clients.")
     parser.add_argument("--server", required=True, help="farm server as HOST:PORT")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
+    add_secret_options(parser)
     args = parser.parse_args(argv)
     return run_tool(run(args))
 

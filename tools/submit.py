@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from protocol.blendfile import MAGIC_BYTES, BlendHeaderError, looks_like_blend, read_version
+from protocol.names import printable
+from protocol.secret import add_secret_options
 from protocol.settings import BLENDER_FILE, IMAGE_FORMATS, JobRequest, SettingsError
 from server_addon.core.actions import MAX_PRIORITY, check_priority
 from server_addon.core.shared import absolute_copy
 from server_addon.core.trace import OUTSIDE_DIR, Trace, TraceError, bat_available, traced
 from server_addon.core.video import CODECS, LOCATIONS, QUALITIES, VideoSettings
 
-from .control import Control, ToolError, UploadPlan, default_token, run_tool
+from .control import Control, ToolError, UploadPlan, run_tool, secret
 
 _RANGE = re.compile(r"^\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+))?\s*$")
 
@@ -76,7 +78,7 @@ def build_settings(args: argparse.Namespace) -> dict[str, Any]:
            "file_format": args.format, "samples": args.samples, "percentage": args.percentage,
            "device": args.device.upper() if args.device else None, "split": split,
            "blender": args.blender, "allow_missing": getattr(args, "allow_missing", False),
-           "needs_scripts": getattr(args, "needs_scripts", False)}
+           "needs_scripts": getattr(args, "needs_scripts", False), "hang_s": getattr(args, "hang_timeout", None)}
     try:
         return JobRequest.from_wire(raw).to_wire()
     except SettingsError as exc:
@@ -167,7 +169,7 @@ def _show_plan(plan: UploadPlan) -> None:
 
 async def _submit(args: argparse.Namespace, blend: Path, settings: dict[str, Any], trace: Trace | None) -> int:
     files, main = (trace.pairs(), trace.main) if trace is not None else (None, None)
-    control = await Control.connect(args.server, args.token)
+    control = await Control.connect(args.server, secret(args))
     try:
         video = ({"codec": args.video, "quality": args.quality, "location": args.video_location}
                  if args.video else None)
@@ -187,13 +189,13 @@ async def _submit(args: argparse.Namespace, blend: Path, settings: dict[str, Any
         if tty:
             print(file=sys.stderr)
         for warning in job.get("warnings") or ():
-            print(f"warning: job {job_id}: {warning}", file=sys.stderr)
+            print(f"warning: job {job_id}: {printable(warning)}", file=sys.stderr)
         if job.get("state") != "done":
             reason = job.get("error") or job.get("state")
-            print(f"error: job {job_id} {job.get('state')}: {reason}", file=sys.stderr)
+            print(f"error: job {job_id} {job.get('state')}: {printable(reason)}", file=sys.stderr)
             return 1
         if job.get("video_state") == "failed":
-            print(f"error: job {job_id}: the frames are done but the video failed: {job.get('video_error')}",
+            print(f"error: job {job_id}: the frames are done but the video failed: {printable(job.get('video_error'))}",
                   file=sys.stderr)
             return 1
         if job.get("video_path"):
@@ -229,6 +231,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--needs-scripts", action="store_true",
                         help="the scene needs its Python (drivers, registered text blocks): send it only to clients "
                              "started with --allow-scripts")
+    parser.add_argument("--hang-timeout", type=float, default=None, metavar="SECONDS",
+                        help="a frame whose render shows no progress (Cycles' samples) for this long is hung: it "
+                             "fails and goes to another client (default: 600); a slow frame that progresses is "
+                             "never hung")
     parser.add_argument("--priority", type=priority_value, default=0,
                         help="higher renders first, -1000000 to 1000000 (default: 0)")
     parser.add_argument("--queue", action="store_true", help="queue the job without starting it (tools.jobs resume)")
@@ -246,7 +252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     travel.add_argument("--shared-storage", action="store_true",
                         help="a farm on shared storage: send only the .blend, its relative paths made absolute; the "
                              "clients read the files where they lie (mapping prefixes with their --path-map)")
-    parser.add_argument("--token", default=default_token(), help="farm secret (default: $MICROFARM_TOKEN)")
+    add_secret_options(parser)
     return parser.parse_args(argv)
 
 

@@ -173,7 +173,7 @@ Copy this folder to the render node, then run from the folder that holds it:
   Windows:  {win_blender} --background --python {script_win} -- --name NODE   (Command Prompt)
 
 Without --server the client finds the farm on the LAN (zeroconf). Add --server HOST:PORT where
-multicast does not pass, --token SECRET (or set MICROFARM_TOKEN) when the farm has a secret,
+multicast does not pass, --token-file PATH (or set MICROFARM_TOKEN) when the farm has a secret,
 --interface ADDRESS to look for the farm on one network only. --help lists every option.
 
 vendor/ holds pure-Python copies of msgpack, zeroconf and ifaddr; their versions are in

@@ -8,11 +8,23 @@ from pathlib import Path
 
 from protocol.limits import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S
 
-#: A client on one frame for longer than FACTOR times the job's median frame time (and at least
-#: MIN_S, and only once MIN_SAMPLES frames were measured) is treated as lost.
-HANG_FACTOR = 10.0
-HANG_MIN_S = 120.0
-HANG_MIN_SAMPLES = 3
+#: Render clients connected at once; tools (submit, status, ...) are counted apart, up to MAX_TOOL_CONNECTIONS,
+#: so that a full farm never locks its operator out.
+MAX_CONNECTIONS = 1024
+MAX_TOOL_CONNECTIONS = 64
+#: Connections still in their handshake, in all and from one address, and how long one may take: a stranger
+#: that connects and says nothing holds a slot for HANDSHAKE_TIMEOUT_S at most, and never more than
+#: MAX_HANDSHAKES_PER_ADDRESS of them.
+MAX_PENDING_HANDSHAKES = 64
+MAX_HANDSHAKES_PER_ADDRESS = 8
+HANDSHAKE_TIMEOUT_S = 5.0
+#: The web interface: connections at once, and how long a request's headers may take to arrive (also the
+#: idle time of a kept-alive connection) and how long its body may stall between two reads.
+WEB_MAX_CONNECTIONS = 256
+WEB_HEADER_TIMEOUT_S = 10.0
+WEB_BODY_TIMEOUT_S = 30.0
+#: Refused connections and the like are logged as one counted line per address and reason per interval.
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 class ServerStartError(Exception):
@@ -29,8 +41,15 @@ class ServerConfig:
     farm_name: str = field(default_factory=socket.gethostname)
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S
-    hang_factor: float = HANG_FACTOR
-    hang_min_s: float = HANG_MIN_S
+    max_connections: int = MAX_CONNECTIONS
+    max_tool_connections: int = MAX_TOOL_CONNECTIONS
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S
+    web_max_connections: int = WEB_MAX_CONNECTIONS
+    web_header_timeout: float = WEB_HEADER_TIMEOUT_S
+    web_body_timeout: float = WEB_BODY_TIMEOUT_S
+    refusal_log_interval: float = REFUSAL_LOG_INTERVAL_S
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -26,6 +26,10 @@ from .video import VideoSettings
 
 log = logging.getLogger(__name__)
 
+#: Jobs one control connection may watch at once: each watch is a stream of updates on every change, so that a
+#: tool watching thousands would cost the farm megabytes and make every status slow.
+MAX_WATCHES_PER_CONNECTION = 8
+
 
 class ControlService(Protocol):
     """What the tools' side needs of the service."""
@@ -43,13 +47,15 @@ class ControlService(Protocol):
 
 
 class ControlConnections:
-    def __init__(self, service: ControlService, tasks: Spawner) -> None:
+    def __init__(self, service: ControlService, tasks: Spawner,
+                 max_watches: int = MAX_WATCHES_PER_CONNECTION) -> None:
         self._service = service
         self._tasks = tasks
+        self.max_watches = max_watches
 
     async def serve(self, stream: MessageStream, peer: Peer, client_id: str) -> None:
         server = self._service
-        watchers: list[asyncio.Task[None]] = []
+        watchers: dict[str, asyncio.Task[None]] = {}  # by job: one stream of updates per job and connection
         try:
             while True:
                 message = await stream.recv()
@@ -72,11 +78,23 @@ class ControlConnections:
                 elif isinstance(message, m.Watch):
                     if message.job_id not in server.farm.jobs:
                         raise ProtocolError(f"no job {message.job_id!r}")
-                    watchers.append(self._tasks.spawn(self._watch(stream, message.job_id)))
+                    for job_id in [job_id for job_id, task in watchers.items() if task.done()]:
+                        del watchers[job_id]
+                    old = watchers.pop(message.job_id, None)
+                    if old is not None:  # the same job again: this watch replaces that one (it starts afresh)
+                        old.cancel()
+                    elif len(watchers) >= self.max_watches:
+                        log.warning("%s: refused a watch of job %s: already watching %d jobs", peer.name,
+                                    message.job_id, len(watchers))
+                        await stream.send(m.Error(reason=f"a control connection may watch at most "
+                                                         f"{self.max_watches} jobs at once; this one already "
+                                                         f"watches {len(watchers)}"))
+                        continue
+                    watchers[message.job_id] = self._tasks.spawn(self._watch(stream, message.job_id))
                 else:
                     raise ProtocolError(f"a control connection may not send {message.TYPE.value}")
         finally:
-            for task in watchers:
+            for task in watchers.values():
                 task.cancel()
 
     async def _submit(self, stream: MessageStream, peer: Peer, submit: m.Submit) -> None:

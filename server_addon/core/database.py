@@ -11,6 +11,7 @@ import json
 import logging
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from protocol.blendfile import BlenderVersion
 from protocol.errors import ProtocolError
@@ -123,10 +124,18 @@ class Database:
         self.conn.close()
 
     def flush(self) -> None:
-        """Write the frame rows that wait in the batch."""
+        """Write the frame rows that wait in the batch (kept for the next try if SQLite refuses them)."""
         if self._frame_rows:
-            rows, self._frame_rows = list(self._frame_rows.values()), {}
-            self.conn.executemany("INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            waiting, self._frame_rows = self._frame_rows, {}
+            try:
+                self.conn.executemany("INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)", waiting.values())
+            except sqlite3.Error:
+                self._frame_rows = {**waiting, **self._frame_rows}
+                raise
+
+    def waiting_jobs(self) -> set[str]:
+        """The jobs whose frame rows wait in the batch."""
+        return {job_id for job_id, _ in self._frame_rows}
 
     # --- JobStore --------------------------------------------------------------------------
 
@@ -213,3 +222,69 @@ class Database:
             frame.failures, frame.error, frame.log = failures, error, render_log
             frame.failed_on = set(json.loads(failed_on))
             frame.rendered_by, frame.render_s = rendered_by, render_s
+
+
+class GuardedStore:
+    """The job store as the scheduler writes to it: a write SQLite refuses (the disk is full, an I/O error, the file
+    or its folder made read-only) never raises into the scheduler, which may be half-way through a change; it is
+    noted against its job, and pause_failed_jobs pauses that job with the reason once the change is complete. The
+    farm keeps serving from memory; a job resumed once the database can be written again is saved whole."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database  # (the scheduler's store is this wrapper; it alone writes through it)
+        self._failures: dict[str, str] = {}  # job id -> the sentence, until pause_failed_jobs takes them
+
+    @property
+    def path(self) -> Path:
+        return self.database.path
+
+    def save_job(self, job: Job) -> None:
+        self._guard(job.id, self.database.save_job, job)
+
+    def save_frame(self, job: Job, frame: FrameRecord) -> None:
+        self._guard(job.id, self.database.save_frame, job, frame)
+
+    def delete_job(self, job_id: str) -> None:
+        self._guard(job_id, self.database.delete_job, job_id)
+
+    def _guard(self, job_id: str, write: Any, *args: Any) -> None:
+        try:
+            write(*args)
+        except sqlite3.Error as exc:  # OperationalError (full, I/O, read-only, locked), DatabaseError, ...
+            self._note(job_id, exc)
+
+    def _note(self, job_id: str, exc: sqlite3.Error) -> None:
+        self._failures.setdefault(job_id, f"the server cannot write to its job database {self.path}: {exc}; "
+                                          f"free space there (or make it writable), then resume the job")
+
+    def flush(self) -> bool:
+        """Write the batched frame rows; True if SQLite refused them (noted against their jobs)."""
+        waiting = self.database.waiting_jobs()
+        try:
+            self.database.flush()
+        except sqlite3.Error as exc:
+            for job_id in waiting:
+                self._note(job_id, exc)
+            return True
+        return False
+
+    def take_failures(self) -> dict[str, str]:
+        failures, self._failures = self._failures, {}
+        return failures
+
+
+def pause_failed_jobs(farm: Any) -> None:
+    """Pause each job whose last change the database refused, with the reason (once: a job already paused for it
+    is not logged again for every frame that was in flight)."""
+    store = farm.store
+    if not isinstance(store, GuardedStore):
+        return
+    for job_id, reason in store.take_failures().items():
+        job = farm.jobs.get(job_id)
+        if job is None:  # deleted: its rows stay in the database, and it comes back with the next start
+            log.error("job %s: its deletion was not saved: %s", job_id, reason.split("; free space")[0])
+            continue
+        if job.error == reason and not job.state.running:
+            continue
+        farm.storage_failed(job_id, reason)
+    store.take_failures()  # the pauses' own saves, refused for the same reason: already said

@@ -162,7 +162,6 @@ class Job:
     probe_lease: int | None = None
     probe_failures: int = 0
     probe_failed_on: dict[str, str] = field(default_factory=dict)  # client name -> "Blender 4.2.23: error"
-    probe_losses: dict[str, int] = field(default_factory=dict)  # client name -> times lost while opening the file
     file_blender: BlenderVersion | None = None  # the version that saved the .blend (major.minor), if readable
     pinned_blender: str = ""  # the exact Blender version all of the job's frames are rendered with
     client_failures: dict[str, int] = field(default_factory=dict)  # client name -> failed frames
@@ -307,6 +306,8 @@ class ClientRecord:
     lease_id: int | None = None
     frame: int | None = None
     frame_started: float | None = None
+    progress: int | None = None  # the frame's last progress count (client heartbeats), and when it changed
+    progress_at: float | None = None
     frames_rendered: int = 0
     failures: int = 0
     connected: bool = True

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from protocol.assets import MAX_WARNING_CHARS, clip_text, missing_sentence, scripts_sentence
 from protocol.errors import ProtocolError
+from protocol.names import printable
 from protocol.settings import SceneInfo, SettingsError, resolve
 
 from .effects import Assign, BuildVideo, Effect, Stitch
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 
 #: A frame that fails this many times (on different clients where there are any) fails its job.
 MAX_FRAME_ATTEMPTS = 3
-#: A client lost this many times while opening a job's file counts as unable to open it.
-MAX_PROBE_LOSSES = 2
 #: A client that fails this many frames of one job gets no more of that job's frames.
 MAX_CLIENT_JOB_FAILURES = 3
 #: Warnings a job keeps (the first ones: later frames mostly repeat them).
@@ -201,7 +200,7 @@ class Farm:
     def fail_job(self, job: Job, error: str) -> None:
         if job.state.finished:
             return
-        log.warning("job %s: failed: %s", job.id, error.splitlines()[0] if error else "")
+        log.warning("job %s: failed: %s", job.id, printable(error.splitlines()[0]) if error else "")
         self._finish(job, JobState.FAILED, error)
 
     def cancel_job(self, job_id: str) -> Job:
@@ -237,7 +236,6 @@ class Farm:
             job.client_failures.clear()
             job.probe_failures = 0
             job.probe_failed_on.clear()
-            job.probe_losses.clear()
         self._unpin_if_unused(job)
         job.error = ""
         job.forced = False
@@ -301,38 +299,24 @@ class Farm:
         return record
 
     def disconnect_client(self, client_id: str) -> list[Lease]:
-        """The client is gone: its leases are taken back and its frames become pending again."""
+        """The client is gone: its leases are taken back and its frames become pending again.
+
+        A lost connection is no failure of the frame, the file or the client: a client killed, pre-empted
+        or cut off by its network hands its work back, and nothing is counted against anyone. Blender
+        crashing on a file or a frame is told apart by the client, which renders in a process of its own
+        and reports that crash as the frame's failure (FRAME_FAILED) or the file's (PROBE_RESULT)."""
         record = self.clients.get(client_id)
         if record is None:
             return []
         record.connected = False
         self._clients_changed()
-        working_on = record.frame
         taken = [lease for lease in self.leases.values() if lease.client_id == client_id]
         for lease in taken:
             log.info("job %s: lease %d of client %s taken back (%s)", lease.job_id, lease.id,
                      record.name, ",".join(map(str, lease.frames)) or "probe")
-            # Blender crashing on a file or a frame looks like a lost client: it counts as a failure,
-            # so a file that kills every client ends its job instead of looping forever.
-            if lease.kind is LeaseKind.PROBE:
-                self._probe_lost(lease, record)
-            elif working_on in lease.frames:
-                self.frame_failed(lease.id, working_on, client_id,
-                                  f"client {record.name} was lost while rendering this frame")
             self._drop_lease(lease)
         record.frame = None
         return taken
-
-    def _probe_lost(self, lease: Lease, record: ClientRecord) -> None:
-        """A restart or a network blip while a client opens a file is no verdict on the file; Blender
-        crashing on it every time is: the second loss on the same client counts as a failed open."""
-        job = self.jobs.get(lease.job_id)
-        if job is None:
-            return
-        job.probe_losses[record.name] = job.probe_losses.get(record.name, 0) + 1
-        if job.probe_losses[record.name] >= MAX_PROBE_LOSSES:
-            self.probe_failed(lease.id, lease.client_id,
-                              f"client {record.name} was lost {MAX_PROBE_LOSSES} times while opening the .blend")
 
     def forget_client(self, client_id: str) -> None:
         self.disconnect_client(client_id)
@@ -763,7 +747,7 @@ class Farm:
             if warning not in job.warnings and not any(w.endswith(f": {warning}") for w in job.warnings):
                 noted = add_warning(job, f"{what}: {warning}") or noted
         if noted:
-            log.warning("job %s: %s rendered with files missing: %s", job.id, what, "; ".join(warnings))
+            log.warning("job %s: %s rendered with files missing: %s", job.id, what, printable("; ".join(warnings)))
             self.store.save_job(job)
         self.store.save_frame(job, frame)
         if job.state is JobState.RENDERING and job.complete:
@@ -782,7 +766,7 @@ class Farm:
         job = self.jobs.get(job_id)
         if job is None:
             return
-        log.error("job %s: %s", job.id, reason)
+        log.error("job %s: %s", job.id, printable(reason))
         if job.state.running:
             self.pause_job(job.id)
         job.error = reason
@@ -872,7 +856,7 @@ class Farm:
         job.client_failures[name] = job.client_failures.get(name, 0) + 1
         self.store.save_frame(job, frame)
         log.warning("job %s: frame %d failed on %s (%d/%d): %s", job.id, number, name, frame.failures,
-                    MAX_FRAME_ATTEMPTS, error)
+                    MAX_FRAME_ATTEMPTS, printable(error))
         if job.client_failures[name] == MAX_CLIENT_JOB_FAILURES:
             log.warning("job %s: client %s failed %d frames; it gets no more of this job", job.id, name,
                         MAX_CLIENT_JOB_FAILURES)
@@ -887,7 +871,7 @@ class Farm:
             self._drop_lease(lease)
 
     def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None,
-                        device: str = "") -> bool:
+                        device: str = "", progress: int | None = None) -> bool:
         """Take in a client's heartbeat; True if something the scheduler or a viewer cares about changed."""
         client = self.clients.get(client_id)
         if client is None:
@@ -908,23 +892,46 @@ class Farm:
         client.busy = state == "busy"
         if client.frame != frame:
             client.frame = frame
-            client.frame_started = self.clock() if frame is not None else None
+            client.frame_started = client.progress_at = self.clock() if frame is not None else None
+            client.progress = progress if frame is not None else None
+        elif frame is not None and progress is not None and progress != client.progress:
+            client.progress, client.progress_at = progress, self.clock()  # signs of life: not seen by anyone
         return changed
 
-    def hung_clients(self, factor: float, min_s: float, min_samples: int) -> list[tuple[str, float, float]]:
-        """Clients on one frame far longer than the job's typical frame: (client id, seconds, limit)."""
+    def hung_clients(self, min_s: float = 0.0) -> list[tuple[str, float, float]]:
+        """Clients whose frame showed no progress for longer than its job's hang limit (and at least min_s):
+        (client id, seconds without progress, limit). Never for being slower than the job's other frames: a
+        frame that keeps reporting samples may take as long as it takes. A client that reports no progress
+        (an older one) has its frame's start as its last sign of life."""
         now = self.clock()
         hung = []
         for client in self.clients.values():
-            if not client.connected or client.frame_started is None or client.lease_id is None:
+            if not client.connected or client.frame is None or client.lease_id is None:
                 continue
             lease = self.leases.get(client.lease_id)
             job = self.jobs.get(lease.job_id) if lease else None
-            typical = job.typical_frame_s(min_samples) if job else None
-            if typical is None:
+            frame = job.frames.get(client.frame) if job else None
+            if frame is None or frame.state is not FrameState.LEASED or frame.lease_id != client.lease_id:
                 continue
-            limit = max(min_s, factor * typical)
-            elapsed = now - client.frame_started
-            if elapsed > limit:
-                hung.append((client.id, elapsed, limit))
+            limit = max(min_s, job.request.hang_limit_s)
+            silent = now - (client.progress_at if client.progress_at is not None else now)
+            if silent > limit:
+                hung.append((client.id, silent, limit))
         return hung
+
+    def frame_hung(self, client_id: str, silent_s: float, limit_s: float) -> None:
+        """The client's frame made no progress for silent_s: a failure of that frame (its job fails after
+        MAX_FRAME_ATTEMPTS), taken back from the client, which stops its render; the client stays."""
+        client = self.clients.get(client_id)
+        if client is None or client.lease_id is None or client.frame is None:
+            return
+        lease_id, number = client.lease_id, client.frame
+        lease = self.leases.get(lease_id)
+        job = self.jobs.get(lease.job_id) if lease is not None else None
+        what = "tile" if job is not None and job.settings is not None and job.settings.tiles else "frame"
+        log.warning("client %s: %s %d showed no progress for %.0f s (limit %.0f s); taking it back", client.name,
+                    what, number, silent_s, limit_s)
+        self._revocations.append(Revocation(client_id, lease_id, (number,)))
+        self.frame_failed(lease_id, number, client_id,
+                          f"the render showed no progress for {silent_s:.0f} s (the job's limit is {limit_s:.0f} s)")
+        client.frame = client.frame_started = client.progress = client.progress_at = None

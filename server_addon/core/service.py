@@ -29,6 +29,7 @@ from protocol.settings import BLENDER_FILE, JobRequest
 
 from .actions import run_action
 from .config import ServerConfig, ServerStats
+from .database import pause_failed_jobs
 from .effects import Assign, BuildVideo, Effect, Revocation, Stitch
 from .feed import ChangeFeed
 from .finishing import Finishing
@@ -82,9 +83,9 @@ class FarmService:
                 self._settle()
 
     def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None,
-                        device: str = "") -> None:
+                        device: str = "", progress: int | None = None) -> None:
         """A client's heartbeat: a unit of work only when it changed what the scheduler or a viewer sees."""
-        if self.farm.client_reported(client_id, state, lease_id, frame, device):
+        if self.farm.client_reported(client_id, state, lease_id, frame, device, progress):
             with self.unit():
                 pass
 
@@ -95,6 +96,7 @@ class FarmService:
                 pass
 
     def _settle(self) -> None:
+        pause_failed_jobs(self.farm)  # what the job database refused during this unit
         for effect in self.farm.decide(self._outbox.reachable):
             self._carry_out(effect)
         self.feed.bump()

@@ -7,6 +7,7 @@ made on the loop inside a unit of work, where nothing can interleave between the
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from protocol.stream import FileSink
 
 from .config import ServerStats
 from .storage import OutputStore, frame_name
+from .tally import Tally
 
 if TYPE_CHECKING:
     from .finishing import UnitOfWork
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 #: Frames up to this size are written and closed on the loop (into the page cache: a thread's hand-over costs
 #: more than the write); bigger ones in a worker thread, so that a slow disk never holds up the farm.
 INLINE_WRITE_BYTES = 64 * 1024
+#: The server ran out of file descriptors (its own, or the machine's): a passing state, unlike a full disk.
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+#: Uploads dropped for want of descriptors are logged as one counted line per job per this interval.
+DROPPED_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -47,6 +53,9 @@ class FrameUploads:
         self._work = work
         self._outputs = outputs
         self._stats = stats
+        self._dropped = Tally(log, "job {address}: a frame upload was dropped: {reason}",
+                              "job {address}: {count} more frame uploads dropped in the last {seconds} s: {reason}",
+                              DROPPED_LOG_INTERVAL_S)
 
     async def begin(self, conn: WorkerConnection, begin: m.FrameBegin) -> None:
         with self._work.unit() as farm:
@@ -58,6 +67,8 @@ class FrameUploads:
                 sink = await asyncio.to_thread(self._outputs.frame_sink, begin.job_id, begin.size)
             except OSError as exc:
                 self._storage_failed(begin.job_id, exc)
+                conn.incoming = Incoming(begin=begin, sink=None, failed=True)
+                return
         conn.incoming = Incoming(begin=begin, sink=sink)
 
     def _begin(self, farm: Farm, conn: WorkerConnection, begin: m.FrameBegin) -> bool:
@@ -82,7 +93,13 @@ class FrameUploads:
         return job is not None and farm.wants_frame(job.id, begin.frame, conn.client_id, begin.lease_id)
 
     def _storage_failed(self, job_id: str, exc: OSError) -> None:
-        """The server cannot write a job's frames (disk full, permissions): the job pauses with the reason."""
+        """The server cannot write a job's frames (disk full, permissions): the job pauses with the reason.
+        Out of file descriptors (a flood of connections, for a moment) it does not: the one upload is dropped,
+        its frame stays with its lease, and goes back to the queue to be rendered again when the lease ends."""
+        if exc.errno in OUT_OF_DESCRIPTORS:
+            self._dropped.note(job_id, f"the server is out of open files ({exc.strerror or exc}); the frame will "
+                                       "be rendered again")
+            return
         where = self._outputs.root / job_id
         reason = f"the server cannot write frames to {where}: {exc.strerror or exc}; fix that, then resume the job"
         with self._work.unit() as farm:

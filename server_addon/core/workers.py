@@ -14,10 +14,11 @@ from typing import Protocol
 from protocol import messages as m
 from protocol.errors import ConnectionClosed, ProtocolError
 from protocol.handshake import Peer
+from protocol.names import printable
 from protocol.settings import SceneInfo
 from protocol.stream import MessageStream
 
-from .config import HANG_MIN_SAMPLES, ServerConfig, ServerStats
+from .config import ServerConfig, ServerStats
 from .finishing import UnitOfWork
 from .jobs import JobState
 from .scheduler import Farm
@@ -41,7 +42,7 @@ class WorkerService(UnitOfWork, Protocol):
     stats: ServerStats
 
     def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None,
-                        device: str = "") -> None: ...
+                        device: str = "", progress: int | None = None) -> None: ...
     def tick(self) -> None: ...
 
 
@@ -176,7 +177,7 @@ class Workers:
     def _on_message(self, conn: WorkerConnection, message: m.Message) -> None:
         if isinstance(message, m.Heartbeat):
             self._service.client_reported(conn.client_id, message.state, message.lease_id, message.frame,
-                                          message.device)
+                                          message.device, message.progress)
             return
         with self._service.unit() as farm:
             if isinstance(message, m.FrameFailed):
@@ -204,7 +205,7 @@ class Workers:
         else:
             job = farm.probe_failed(message.lease_id, conn.client_id, m.clip(error))
             if job is not None:  # (logged once it counted: a stranger's spray is refused above, unlogged)
-                log.warning("client %s could not read the .blend: %s", conn.peer.name, error)
+                log.warning("client %s could not read the .blend: %s", conn.peer.name, printable(error))
         if job is not None and job.state is JobState.RENDERING:
             self._service.outputs.job_dir(job.id).mkdir(parents=True, exist_ok=True)
             if job.settings.tiles and job.settings.file_format == "JPEG" and not jpeg_encoder_available():
@@ -225,8 +226,8 @@ class Workers:
         conn.post((m.BlendBegin(sha256=message.sha256, size=path.stat().st_size), path))
 
     async def watchdog(self) -> None:
-        """Close the connections of clients that went silent for longer than the timeout (or hang on a
-        frame), and ping the others so that they notice a server that went silent in turn."""
+        """Close the connections of clients that went silent for longer than the timeout, take back frames
+        that hang, and ping the clients so that they notice a server that went silent in turn."""
         loop = asyncio.get_running_loop()
         period = min(1.0, self._config.heartbeat_interval / 2)
         while True:
@@ -260,10 +261,11 @@ class Workers:
             elif now - conn.last_ping >= config.heartbeat_interval:
                 conn.last_ping = now
                 conn.post(m.Heartbeat(state="server"))
-        for client_id, elapsed, limit in self._service.farm.hung_clients(config.hang_factor, config.hang_min_s,
-                                                                       HANG_MIN_SAMPLES):
-            conn = self.connections.get(client_id)
-            if conn is not None:
-                log.warning("client %s: on one frame for %.0f s (limit %.0f s); treating it as lost",
-                            conn.peer.name, elapsed, limit)
-                self.drop(conn)
+        # A frame is hung when its render showed no progress for its job's limit (never sooner than a silent
+        # client is lost: progress travels with the heartbeats). The frame fails and is taken back; the client,
+        # which is alive, stops that render and stays.
+        hung = self._service.farm.hung_clients(config.heartbeat_timeout)
+        if hung:
+            with self._service.unit() as farm:
+                for client_id, silent, limit in hung:
+                    farm.frame_hung(client_id, silent, limit)

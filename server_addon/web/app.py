@@ -21,6 +21,7 @@ from .auth import PAGE_HEADER, Auth, cross_site_reason, is_loopback_host
 from .errors import WebError, error_response
 from .events import EVENT_MIN_INTERVAL_S, StatusFeed
 from .handlers import STATE, STATIC_DIR, WebState
+from .slots import Slots, SlotsSite
 from .staging import Staging
 from .thumbs import Thumbnails
 
@@ -116,8 +117,10 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
         response.headers.setdefault("Cache-Control", "no-store")
 
 
-def build_app(state: WebState, loopback_only: bool) -> web.Application:
-    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY_BYTES)
+def build_app(state: WebState, loopback_only: bool, slots: Slots | None = None) -> web.Application:
+    # The slots' middleware first: it sees every request, and when its answer has gone out.
+    middlewares = [guard] if slots is None else [slots.middleware, guard]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
     app[LOOPBACK_ONLY] = loopback_only
     app.on_response_prepare.append(_security_headers)
@@ -152,8 +155,9 @@ async def _end_streams(app: web.Application) -> None:
 class WebServer:
     """The running web interface; stop() before the FarmService stops."""
 
-    def __init__(self, runner: web.AppRunner, state: WebState, host: str, port: int) -> None:
+    def __init__(self, runner: web.AppRunner, state: WebState, host: str, port: int, slots: Slots) -> None:
         self._runner = runner
+        self.slots = slots
         self.state = state
         self.host = host
         self.port = port
@@ -165,6 +169,7 @@ class WebServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+        await self.slots.close()
         log.info("web interface on %s stopped", self.url)
 
 
@@ -178,17 +183,24 @@ async def start_web(server: FarmService, host: str = "127.0.0.1", port: int = 0,
     state = WebState(server=server, auth=Auth(secret), thumbnails=thumbnails, max_upload_bytes=max_upload_bytes,
                      event_interval_s=event_interval_s)
     state.feed = StatusFeed(server, lambda: handlers.build_status(state))
-    runner = web.AppRunner(build_app(state, is_loopback_host(host)), access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    config = server.config
+    # aiohttp bounds neither the connections nor the time a request's headers take: Slots does.
+    slots = Slots(config.web_max_connections, config.web_header_timeout, config.web_body_timeout,
+                  config.refusal_log_interval)
+    runner = web.AppRunner(build_app(state, is_loopback_host(host), slots), access_log=None,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           # (aiohttp's own idle limit, 3630 s by default, backs up the slots' header timeout)
+                           keepalive_timeout=2 * config.web_header_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = SlotsSite(runner, host, port, slots)
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
+    slots.start()
     bound = runner.addresses[0][1]
-    web_server = WebServer(runner, state, host, bound)
+    web_server = WebServer(runner, state, host, bound, slots)
     log.info("web interface for farm %r on %s (secret %s, uploads up to %s)", server.config.farm_name,
              web_server.url, "required" if secret else "not set", human_bytes(max_upload_bytes))
     return web_server

@@ -16,16 +16,18 @@ import contextlib
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from protocol.blendfile import MAGIC_BYTES, looks_like_blend
 from protocol.limits import MAX_PROJECT_FILES
 from protocol.manifest import safe_blend_name
-from protocol.names import clean_file_name
+from protocol.names import clean_file_name, printable
 from protocol.settings import JobRequest, SettingsError
 from protocol.units import human_bytes
 
@@ -45,7 +47,7 @@ WRITE_BATCH_BYTES = 2 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 32
-INT_FIELDS = ("frame_start", "frame_end", "frame_step", "chunk", "samples", "percentage", "split")
+INT_FIELDS = ("frame_start", "frame_end", "frame_step", "chunk", "samples", "percentage", "split", "hang_s")
 TEXT_FIELDS = ("name", "file_format", "priority", "start", "video", "video_quality", "video_location", "device",
                "allow_missing", "needs_scripts", "blender")
 #: Check boxes: "1"/"on"/"true" or "0"/"off"/"false"; absent is off.
@@ -58,6 +60,25 @@ MAIN_FIELD = "main"
 _INTEGER = re.compile(r"^[+-]?\d{1,12}$")
 _TRUE = frozenset({"", "1", "true", "yes", "on", "start"})
 _FALSE = frozenset({"0", "false", "no", "off", "queue"})
+
+
+#: What aiohttp's multipart reader raises for a body it cannot parse (a raw newline in a file name breaks a part's
+#: headers; a bad boundary, a body cut short, a header too long or in bad UTF-8, an unknown charset or encoding).
+_MALFORMED = (HttpProcessingError, ValueError, RuntimeError, LookupError, AssertionError, EOFError)
+
+
+@contextlib.contextmanager
+def _well_formed() -> Iterator[None]:
+    """Around each step of reading the multipart body: a body this reader cannot parse is the sender's error (400
+    with a sentence), never the server's (500 and a traceback)."""
+    try:
+        yield
+    except WebError:
+        raise
+    except _MALFORMED as exc:
+        detail = exc.message if isinstance(exc, HttpProcessingError) and exc.message else str(exc)
+        detail = printable(detail)[:200] or type(exc).__name__
+        raise WebError(400, f"the upload is not well-formed multipart/form-data: {detail}") from None
 
 
 @dataclass(frozen=True)
@@ -179,7 +200,8 @@ async def receive_job(request: web.Request, server: Any, max_upload_bytes: int) 
             server.files.check_room(request.content_length)
         except StoreFull as exc:
             raise WebError(507, str(exc)) from None
-    reader = await request.multipart()
+    with _well_formed():
+        reader = await request.multipart()
     data_dir = server.config.resolved_data_dir
     staging = await asyncio.to_thread(Staging.create, data_dir)
     try:
@@ -198,11 +220,13 @@ async def _receive(request: web.Request, server: Any, reader: MultipartReader, s
     kind = ""  # "blend", "zip" or "folder"
     filename = ""
     for _ in range(MAX_PARTS + MAX_PROJECT_FILES + 1):
-        part = await reader.next()
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader):
-            raise WebError(400, "nested multipart bodies are not accepted")
+        with _well_formed():
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise WebError(400, "nested multipart bodies are not accepted")
+            part.name, part.filename  # noqa: B018 - their header parsed here, where a bad one is the sender's
         if part.name in (FILE_FIELD, FILES_FIELD):
             if kind and not (kind == "folder" and part.name == FILES_FIELD):
                 raise WebError(400, f"send one .blend or one .zip per job in a part named '{FILE_FIELD}', or a "
@@ -305,7 +329,8 @@ async def _stream(request: web.Request, part: BodyPartReader, out: BinaryIO, bud
 
 async def _chunk(request: web.Request, part: BodyPartReader) -> bytes:
     try:
-        return await part.read_chunk(READ_CHUNK_BYTES)
+        with _well_formed():
+            return await part.read_chunk(READ_CHUNK_BYTES)
     except ConnectionError:
         log.info("web upload from %s stopped by the browser", request.remote)
         raise WebError(400, "the upload was interrupted") from None
@@ -313,7 +338,11 @@ async def _chunk(request: web.Request, part: BodyPartReader) -> bytes:
 
 async def _read_field(part: BodyPartReader) -> str:
     data = b""
-    while chunk := await part.read_chunk(MAX_FIELD_BYTES):
+    while True:
+        with _well_formed():
+            chunk = await part.read_chunk(MAX_FIELD_BYTES)
+        if not chunk:
+            break
         data += chunk
         if len(data) > MAX_FIELD_BYTES:
             raise WebError(413, f"the field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
