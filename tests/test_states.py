@@ -220,3 +220,14 @@ def test_a_frame_found_missing_leaves_the_counts() -> None:
     assert j.has_pending and not j.complete
     j.frames = {1: FrameRecord(1)}  # frames replaced (a probe): the index is built for them
     assert (j.frames_done, j.has_pending, j.mean_frame_s()) == (0, True, None)
+
+
+def test_the_first_move_of_a_job_read_back_counts_once() -> None:
+    """A job read back from the database has no index until its first move (recovery's, for a frame found on
+    disk): that move is counted once, not twice (once by the index built after it, once as a move)."""
+    j = job(JobState.RENDERING)
+    j.frames = {n: FrameRecord(n) for n in (1, 2, 3)}
+    move_frame(j, j.frames[1], FrameState.DONE)
+    assert j.frames_done == 1 and not j.complete
+    move_frame(j, j.frames[2], FrameState.DONE)
+    assert j.frames_done == 2 and j.index.pending == {3}

@@ -60,10 +60,10 @@ def move_frame(job: Job, frame: FrameRecord, to: FrameState, lease_id: int | Non
         raise IllegalTransition(f"job {job.id}: frame {frame.number} {frame.state.value} -> {to.value}")
     if (to is FrameState.LEASED) != (lease_id is not None):
         raise IllegalTransition(f"job {job.id}: frame {frame.number} {to.value} with lease {lease_id}")
+    index = job.index  # (first: an index built now is built from the frames as they were before this move)
     old = frame.state
     frame.state = to
     frame.lease_id = lease_id
-    index = job.index
     if index.frames.get(frame.number) is frame:
         index.moved(frame, old)
 
