@@ -169,15 +169,15 @@ def tail_farm() -> tuple[Farm, list[float]]:
 def test_a_late_frame_at_the_tail_goes_to_an_idle_client_too_and_the_first_copy_wins() -> None:
     farm, now = tail_farm()
     slow = farm.leases[farm.clients["a"].lease_id]
-    assert farm.clients["b"].lease_id is None, "b is idle: frame 1 is not late yet (1.2 s; typical 1 s, x1.5)"
-    now[0] = 5.0
+    assert farm.clients["b"].lease_id is None, "b is idle: frame 1 is not late yet (1.2 s: typical 1 s, and SPARE_MIN_S)"
+    now[0] = 12.0  # (typical 1 s: late at 1.5 s, and at least SPARE_MIN_S behind)
     assert farm.tail_waiting()
     (spare,) = [e.lease for e in farm.decide() if isinstance(e, Assign)]
     assert (spare.client_id, spare.frames, spare.spare) == ("b", [1], True)
     assert farm.decide() == [], "one second copy per frame"
     assert farm.frame_stored("j", 1, "b", 1.0, spare.id)
     assert Revocation("a", slow.id, (1,)) in farm.drain_revocations(), "the slower copy is told to stop"
-    assert not farm.frame_stored("j", 1, "a", 5.0, slow.id), "and is not stored when it lands anyway"
+    assert not farm.frame_stored("j", 1, "a", 12.0, slow.id), "and is not stored when it lands anyway"
     job = farm.jobs["j"]
     assert job.state is JobState.DONE and job.frames[1].rendered_by == "b"
 
@@ -185,10 +185,10 @@ def test_a_late_frame_at_the_tail_goes_to_an_idle_client_too_and_the_first_copy_
 def test_when_the_first_holder_lands_first_the_second_copy_is_revoked() -> None:
     farm, now = tail_farm()
     slow = farm.leases[farm.clients["a"].lease_id]
-    now[0] = 5.0
+    now[0] = 12.0  # (typical 1 s: late at 1.5 s, and at least SPARE_MIN_S behind)
     farm.tail_waiting()
     (spare,) = [e.lease for e in farm.decide() if isinstance(e, Assign)]
-    assert farm.frame_stored("j", 1, "a", 5.0, slow.id)
+    assert farm.frame_stored("j", 1, "a", 12.0, slow.id)
     assert Revocation("b", spare.id, ()) in farm.drain_revocations()
     assert spare.id not in farm.leases and farm.clients["b"].lease_id is None
     assert farm.jobs["j"].frames[1].rendered_by == "a" and farm.jobs["j"].state is JobState.DONE
@@ -196,7 +196,7 @@ def test_when_the_first_holder_lands_first_the_second_copy_is_revoked() -> None:
 
 def test_a_second_holder_goes_on_when_the_first_is_lost() -> None:
     farm, now = tail_farm()
-    now[0] = 5.0
+    now[0] = 12.0  # (typical 1 s: late at 1.5 s, and at least SPARE_MIN_S behind)
     farm.tail_waiting()
     (spare,) = [e.lease for e in farm.decide() if isinstance(e, Assign)]
     farm.disconnect_client("a")

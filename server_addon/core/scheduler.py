@@ -36,9 +36,11 @@ MAX_CLIENT_JOB_FAILURES = 3
 #: Warnings a job keeps (the first ones: later frames mostly repeat them).
 MAX_JOB_WARNINGS = 32
 #: At a job's tail (no frame left to hand out), a leased frame whose holder is this many typical frame times
-#: behind (counting the frames before it in its lease) is given to an idle client as well: a slow or stuck
-#: client then never holds the end of a job back alone.
+#: behind (counting the frames before it in its lease), and at least SPARE_MIN_S, is given to an idle client as
+#: well: a slow or stuck client then never holds the end of a job back alone. (The floor keeps a client that is
+#: still fetching and opening the file for its first frame from looking late next to frames of a second.)
 SPARE_AFTER = 1.5
+SPARE_MIN_S = 10.0
 
 
 def _device_fits(job: Job, client: ClientRecord) -> bool:
@@ -571,8 +573,9 @@ class Farm:
                 if holder is None or frame.spare_lease is not None:
                     continue
                 # Where its holder should be by now: the frames before it in its lease, then this one.
-                behind = (now - holder.started) / (typical * (holder.frames.index(number) + 1))
-                if behind >= SPARE_AFTER:
+                expected = typical * (holder.frames.index(number) + 1)
+                behind = (now - holder.started) / expected
+                if behind >= SPARE_AFTER and now - holder.started >= expected + SPARE_MIN_S:
                     late.append((-behind, number))
             if not late:
                 continue
