@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConnectionClosed, ProtocolError, TransferError
-from .framing import encode, read_frame
+from .framing import encode_parts, read_frame
 from .limits import BULK_CHUNK_BYTES, MAX_MESSAGE_BYTES
 from .messages import Chunk, End, Message, from_wire
 
@@ -64,25 +64,30 @@ class MessageStream:
         return from_wire(payload)
 
     async def send(self, message: Message) -> None:
-        data = encode(message.to_wire(), self.max_bytes)
+        prefix, body = encode_parts(message.to_wire(), self.max_bytes)
         async with self._send_lock:
             if self.writer.is_closing():
                 raise ConnectionClosed("connection is closing")
-            self.writer.write(data)
-            self.bytes_sent += len(data)
+            self.writer.write(prefix)
+            self.writer.write(body)
+            self.bytes_sent += len(prefix) + len(body)
             try:
                 await self.writer.drain()
             except (ConnectionError, OSError) as exc:
                 raise ConnectionClosed(f"send failed: {exc}") from None
 
-    async def send_file(self, begin: Message | None, path: Path, *, counter: list[int] | None = None) -> str:
+    async def send_file(self, begin: Message | None, path: Path, *, counter: list[int] | None = None,
+                        sha256: str | None = None) -> str:
         """Send BEGIN (if any), the file as CHUNK messages and END with its sha256; return the digest.
+
+        With `sha256` (a file of a content-addressed store, checked when it was stored) the digest is not
+        computed again for every sending: the receiver checks it all the same.
 
         Other tasks may send their own (small) messages between our chunks; the receiver keeps
         one transfer per direction open at a time, so bulk transfers themselves must not overlap:
         callers serialise them.
         """
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if sha256 is None else None
         if begin is not None:
             await self.send(begin)
         with open(path, "rb") as handle:
@@ -91,11 +96,13 @@ class MessageStream:
                 data = await asyncio.to_thread(handle.read, BULK_CHUNK_BYTES)
                 if not data:
                     break
-                digest.update(data)
+                if digest is not None:
+                    digest.update(data)
                 await self.send(Chunk(data=data))
                 if counter is not None:
                     counter[0] += len(data)
-        hexdigest = digest.hexdigest()
+        hexdigest = digest.hexdigest() if digest is not None else sha256
+        assert hexdigest is not None
         await self.send(End(sha256=hexdigest))
         return hexdigest
 

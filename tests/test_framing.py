@@ -243,3 +243,43 @@ async def test_consecutive_frames_are_read_one_at_a_time():
     assert (first, second) == (SAMPLES["heartbeat"], SAMPLES["end"])
     with pytest.raises(ConnectionClosed):
         await asyncio.wait_for(read_frame(reader), TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_a_file_goes_as_chunks_with_its_digest_known_or_computed(tmp_path):
+    """A file of the content store goes with the sha256 it was stored under (not hashed again for every client);
+    the receiver checks the bytes against it all the same, so a file changed on disk never passes."""
+    import hashlib
+
+    from protocol.stream import FileSink, MessageStream
+
+    data = bytes(range(256)) * 5000  # 1.28 MB: three chunks
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    good = hashlib.sha256(data).hexdigest()
+
+    async def transfer(known: str | None) -> tuple[str, FileSink, m.End]:
+        server = await asyncio.start_server(lambda r, w: received.put_nowait((r, w)), "127.0.0.1", 0)
+        received: asyncio.Queue = asyncio.Queue()
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sender = MessageStream(reader, writer)
+        inbound = MessageStream(*await received.get())
+        sink = FileSink(tmp_path / "in", len(data))
+        sent = asyncio.create_task(sender.send_file(None, path, sha256=known))
+        while not isinstance(message := await inbound.recv(), m.End):
+            assert isinstance(message, m.Chunk) and len(message.data) <= 512 * 1024
+            sink.write(message.data)
+        digest = await sent
+        for stream in (sender, inbound):
+            await stream.aclose()
+        server.close()
+        return digest, sink, message
+
+    digest, sink, end = await transfer(None)
+    assert digest == end.sha256 == good and sink.finish(end.sha256) == good
+    digest, sink, end = await transfer(good)
+    assert digest == end.sha256 == good and sink.finish(end.sha256) == good
+    digest, sink, end = await transfer("0" * 64)  # what the sender believes, the bytes being other
+    with pytest.raises(ProtocolError, match="sha256 mismatch"):
+        sink.finish(end.sha256)

@@ -169,7 +169,7 @@ def tail_farm() -> tuple[Farm, list[float]]:
 def test_a_late_frame_at_the_tail_goes_to_an_idle_client_too_and_the_first_copy_wins() -> None:
     farm, now = tail_farm()
     slow = farm.leases[farm.clients["a"].lease_id]
-    assert farm.clients["b"].lease_id is None, "b is idle: frame 1 is not late yet (1.2 s: typical 1 s, and SPARE_MIN_S)"
+    assert farm.clients["b"].lease_id is None, "b is idle: frame 1 is not late yet (1.2 s; typical 1 s)"
     now[0] = 12.0  # (typical 1 s: late at 1.5 s, and at least SPARE_MIN_S behind)
     assert farm.tail_waiting()
     (spare,) = [e.lease for e in farm.decide() if isinstance(e, Assign)]

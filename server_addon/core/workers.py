@@ -70,7 +70,7 @@ class WorkerConnection:
                     begin, path = item
                     counter[0] = 0
                     try:
-                        await self.stream.send_file(begin, path, counter=counter)
+                        await self.stream.send_file(begin, path, counter=counter, sha256=begin.sha256)
                     finally:
                         self.stats.blend_bytes_sent += counter[0]
                         self.stats.files_sent += 1
