@@ -24,6 +24,19 @@ class UsageError(Exception):
     pass
 
 
+class StopNow(BaseException):
+    """A second stop signal: end at once (the server takes back whatever this client held)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Finish the frame in hand within this many seconds of a stop signal, else hand it back: Kubernetes waits 30 s
+#: (terminationGracePeriodSeconds) before it kills a pod; the rest is for the last upload.
+DRAIN_TIMEOUT_S = 25.0
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
@@ -100,11 +113,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--exit-on-auth-failure", action="store_true",
                         help="exit (status 2) when a server fails the farm-secret check or speaks another protocol "
                              "version, instead of skipping it and looking on (for scripts)")
+    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl+C: hand back the work not started at once, and finish the frame being "
+                             f"rendered within this time, else hand it back too (default: {DRAIN_TIMEOUT_S:g}, for "
+                             "Kubernetes' 30 s grace period); a second signal stops at once")
+    parser.add_argument("--health-file", type=Path, default=None, metavar="PATH",
+                        help="touch this file every few seconds while the client's network side runs (for a "
+                             "container's health check)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
+    try:
+        return _main(argv)
+    except StopNow as stop_now:  # (before the work began: the render process was starting)
+        logging.getLogger("client").warning("stopped at once (signal %d again)", stop_now.signum)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s [" + printable(args.name).replace("%", "%%")
@@ -117,6 +145,8 @@ def main(argv: list[str]) -> int:
             raise UsageError("--threads must be at least 1")
         if args.gpu_index is not None and args.gpu_index < 0:
             raise UsageError("--gpu-index must be 0 or more")
+        if not 0 <= args.drain_timeout <= 24 * 3600:
+            raise UsageError("--drain-timeout must be between 0 and 86400 seconds")
         path_map = tuple(Mapping.parse(text) for text in args.path_map)
         cache_max = parse_size(args.cache_max)
         secret = secret_from_args(args)
@@ -155,7 +185,7 @@ def main(argv: list[str]) -> int:
             return 2
         link = Link(resolve, name=args.name, secret=secret, cache=cache, blender=blender_version(),
                     device=device.backend, devices=inventory(), allow_scripts=args.allow_scripts,
-                    refused=refused, exit_on_refusal=args.exit_on_auth_failure)
+                    refused=refused, exit_on_refusal=args.exit_on_auth_failure, health_file=args.health_file)
         if args.render_in_process:
             renderer: Renderer | RenderProcess = Renderer(allow_scripts=args.allow_scripts, device=device,
                                                           threads=args.threads, path_map=path_map, name=args.name)
@@ -168,8 +198,10 @@ def main(argv: list[str]) -> int:
         worker = Worker(link, renderer)
 
         def stop(signum: int, _frame: object) -> None:
-            log.info("stopping (signal %d)", signum)
-            worker.stopping = True
+            # On the render thread, between two of its steps: nothing here may wait for a lock it could hold.
+            if link.draining:
+                raise StopNow(signum)
+            link.drain(args.drain_timeout)
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -184,6 +216,7 @@ def main(argv: list[str]) -> int:
         link.start()
         try:
             code = worker.run()
+            log.info("stopped")
         finally:
             link.stop()
     if link.fatal:

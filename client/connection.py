@@ -67,6 +67,13 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class Flush:
+    """Set once everything posted before it went out (the last frames and messages of a stopping client)."""
+
+    future: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
 class Report:
     """What the renderer is doing, for the heartbeats; epoch and lease tie it to one session's work."""
 
@@ -88,6 +95,9 @@ class Shared:
         self._revoked: dict[int, set[int]] = {}  # lease -> frames taken back one by one
         self._whole: set[int] = set()  # leases taken back as a whole (a frame taken back before stays so)
         self._fatal: str | None = None
+        # Set once (False -> True) when the client is told to stop, also from a signal handler, which must take
+        # no lock: a plain attribute. From then on the client takes no new work (see Connection.begin_drain).
+        self.draining = False
 
     # --- read by anyone ----------------------------------------------------------------------
 
@@ -138,7 +148,7 @@ class Connection:
     def __init__(self, resolve: Resolver, shared: Shared, tasks: queue.Queue[Task], connected: threading.Event,
                  upload_done: Callable[[], None], *, name: str, secret: str | None, cache: BlendCache,
                  blender: str, device: str, devices: list[str], allow_scripts: bool, refused: Refused | None,
-                 exit_on_refusal: bool) -> None:
+                 exit_on_refusal: bool, health_file: Path | None = None) -> None:
         self.resolve = resolve
         self.shared = shared
         self.tasks = tasks  # thread-safe: the render thread takes from it
@@ -155,6 +165,7 @@ class Connection:
         # Scripts ask for it: a server that fails the secret or speaks another version ends the client.
         # Otherwise that server is skipped (a stranger answering must not stop a render client for good).
         self.exit_on_refusal = exit_on_refusal
+        self.health_file = health_file  # touched while this loop runs: a container's health check reads it
         self.host = ""  # the address of the current (or last) connection attempt
         self.port = 0
         # What each refusing server was last logged for, the refusals since, and when that line was written.
@@ -162,11 +173,14 @@ class Connection:
         self.refusal_summary_s = REFUSAL_SUMMARY_S
         self._report = Report()
         self._progress: int | None = None
-        self._outbox: asyncio.Queue[m.Message | Upload] | None = None
+        self._outbox: asyncio.Queue[m.Message | Upload | Flush] | None = None
         self._download: tuple[str, FileSink | None, asyncio.Future[Path]] | None = None
         self._download_size: int | None = None  # what the manifest says the file being downloaded holds
         self._discarding = False  # the rest of a download that failed here (a full disk) is read and dropped
         self._stopping = False
+        # The leases this session was given and not yet ended (LEASE_DONE): their frames, in order.
+        self._assigned: dict[int, list[int]] = {}
+        self._drain_timer: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()  # a session watches it too: a cancellation can be lost (wait_for, 3.11)
 
     # --- what the bridge hands over (run on the loop) ----------------------------------------------
@@ -182,7 +196,67 @@ class Connection:
             if isinstance(item, Upload):
                 self.drop_upload(item)
             return
+        if isinstance(item, m.LeaseDone):
+            if item.lease_id not in self._assigned:
+                return  # ended already (handed back when the drain ran out of time)
+            del self._assigned[item.lease_id]
         self._outbox.put_nowait(item)
+
+    async def flush(self) -> None:
+        """Wait until what was posted so far went out (nothing to wait for without a session)."""
+        if self._outbox is None:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.put_nowait(Flush(future))
+        await future
+
+    # --- a graceful stop (SIGTERM from Kubernetes or a spot node's shutdown, Ctrl+C) ---------------
+
+    def begin_drain(self, timeout: float) -> None:
+        """Take no new work, give back at once what is not started, and let the frame being rendered finish
+        within `timeout` seconds; then it is given back too (see _drain_expired)."""
+        if self._drain_timer is not None:
+            return
+        self.shared.draining = True
+        self._drain_timer = asyncio.get_running_loop().call_later(timeout, self._drain_expired)
+        self._heartbeat_now()  # "draining" first: the server hands this client nothing more
+        while True:  # tasks waiting for the render thread: none of their work began
+            try:
+                task = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task.epoch == self.shared.epoch:
+                self._give_back(task.message.lease_id, end=True)
+        report = self._report
+        for lease_id, frames in list(self._assigned.items()):  # the lease being worked on
+            if report.lease_id == lease_id and report.frame in frames:
+                rest = frames[frames.index(report.frame) + 1:]  # (those before it are rendered or failed)
+            else:
+                rest = frames  # still downloading or opening the job's files: nothing rendered yet
+            self._give_back(lease_id, rest)
+        log.info("stopping: no new work; the frame being rendered may finish within %.0f s", timeout)
+
+    def _drain_expired(self) -> None:
+        report = self._report
+        for lease_id, frames in list(self._assigned.items()):
+            current = [report.frame] if report.lease_id == lease_id and report.frame in frames else []
+            log.warning("stopping: the drain time is up; %s given back", f"frame {current[0]}" if current
+                        else f"lease {lease_id}")
+            self._give_back(lease_id, current, end=True)
+        if self._download is not None and not self._download[2].done():
+            self._download[2].set_exception(LinkLost("the client is stopping"))
+
+    def _give_back(self, lease_id: int, frames: list[int], *, end: bool = False) -> None:
+        """Tell the server these frames of the lease will not be rendered here (end: the lease ends too), and the
+        render thread that it must not render them (a frame being rendered is stopped)."""
+        if frames:
+            self.shared.revoke(lease_id, frames)
+            if self._outbox is not None:
+                self._outbox.put_nowait(m.HandBack(lease_id=lease_id, frames=list(frames)))
+        if end:
+            self.shared.revoke(lease_id, [])
+            if self._outbox is not None and self._assigned.pop(lease_id, None) is not None:
+                self._outbox.put_nowait(m.LeaseDone(lease_id=lease_id))
 
     def report(self, report: Report) -> None:
         self._report = report
@@ -222,6 +296,7 @@ class Connection:
         """Connect, serve the session, reconnect with backoff; until stopped or refused for good."""
         delay = RECONNECT_MIN_S
         while not self._stopping:
+            self._alive()
             target = await self._resolve()
             if target is None:
                 # The resolver already waited for a server to appear; no backoff on top of that.
@@ -296,10 +371,13 @@ class Connection:
         self.shared.end_session()
         self.connected.clear()
         outbox, self._outbox = self._outbox, None
+        self._assigned.clear()
         while outbox is not None and not outbox.empty():
             item = outbox.get_nowait()
             if isinstance(item, Upload):
                 self.drop_upload(item)
+            elif isinstance(item, Flush) and not item.future.done():
+                item.future.set_result(None)  # nothing more will go out
         if self._download is not None:
             _, sink, future = self._download
             if sink is not None:
@@ -338,7 +416,10 @@ class Connection:
         if self._outbox is None:
             return
         report = self._report
-        if report.epoch is not None and report.epoch != self.shared.epoch:
+        if self.shared.draining:
+            self._outbox.put_nowait(m.Heartbeat(state="draining", job_id=report.job_id, frame=report.frame,
+                                                lease_id=report.lease_id, device=self.device))
+        elif report.epoch is not None and report.epoch != self.shared.epoch:
             # Still finishing work of an earlier connection, which the server took back: busy, not idle.
             self._outbox.put_nowait(m.Heartbeat(state="busy", device=self.device))
         else:
@@ -346,15 +427,28 @@ class Connection:
                                                 lease_id=report.lease_id, device=self.device,
                                                 progress=self._progress if report.frame is not None else None))
 
+    def _alive(self) -> None:
+        """The network side works (connected, or trying to connect): said by the health file's time."""
+        if self.health_file is not None:
+            try:
+                self.health_file.touch()
+            except OSError as exc:
+                log.warning("cannot touch the health file %s: %s", self.health_file, exc)
+                self.health_file = None
+
     async def _heartbeat_loop(self, interval: float) -> None:
         while True:
+            self._alive()
             self._heartbeat_now()
             await asyncio.sleep(interval)
 
-    async def _write_loop(self, stream: MessageStream, outbox: asyncio.Queue[m.Message | Upload]) -> None:
+    async def _write_loop(self, stream: MessageStream, outbox: asyncio.Queue[m.Message | Upload | Flush]) -> None:
         while True:
             item = await outbox.get()
-            if isinstance(item, Upload):
+            if isinstance(item, Flush):
+                if not item.future.done():
+                    item.future.set_result(None)
+            elif isinstance(item, Upload):
                 try:
                     # A frame of a paused or cancelled lease is still sent (the server keeps it if it
                     # wants it); one that another client already delivered is not.
@@ -379,7 +473,11 @@ class Connection:
             if isinstance(message, m.BlendRefused):
                 self._download_refused(message)
             elif isinstance(message, (m.Probe, m.Assign)):
-                self.tasks.put(Task(self.shared.epoch, message))
+                self._assigned[message.lease_id] = list(message.frames) if isinstance(message, m.Assign) else []
+                if self.shared.draining:  # sent before the server heard that this client stops
+                    self._give_back(message.lease_id, self._assigned[message.lease_id], end=True)
+                else:
+                    self.tasks.put(Task(self.shared.epoch, message))
             elif isinstance(message, m.Revoke):
                 self.shared.revoke(message.lease_id, message.frames)
                 log.info("lease %d revoked (%s)", message.lease_id,

@@ -59,7 +59,7 @@ class Link:
     def __init__(self, resolve: Resolver, *, name: str, secret: str | None, cache: BlendCache,
                  blender: str = "", device: str = "CPU", devices: list[str] | None = None,
                  allow_scripts: bool = False, refused: Refused | None = None,
-                 exit_on_refusal: bool = False) -> None:
+                 exit_on_refusal: bool = False, health_file: Path | None = None) -> None:
         self.name = name
         self.cache = cache
         self.tasks: queue.Queue[Task] = queue.Queue()
@@ -69,7 +69,7 @@ class Link:
         self._core = Connection(resolve, self._shared, self.tasks, self.connected, self._upload_slots.release,
                                 name=name, secret=secret, cache=cache, blender=blender, device=device,
                                 devices=devices or [device], allow_scripts=allow_scripts, refused=refused,
-                                exit_on_refusal=exit_on_refusal)
+                                exit_on_refusal=exit_on_refusal, health_file=health_file)
         self._device = device
         # Guards the hand-over door: _loop is set before the loop's thread starts and cleared (under this
         # lock) once that loop stops taking work, so nothing is handed to a loop that will never run it.
@@ -108,6 +108,36 @@ class Link:
     @property
     def epoch(self) -> int:
         return self._shared.epoch
+
+    @property
+    def draining(self) -> bool:
+        """Told to stop: the render thread takes no new task and ends once the one in hand is done."""
+        return self._shared.draining
+
+    def drain(self, timeout: float) -> None:
+        """Stop gracefully (see Connection.begin_drain). Called from a signal handler, on the render thread
+        that may hold any lock: it takes none (call_soon_threadsafe appends to the loop's queue and wakes it)."""
+        self._shared.draining = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile: nothing left to hand back)
+                loop.call_soon_threadsafe(self._core.begin_drain, timeout)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until what the render thread handed over went out (its last frames, LEASE_DONE); False if that
+        took longer than `timeout` or the link is stopped."""
+        coro = self._core.flush()
+        with self._lock:
+            if self._loop is None:
+                coro.close()
+                return False
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            future.result(timeout)
+        except (TimeoutError, concurrent.futures.CancelledError):
+            future.cancel()
+            return False
+        return True
 
     @property
     def fatal(self) -> str | None:

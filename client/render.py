@@ -117,6 +117,7 @@ class Renderer:
             "samples": _get_samples(scene),
             "percentage": scene.render.resolution_percentage,
             "exr_codec": scene.render.image_settings.exr_codec,
+            "persistent_data": scene.render.use_persistent_data,
             "border": {name: getattr(scene.render, name) for name in _BORDER_SETTINGS},
         }
         # Every file the scene uses is looked for before anything renders (never a silent wrong frame).
@@ -163,6 +164,12 @@ class Renderer:
         # A job that requires the CPU renders on it even on a GPU client.
         self._job_device = devices.CPU if job.device == "CPU" else self.device
         devices.apply(scene, self._job_device, self.threads)
+        persistent = job.persistent_data or self._original["persistent_data"]
+        if render.use_persistent_data != persistent:
+            # Turned on, the next frames of this open file reuse Cycles' scene (BVH, images); turned off, it is freed.
+            render.use_persistent_data = persistent
+            log.info("persistent data %s (%s)", "on" if persistent else "off",
+                     "the job's setting" if job.persistent_data else "as the file was saved")
         render.use_file_extension = True
         render.use_overwrite = True
         render.use_placeholder = False

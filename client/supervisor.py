@@ -111,7 +111,8 @@ class RenderProcess:
 
     def apply(self, job: Assignment) -> None:
         settings = {"file_format": job.file_format, "samples": job.samples, "percentage": job.percentage,
-                    "device": job.device, "allow_missing": job.allow_missing}
+                    "device": job.device, "allow_missing": job.allow_missing,
+                    "persistent_data": job.persistent_data}
         if job.split is not None:
             settings["split"] = job.split.to_wire()
         self._applied = None

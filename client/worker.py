@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: How often the idle main loop wakes to check for a fatal link error or a stop request.
 POLL_S = 0.5
+#: How long a stopping client waits for its last frames and messages to go out after its work ended.
+FLUSH_TIMEOUT_S = 4.0
 #: A job folder left unused this long is removed (its job has most likely ended; the client is not told).
 JOB_FOLDER_IDLE_S = 120.0
 
@@ -34,13 +36,12 @@ class Worker:
         self.renderer = renderer
         self.scratch = Path(tempfile.mkdtemp(prefix="microfarm-frames-"))
         self.folders = JobFolders(link.cache)
-        self.stopping = False
         self._idle_since = time.monotonic()
 
     def run(self) -> int:
-        """Work until stopped; returns the process exit code."""
+        """Work until told to stop (Link.drain); returns the process exit code."""
         try:
-            while not self.stopping:
+            while not self.link.draining:
                 if self.link.fatal:
                     return 2
                 task = self.link.next_task(POLL_S)
@@ -57,6 +58,8 @@ class Worker:
                 finally:
                     self.link.set_state("idle")
                     self._idle_since = time.monotonic()
+            if not self.link.flush(FLUSH_TIMEOUT_S):
+                log.warning("stopping: what was left to send did not go out within %.0f s", FLUSH_TIMEOUT_S)
             return 0
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)

@@ -47,6 +47,7 @@ class MessageType(StrEnum):
     ASSIGN = "assign"
     REVOKE = "revoke"
     LEASE_DONE = "lease_done"
+    HAND_BACK = "hand_back"
     FRAME_BEGIN = "frame_begin"
     FRAME_FAILED = "frame_failed"
     BLEND_REQUEST = "blend_request"
@@ -220,7 +221,9 @@ class Error(Message):
 @_message
 class Heartbeat(Message):
     TYPE = MessageType.HEARTBEAT
-    state: str = "idle"  # idle, downloading, opening, rendering, busy (finishing work the server took back)
+    # idle, downloading, opening, rendering, busy (finishing work the server took back), draining (stopping:
+    # it takes no new work)
+    state: str = "idle"
     job_id: str | None = None
     frame: int | None = None
     lease_id: int | None = None
@@ -288,6 +291,16 @@ class Revoke(Message):
 class LeaseDone(Message):
     TYPE = MessageType.LEASE_DONE
     lease_id: int
+
+
+@_message
+class HandBack(Message):
+    """The client is stopping (told to by its machine): it will not render these frames of its lease. The
+    server gives them to another client at once and counts no failure against anyone."""
+
+    TYPE = MessageType.HAND_BACK
+    lease_id: int
+    frames: list[int]
 
 
 @_message

@@ -107,6 +107,9 @@ class JobRequest:
     needs_scripts: Annotated[bool, Bool(absent_if_none=True)] = False
     # Seconds a frame's render may show no progress before it is declared hung (None: DEFAULT_HANG_S).
     hang_s: Annotated[float | None, Float(MIN_HANG_S, MAX_HANG_S)] = None
+    # Keep Cycles' persistent data (BVH, images, shaders) between the frames a warm client renders: a static
+    # scene seen by a moving camera renders without rebuilding its BVH. False: as the file was saved.
+    persistent_data: Annotated[bool, Bool(absent_if_none=True)] = False
 
     @property
     def hang_limit_s(self) -> float:
@@ -192,6 +195,7 @@ class RenderSettings:
     tiles: int = 0  # a split frame: its work items are tiles 0..tiles-1 of frames[0]; 0: whole frames
     margin: int = 0  # rows rendered beyond each tile's band (see protocol.tiles)
     allow_missing: bool = False  # a client renders even where files of the scene are missing
+    persistent_data: bool = False  # the client keeps Cycles' render data between frames (JobRequest)
 
     @property
     def ext(self) -> str:
@@ -215,7 +219,8 @@ class RenderSettings:
 
     def to_assignment(self) -> dict[str, Any]:
         wire = {"file_format": self.file_format, "samples": self.samples, "percentage": self.percentage,
-                "device": self.device, "allow_missing": self.allow_missing}
+                "device": self.device, "allow_missing": self.allow_missing,
+                "persistent_data": self.persistent_data}
         if self.split is not None:
             wire["split"] = self.split.to_wire()
         return wire
@@ -264,6 +269,7 @@ def resolve(request: JobRequest, scene: SceneInfo, auto_tiles: int = MIN_TILES) 
         tiles=tiles,
         margin=margin,
         allow_missing=request.allow_missing,
+        persistent_data=request.persistent_data,
     )
 
 
@@ -277,6 +283,7 @@ class Assignment:
     device: str | None
     split: TileSpec | None = None
     allow_missing: bool = False
+    persistent_data: bool = False
 
 
 #: The settings of an ASSIGN message as they travel (what resolve() made of the request, to_assignment()).
@@ -288,6 +295,7 @@ _ASSIGNMENT = Record({
                   message="assignment asks for unknown device kind {value!r}"),
     "split": TILE_SPEC.but(optional=True, absent_if_none=True),
     "allow_missing": Bool(optional=True, message="assignment has a bad allow_missing {value!r}"),
+    "persistent_data": Bool(optional=True, message="assignment has a bad persistent_data {value!r}"),
 }, messages=_SETTING_WORDS, message={TYPE: "assignment settings must be a map"}, rules=[
     Rule(lambda v: "split" not in v or v["file_format"] in SPLIT_FORMATS,
          "assignment asks to split a {file_format} frame"),
@@ -298,4 +306,5 @@ def validate_assignment(raw: dict[str, Any]) -> Assignment:
     values = validate(_ASSIGNMENT, raw)
     split = values.get("split")
     return Assignment(values["file_format"], values.get("samples"), values.get("percentage"), values.get("device"),
-                      None if split is None else TileSpec(**split), values.get("allow_missing", False))
+                      None if split is None else TileSpec(**split), values.get("allow_missing", False),
+                      values.get("persistent_data", False))

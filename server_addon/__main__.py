@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve the web interface on this port (0 picks a free one; default: no web interface)")
     parser.add_argument("--web-host", default="127.0.0.1", metavar="ADDR",
                         help="address of the web interface (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics (/metrics, /api/queue, /healthz) on this port too (0 picks a "
+                             "free one; the web interface serves them anyway); the farm secret is the bearer token")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                        help="address of the metrics port (default: 127.0.0.1; 0.0.0.0 for a scraper elsewhere)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
                         help=f"render clients connected at once (default: {MAX_CONNECTIONS}, fewer where the "
                              "open-files limit has no room; tools are counted apart)")
@@ -50,14 +55,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(config: ServerConfig, discovery: bool = True, interfaces: Sequence[str] | None = None,
-                web_port: int | None = None, web_host: str = "127.0.0.1") -> None:
-    app = FarmApp(config, discovery=discovery, interfaces=interfaces, web_port=web_port, web_host=web_host)
+                web_port: int | None = None, web_host: str = "127.0.0.1", metrics_port: int | None = None,
+                metrics_host: str = "127.0.0.1") -> None:
+    app = FarmApp(config, discovery=discovery, interfaces=interfaces, web_port=web_port, web_host=web_host,
+                  metrics_port=metrics_port, metrics_host=metrics_host)
     await app.start()
     try:
         # Lines a parent process can wait for (tests, the demo, the benchmark).
         print(f"MicroFarm server listening on {config.host}:{app.port}", flush=True)
         if app.web is not None:
             print(f"MicroFarm web interface on {app.web.url}", flush=True)
+        if app.metrics is not None:
+            print(f"MicroFarm metrics on {app.metrics.url}/metrics", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: port {args.port} is not between 0 and 65535", file=sys.stderr)
         return 2
-    if args.web_port is not None and not 0 <= args.web_port <= 65535:
-        print(f"error: web port {args.web_port} is not between 0 and 65535", file=sys.stderr)
-        return 2
+    for what, port in (("web port", args.web_port), ("metrics port", args.metrics_port)):
+        if port is not None and not 0 <= port <= 65535:
+            print(f"error: {what} {port} is not between 0 and 65535", file=sys.stderr)
+            return 2
     try:
         secret = secret_from_args(args)
     except SecretError as exc:
@@ -99,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --interface: {exc}", file=sys.stderr)
             return 2
     try:
-        asyncio.run(serve(config, args.discovery, interfaces, args.web_port, args.web_host))
+        asyncio.run(serve(config, args.discovery, interfaces, args.web_port, args.web_host, args.metrics_port,
+                          args.metrics_host))
     except ServerStartError as exc:  # (and the web interface's WebStartError)
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,7 +3,8 @@ stops them in the reverse one. The headless server (server_addon.__main__) and t
 (server_addon.thread) both run a FarmApp.
 
     open the stores -> recover jobs -> service -> render-client and tool sides -> TCP port
-    -> watchdog and first dispatch -> web interface (optional) -> zeroconf advertisement (optional)
+    -> watchdog and first dispatch -> web interface (optional) -> metrics port (optional)
+    -> zeroconf advertisement (optional)
 
 Constructing a FarmApp does no I/O; start() does all of it, and a part that cannot start stops the ones
 started before it.
@@ -34,6 +35,7 @@ from .core.workers import ClientOutboxes, Workers
 
 if TYPE_CHECKING:
     from .web import WebServer
+    from .web.metrics import MetricsServer
 
 __all__ = ["FarmApp", "ServerStartError", "WebStartError"]
 
@@ -50,19 +52,24 @@ class WebStartError(ServerStartError, OSError):
 class FarmApp:
     """One farm server. With `web_port` (0: a free one) the web interface runs on `web_host` (loopback unless
     told otherwise); with `discovery` the farm is advertised over zeroconf once it listens (on `interfaces`,
-    checked addresses; by default the interface of `config.host`, or all for 0.0.0.0)."""
+    checked addresses; by default the interface of `config.host`, or all for 0.0.0.0). With `metrics_port`
+    the Prometheus metrics (also on the web port) are served on a port of their own, on `metrics_host`."""
 
     def __init__(self, config: ServerConfig, *, discovery: bool = False, interfaces: Sequence[str] | None = None,
                  web_port: int | None = None, web_host: str = "127.0.0.1",
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._discovery = discovery
         self._interfaces = interfaces
         self._web_port = web_port
         self._web_host = web_host
+        self._metrics_port = metrics_port
+        self._metrics_host = metrics_host
         self._clock = clock
         self.service: FarmService | None = None
         self.web: WebServer | None = None
+        self.metrics: MetricsServer | None = None
         self.advertiser: Advertiser | None = None
         self._db: Database | None = None
         self._tasks = Tasks()
@@ -105,6 +112,8 @@ class FarmApp:
                      outputs.root)
             if self._web_port is not None:
                 self.web = await self._start_web(service)
+            if self._metrics_port is not None:
+                self.metrics = await self._start_metrics(service)
         except BaseException:
             await self.stop()
             raise
@@ -127,6 +136,15 @@ class FarmApp:
             return await start_web(service, self._web_host, self._web_port or 0, self.config.secret)
         except OSError as exc:
             raise WebStartError(f"cannot start the web interface on {self._web_host}:{self._web_port}: "
+                                f"{exc.strerror or exc}") from None
+
+    async def _start_metrics(self, service: FarmService) -> MetricsServer:
+        from .web.metrics import start_metrics
+
+        try:
+            return await start_metrics(service, self._metrics_host, self._metrics_port or 0, self.config.secret)
+        except OSError as exc:
+            raise WebStartError(f"cannot serve the metrics on {self._metrics_host}:{self._metrics_port}: "
                                 f"{exc.strerror or exc}") from None
 
     async def _advertise(self) -> None:
@@ -155,6 +173,9 @@ class FarmApp:
         if self.advertiser is not None:
             await self.advertiser.close()
             self.advertiser = None
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
         if self.web is not None:
             await self.web.stop()
             self.web = None

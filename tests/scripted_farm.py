@@ -75,10 +75,10 @@ class ScriptedClient:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def join(cls, port: int, name: str) -> ScriptedClient:
+    async def join(cls, port: int, name: str, secret: str | None = None) -> ScriptedClient:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), WAIT_S)
         stream = MessageStream(reader, writer)
-        await client_handshake(stream, role=Role.WORKER, name=name, secret=None, blender=BLENDER, device="CPU",
+        await client_handshake(stream, role=Role.WORKER, name=name, secret=secret, blender=BLENDER, device="CPU",
                                devices=["CPU"], timeout=WAIT_S)
         client = cls(name, stream)
         client._tasks = [asyncio.create_task(client._read()), asyncio.create_task(client._keepalive())]

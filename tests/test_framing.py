@@ -198,6 +198,7 @@ SAMPLES: dict[str, m.Message] = {
                        settings={"file_format": "PNG", "samples": None, "percentage": 50}),
     "revoke": m.Revoke(lease_id=2, frames=[3]),
     "lease_done": m.LeaseDone(lease_id=2),
+    "hand_back": m.HandBack(lease_id=2, frames=[4, 5]),
     "frame_begin": m.FrameBegin(lease_id=2, job_id="j", frame=-5, ext="exr", size=99, render_s=1.25),
     "frame_failed": m.FrameFailed(lease_id=2, job_id="j", frame=1, error="boom", log="line 1\nline 2"),
     "blend_request": m.BlendRequest(sha256=SHA),

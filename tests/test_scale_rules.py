@@ -68,3 +68,32 @@ def test_a_long_queue_comes_in_pages(farm: Farm) -> None:
     assert len(everything.jobs) == count and len({j["id"] for j in everything.jobs}) == count
     expected = farm.call(lambda s: [j["id"] for j in s.snapshot()["jobs"]])
     assert [j["id"] for j in everything.jobs] == expected, "the pages together in the order of one status"
+
+
+def test_pages_are_cut_to_what_one_message_carries(farm: Farm) -> None:
+    """Jobs that show long failures do not fit a thousand to a message: a page holds what fits, the tool reads on."""
+    from protocol.settings import SceneInfo, resolve
+    from server_addon.core.jobs import FrameRecord
+
+    blend = BLEND_HEADER + b"\0" * 64
+    sha = hashlib.sha256(blend).hexdigest()
+    scene = SceneInfo(scene="s", engine="CYCLES", frame_start=1, frame_end=3, frame_step=1, fps=24.0,
+                      resolution_x=64, resolution_y=36, percentage=100, file_format="PNG")
+
+    def fill(service) -> None:  # type: ignore[no-untyped-def]
+        service.files.path(sha).write_bytes(blend)
+        for number in range(60):
+            job = service.create_job(f"shot{number:02d}.blend", sha, len(blend), JobRequest(), start=False)
+            job.settings = resolve(JobRequest(), scene)
+            job.frames = {n: FrameRecord(n, failures=1, error="x" * 16_000, failed_on={"a"}) for n in (1, 2, 3)}
+    farm.thread.call(fill, timeout=60)
+
+    async def read() -> tuple[m.Status, m.Status]:
+        control = await Control.connect(farm.address, None)
+        try:
+            return await control.status(all_jobs=False), await control.status()
+        finally:
+            await control.close()
+    first, everything = asyncio.run(read())
+    assert 0 < len(first.jobs) < 60 and first.jobs_total == 60
+    assert sorted(j["id"] for j in everything.jobs) == sorted(farm.call(lambda s: list(s.farm.jobs)))

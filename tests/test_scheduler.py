@@ -445,3 +445,22 @@ def test_a_failure_from_a_lease_that_no_longer_holds_the_frame_is_ignored():
     farm.frame_failed(first.id, number, "a", "late duplicate report")
     assert job.frames[number].state is FrameState.LEASED and job.frames[number].lease_id == second.id
     assert job.frames[number].failures == 1
+
+
+def test_a_stopping_client_hands_back_frames_without_blame_and_takes_no_more():
+    farm, job, _ = rendering("a", "b", request=JobRequest(chunk=4))
+    lease = farm.next_work("a")
+    assert lease is not None and lease.frames == [1, 2, 3, 4]
+    farm.client_reported("a", "draining", lease.id, 2)  # stopping: it renders frame 2 and takes nothing new
+    farm.hand_back(lease.id, "a", [3, 4, 99])  # (a frame the lease never held changes nothing)
+    assert [job.frames[n].state for n in (1, 2, 3, 4)] == [FrameState.LEASED, FrameState.LEASED,
+                                                            FrameState.PENDING, FrameState.PENDING]
+    assert lease.frames == [1, 2] and farm.counts.frames_handed_back == 2
+    assert all(f.failures == 0 for f in job.frames.values()) and farm.counts.frame_failures == 0
+    assert farm.idle_clients() == ["b"]
+    other = farm.next_work("b")
+    assert other is not None and other.frames[:2] == [3, 4]
+    farm.hand_back(lease.id, "a", [3])  # handed on already: not this lease's any more
+    assert job.frames[3].lease_id == other.id and farm.counts.frames_handed_back == 2
+    with pytest.raises(NotLeaseHolder):
+        farm.hand_back(other.id, "a", [3])

@@ -493,3 +493,22 @@ async def test_the_web_closes_slow_headers_and_stalled_bodies_and_makes_room_for
     assert any("request body stalled for 1 s" in line for line in web_lines), web_lines
     assert any("gave way to a newer connection" in line for line in web_lines), web_lines
     assert any("connections are busy" in line for line in web_lines), web_lines
+
+
+@pytest.mark.asyncio
+async def test_one_address_cannot_fill_the_port_with_connections_waiting_for_its_turn(tmp_path: Path) -> None:
+    """Silent connections from one address beyond four times its handshake share are refused at once: with the
+    port's room (here 8 clients + 64 tools + 64 handshakes) it could otherwise keep everyone else out."""
+    farm = Farm(tmp_path / "out", max_connections=8)
+    flood = SilentFlood(farm.port, 0)
+    try:
+        flood._tasks = [asyncio.create_task(flood._one("127.0.0.2")) for _ in range(150)]
+        await asyncio.sleep(1.0)  # (the attacker's connections made and refused, again and again)
+        for _ in range(5):
+            control = await asyncio.wait_for(Control.connect(farm.address, None, name="test-control"), WAIT_S)
+            await control.close()
+        waiting = farm.call(lambda s: s.stats.connections_refused)
+    finally:
+        await flood.stop()
+        farm.stop()
+    assert waiting > 0 and flood.attempts > 150, "the attacker's extra connections were refused and came back"

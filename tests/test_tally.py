@@ -51,3 +51,15 @@ async def test_many_addresses_are_bounded_too(caplog) -> None:
     # One first line per distinct address up to MAX_KEYS, MAX_LINES count lines, one line for all the rest.
     assert len(lines(caplog)) == MAX_KEYS + MAX_LINES + 1
     assert lines(caplog)[-1].startswith("... and ")
+
+
+@pytest.mark.asyncio
+async def test_what_a_stranger_sends_is_cleaned_and_cut(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="test_tally")
+    tally = make()
+    tally.note("10.0.0.5", "unknown role '" + "x" * 12_000 + "'")
+    tally.note("10.0.0.6", "path /metrics\n2026-12-02 INFO forged line \x1b[31m")
+    tally.close()
+    first, second = lines(caplog)[:2]
+    assert len(first) < 300 and first.endswith("...")
+    assert "\n" not in second and "\x1b" not in second and "\\n2026" in second

@@ -6,6 +6,9 @@
     python -m tools.bench wire [--python PYTHON ...]
     python -m tools.bench project [--size-mb 2048] [--files 500] [--keep DIR]
     python -m tools.bench tls [--size-mb 1024] [--rounds 1]
+    python -m tools.bench persistent [--frames 16] [--subdivisions 9] [--texture 2048] [--keep DIR]
+    python -m tools.bench cores [--clients N] [--frames 32] [--keep DIR]
+    python -m tools.bench tail [--clients N] [--slow-by 5] [--frames 18] [--keep DIR]
 
 `overhead` renders the same frames once through a farm on 127.0.0.1 (a headless server and N
 clients, connected and idle before the clock starts, with empty .blend caches) and once in a
@@ -26,6 +29,12 @@ and prints the peak memory of the server and the client, the bytes sent and the 
 `tls` sends one job file (1 GiB) from a server process to a client process, in plain text (a farm without a
 secret) and over TLS (with one), and prints a JSON line for each with MB/s and each side's CPU seconds
 (tools.bench_tls).
+
+`persistent` renders a static scene seen by a moving camera with and without Cycles' persistent data, in one
+plain bpy process and through a local farm of one client, and prints each run's per-frame seconds
+(tools.bench_persistent). `cores` pins N clients to N cores against one bpy process on one core and prints the
+speedup; `tail` slows one of N pinned clients down and prints the makespan against the ideal one
+(tools.bench_cores).
 
 `wire` times the message path (schema to wire map, msgpack, framing, and back) of a 512 KiB CHUNK and of
 a heartbeat, in microseconds per message, with msgpack's compiled extension and with its pure-Python
@@ -48,43 +57,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bench_project, bench_scale, bench_tls
-from .control import Control, ToolError
+from . import bench_cores, bench_keda, bench_persistent, bench_project, bench_scale, bench_tls
+from .benchfarm import run_job, wait_clients
+from .control import ToolError
 from .localfarm import REPO, LocalFarm, repo_env
 from .submit import parse_frames
 
 #: The generated scene: 320x180 at 12 samples takes about half a second a frame on one core pair.
 BENCH_SCENE = ("--size", "320x180", "--samples", "12")
-CLIENTS_READY_TIMEOUT_S = 60.0
-
-
-async def _wait_clients(address: str, count: int) -> None:
-    control = await Control.connect(address, None)
-    try:
-        deadline = time.monotonic() + CLIENTS_READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            status = await control.status()
-            if sum(1 for c in status.clients if c["state"] == "idle") >= count:
-                return
-            await asyncio.sleep(0.2)
-        raise ToolError(f"{count} clients did not connect within {CLIENTS_READY_TIMEOUT_S:.0f} s")
-    finally:
-        await control.close()
 
 
 async def _farm_run(address: str, blend: Path, start: int, end: int,
                     split: int | None = None) -> tuple[float, dict[str, Any]]:
-    control = await Control.connect(address, None)
-    try:
-        started = time.monotonic()
-        job_id, _ = await control.submit(blend, {"frame_start": start, "frame_end": end, "chunk": 4,
-                                                 "file_format": "PNG", "split": split})
-        job: dict[str, Any] = {}
-        async for update in control.watch(job_id):
-            job = update
-        return time.monotonic() - started, job
-    finally:
-        await control.close()
+    run = await run_job(address, blend, {"frame_start": start, "frame_end": end, "split": split})
+    return run.elapsed_s, run.job
 
 
 def _in_workdir(args: argparse.Namespace,
@@ -121,7 +107,7 @@ def _overhead(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
     print(f"farm: server + {args.clients} client(s) on 127.0.0.1", file=sys.stderr)
     with LocalFarm(root / "farm", clients=args.clients) as farm:
-        asyncio.run(_wait_clients(farm.address, args.clients))
+        asyncio.run(wait_clients(farm.address, args.clients))
         farm_s, job = asyncio.run(_farm_run(farm.address, blend, start, end))
     if job.get("state") != "done":
         raise ToolError(f"the farm job ended {job.get('state')}: {job.get('error')}")
@@ -150,7 +136,7 @@ def _split(args: argparse.Namespace, root: Path) -> dict[str, Any]:
               + (f", split {'auto' if tiles == 0 else tiles}" if tiles is not None else ""), file=sys.stderr)
         threads = ("--threads", str(args.threads)) if args.threads else ()
         with LocalFarm(root / label, clients=clients, client_args=threads) as farm:
-            asyncio.run(_wait_clients(farm.address, clients))
+            asyncio.run(wait_clients(farm.address, clients))
             runs[label] = asyncio.run(_farm_run(farm.address, blend, 1, 1, split=tiles))
             if tiles is not None:
                 match = re.search(r"stitched from \d+ tiles in ([\d.]+) s", (root / label / "server.log").read_text())
@@ -197,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     wire.add_argument("--python", action="append", default=[], help="also measure in this Python (repeatable)")
     wire.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     bench_project.add_parser(sub)
+    bench_persistent.add_parser(sub)
+    bench_cores.add_parsers(sub)
     bench_scale.add_parser(sub)
     bench_tls.add_parser(sub)
+    bench_keda.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "tls":
         for row in bench_tls.run(args):
@@ -206,17 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "wire":
         return wire_main(args)
-    if args.command == "scale":
+    if args.command in ("scale", "keda"):
         try:
-            result = bench_scale.scale(args)
+            result = bench_scale.scale(args) if args.command == "scale" else bench_keda.keda(args)
         except ToolError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(json.dumps(result))
         return 0
-    if args.command == "project":
+    runs = {"project": bench_project.project, "persistent": bench_persistent.persistent,
+            "cores": bench_cores.cores, "tail": bench_cores.tail}
+    if args.command in runs:
         try:
-            result = _in_workdir(args, bench_project.project)
+            result = _in_workdir(args, runs[args.command])
         except (ToolError, subprocess.CalledProcessError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -26,9 +26,11 @@ def repo_env() -> dict[str, str]:
 
 
 def start_client(server: str | None, name: str, cache_dir: Path, log_path: Path, *extra: str,
-                 as_script: bool = False, token: str | None = None) -> subprocess.Popen[bytes]:
+                 as_script: bool = False, token: str | None = None,
+                 wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     """A render client process; as_script runs client/__main__.py by path, as Blender's --python does.
-    With server None the client finds its farm by discovery (pass --interface in extra)."""
+    With server None the client finds its farm by discovery (pass --interface in extra). `wrapper` goes
+    before the command, e.g. ("taskset", "-c", "1") to pin the client and its render process to core 1."""
     entry = [str(REPO / "client" / "__main__.py"), "--"] if as_script else ["-m", "client"]
     target = ["--server", server] if server is not None else []
     env = repo_env()
@@ -36,7 +38,7 @@ def start_client(server: str | None, name: str, cache_dir: Path, log_path: Path,
         env["MICROFARM_TOKEN"] = token  # not --token: the process list is readable by every local user
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, *entry, *target, "--name", name, "--cache-dir", str(cache_dir), *extra],
+            [*wrapper, sys.executable, *entry, *target, "--name", name, "--cache-dir", str(cache_dir), *extra],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -90,9 +92,9 @@ class LocalFarm:
             self.add_client(f"client-{i}", *self.client_args)
         return self
 
-    def add_client(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
+    def add_client(self, name: str, *extra: str, wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         proc = start_client(self.address, name, self.root / "cache" / name, self.root / f"{name}.log", *extra,
-                            token=self.token)
+                            token=self.token, wrapper=wrapper)
         self.clients.append(proc)
         return proc
 

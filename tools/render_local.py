@@ -1,6 +1,7 @@
 """Render frames of a .blend in one plain bpy process: the baseline the farm is measured against.
 
-    python -m tools.render_local FILE.blend START END OUT_DIR [--format PNG] [--allow-scripts]
+    python -m tools.render_local FILE.blend START END OUT_DIR [--format PNG] [--allow-scripts] [--persistent-data]
+        [--threads N]
 
 Uses the client's own render code (open once, render frame by frame), and prints one JSON line
 with the time from opening the file to the last frame written.
@@ -24,16 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-scripts", action="store_true",
                         help="run the file's scripts (registered text blocks, Python drivers), as a client started "
                              "with --allow-scripts does")
+    parser.add_argument("--persistent-data", action="store_true",
+                        help="keep Cycles' render data between frames, as a job submitted with --persistent-data")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     args = parser.parse_args(argv)
 
     from client.render import Renderer
     from protocol.settings import Assignment
 
     args.out.mkdir(parents=True, exist_ok=True)
-    renderer = Renderer(allow_scripts=args.allow_scripts)
+    renderer = Renderer(allow_scripts=args.allow_scripts, threads=args.threads)
     started = time.monotonic()
     renderer.open(args.blend, "local")
-    renderer.apply(Assignment(args.format, None, None, None))
+    renderer.apply(Assignment(args.format, None, None, None, persistent_data=args.persistent_data))
     frames = []
     for frame in range(args.start, args.end + 1):
         frame_started = time.monotonic()

@@ -1,9 +1,13 @@
 """Generate small animated .blend scenes with bpy (for the demo, the tests and the benchmarks).
 
     python -m tools.scenes OUT.blend [--frames 12] [--size 64x36] [--samples 4] [--fps 24]
-        [--engine CYCLES] [--no-camera] [--fail]
+        [--engine CYCLES] [--no-camera] [--fail] [--camera-move] [--subdivisions N] [--texture PIXELS]
 
-A cube slides across the view and spins, so neighbouring frames differ where it moves.
+A cube slides across the view and spins, so neighbouring frames differ where it moves. With --camera-move the
+cube stands still and the camera travels instead: a static scene seen by a moving camera, whose BVH and images
+Cycles can keep between frames (render.use_persistent_data). --subdivisions adds an ico sphere of 20 * 4^N
+triangles, --texture an image of PIXELS x PIXELS random colours packed into the file, on the floor: what a
+render has to build (BVH) and load (images) before its first sample.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps: int, engine: str,
           camera: bool, file_format: str, fail: bool = False, view_transform: str | None = None,
           script_marker: Path | None = None, slow_frame: int | None = None, film_transparent: bool = False,
           color_depth: str | None = None, denoise: bool = False, adaptive: bool = True,
-          python_driver: str | None = None, tile_size: int | None = None) -> None:
+          python_driver: str | None = None, tile_size: int | None = None, camera_move: bool = False,
+          subdivisions: int = 0, texture: int = 0) -> None:
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -65,12 +71,19 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
     if bsdf is not None:
         bsdf.inputs["Base Color"].default_value = (1.0, 0.35, 0.05, 1.0)
     cube.data.materials.append(material)
-    cube.keyframe_insert("location", frame=1)
-    cube.keyframe_insert("rotation_euler", frame=1)
-    cube.location.x = 2.5
-    cube.rotation_euler.z = 3.0
-    cube.keyframe_insert("location", frame=frames)
-    cube.keyframe_insert("rotation_euler", frame=frames)
+    if not camera_move:
+        cube.keyframe_insert("location", frame=1)
+        cube.keyframe_insert("rotation_euler", frame=1)
+        cube.location.x = 2.5
+        cube.rotation_euler.z = 3.0
+        cube.keyframe_insert("location", frame=frames)
+        cube.keyframe_insert("rotation_euler", frame=frames)
+    if subdivisions:
+        # Real geometry (no modifier): what costs is Cycles' BVH over it, not evaluating it.
+        bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=subdivisions, radius=1.0, location=(1.8, 1.0, 1.0))
+        bpy.context.active_object.data.materials.append(material)
+    if texture:
+        _textured_floor(bpy, floor, texture)
 
     light_data = bpy.data.lights.new("Sun", type="SUN")
     light_data.energy = 4.0
@@ -103,6 +116,11 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
         cam.rotation_euler = (1.1, 0, 0)
         scene.collection.objects.link(cam)
         scene.camera = cam
+        if camera_move:
+            cam.location.x = -2.0
+            cam.keyframe_insert("location", frame=1)
+            cam.location.x = 2.0
+            cam.keyframe_insert("location", frame=frames)
 
     if script_marker is not None:
         # A registered text block runs when the file is opened with scripts allowed, and leaves a mark.
@@ -112,6 +130,27 @@ def build(out: Path, *, frames: int, width: int, height: int, samples: int, fps:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(out.resolve()), compress=False)
+
+
+def _textured_floor(bpy: Any, floor: Any, pixels: int) -> None:
+    """An image of random colours (it compresses to nothing less than its size), packed, on the floor."""
+    import numpy as np
+
+    image = bpy.data.images.new("Noise", pixels, pixels)
+    rng = np.random.default_rng(0)
+    values = rng.random(pixels * pixels * 4, dtype=np.float32)
+    values[3::4] = 1.0
+    image.pixels.foreach_set(values)
+    image.pack()
+    material = bpy.data.materials.new("Noise")
+    if material.node_tree is None:  # (Blender 5 gives every new material its nodes; use_nodes is going away)
+        material.use_nodes = True
+    tree = material.node_tree
+    node = tree.nodes.new("ShaderNodeTexImage")
+    node.image = image
+    tree.links.new(node.outputs["Color"], tree.nodes["Principled BSDF"].inputs["Base Color"])
+    floor.data.materials.append(material)
+    floor.data.uv_layers.new(name="UVMap")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python-driver", metavar="EXPR",
                         help="a Python driver expression on the floor's height, e.g. to crash on a frame")
     parser.add_argument("--tile-size", type=int, help="render in tiles of this many pixels (Cycles)")
+    parser.add_argument("--camera-move", action="store_true",
+                        help="the camera travels and the cube stands still (a static scene, a moving camera)")
+    parser.add_argument("--subdivisions", type=int, default=0, choices=range(0, 11), metavar="N",
+                        help="add an ico sphere of 20 * 4^N triangles (0-10; 0: none)")
+    parser.add_argument("--texture", type=int, default=0, metavar="PIXELS",
+                        help="put an image of PIXELS x PIXELS random colours, packed into the file, on the floor")
     args = parser.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -148,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
           view_transform=args.view_transform, script_marker=args.script_marker,
           slow_frame=args.slow_frame, film_transparent=args.film_transparent, color_depth=args.color_depth,
           denoise=args.denoise, adaptive=args.adaptive, python_driver=args.python_driver,
-          tile_size=args.tile_size)
+          tile_size=args.tile_size, camera_move=args.camera_move, subdivisions=args.subdivisions,
+          texture=args.texture)
     print(args.out)
     return 0
 

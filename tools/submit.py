@@ -2,7 +2,7 @@
 
     python -m tools.submit FILE.blend --server HOST:PORT [--frames 1-24 | --frame N [--split auto|K]]
         [--step N] [--chunk 4] [--format PNG|JPEG|OPEN_EXR] [--samples N] [--percentage P]
-        [--allow-missing] [--needs-scripts] [--shared-storage | --blend-only] [--wait]
+        [--allow-missing] [--needs-scripts] [--persistent-data] [--shared-storage | --blend-only] [--wait]
 
 Prints the job id. With --wait, shows progress and exits 0 when the job is done, 1 with the
 reason when it failed or was cancelled. A job whose files are missing on the clients fails naming them,
@@ -78,7 +78,8 @@ def build_settings(args: argparse.Namespace) -> dict[str, Any]:
            "file_format": args.format, "samples": args.samples, "percentage": args.percentage,
            "device": args.device.upper() if args.device else None, "split": split,
            "blender": args.blender, "allow_missing": getattr(args, "allow_missing", False),
-           "needs_scripts": getattr(args, "needs_scripts", False), "hang_s": getattr(args, "hang_timeout", None)}
+           "needs_scripts": getattr(args, "needs_scripts", False), "hang_s": getattr(args, "hang_timeout", None),
+           "persistent_data": getattr(args, "persistent_data", False)}
     try:
         return JobRequest.from_wire(raw).to_wire()
     except SettingsError as exc:
@@ -231,6 +232,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--needs-scripts", action="store_true",
                         help="the scene needs its Python (drivers, registered text blocks): send it only to clients "
                              "started with --allow-scripts")
+    parser.add_argument("--persistent-data", action="store_true",
+                        help="clients keep Cycles' render data between frames (BVH, images): faster for a static "
+                             "scene with a moving camera, at the cost of memory (default: as the file was saved)")
     parser.add_argument("--hang-timeout", type=float, default=None, metavar="SECONDS",
                         help="a frame whose render shows no progress (Cycles' samples) for this long is hung: it "
                              "fails and goes to another client (default: 600); a slow frame that progresses is "

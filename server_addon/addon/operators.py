@@ -85,7 +85,8 @@ def job_request(scene: bpy.types.Scene) -> JobRequest:
     file_format = None if settings.file_format == "SCENE" else settings.file_format
     return JobRequest.from_wire({"frame_start": start, "frame_end": end, "frame_step": scene.frame_step,
                                  "chunk": settings.chunk, "file_format": file_format,
-                                 "allow_missing": settings.allow_missing, "needs_scripts": settings.needs_scripts})
+                                 "allow_missing": settings.allow_missing, "needs_scripts": settings.needs_scripts,
+                                 "persistent_data": settings.persistent_data})
 
 
 def current_frame_request(scene: bpy.types.Scene) -> JobRequest:
@@ -95,7 +96,8 @@ def current_frame_request(scene: bpy.types.Scene) -> JobRequest:
     split = settings.split_tiles if settings.use_split else None
     return JobRequest.from_wire({"frame_start": scene.frame_current, "frame_end": scene.frame_current, "chunk": 1,
                                  "file_format": file_format, "split": split,
-                                 "allow_missing": settings.allow_missing, "needs_scripts": settings.needs_scripts})
+                                 "allow_missing": settings.allow_missing, "needs_scripts": settings.needs_scripts,
+                                 "persistent_data": settings.persistent_data})
 
 
 class _SendCopy:

@@ -118,6 +118,7 @@ class MICROFARM_PT_create_job(_FarmPanel, bpy.types.Panel):
         col.prop(settings, "pack_textures")
         col.prop(settings, "allow_missing")
         col.prop(settings, "needs_scripts")
+        col.prop(settings, "persistent_data")
         col.prop(settings, "priority")
         col.prop(settings, "use_video")
         if settings.use_video:

@@ -97,6 +97,10 @@ class MicroFarmSceneSettings(bpy.types.PropertyGroup):
     needs_scripts: BoolProperty(name="Needs Scripts", default=False,
                                 description="The scene needs its Python (drivers, registered text blocks): only "
                                             "clients started with --allow-scripts render it")
+    persistent_data: BoolProperty(name="Persistent Data", default=False,
+                                  description="Clients keep Cycles' render data (BVH, images) between frames: "
+                                              "faster for a static scene with a moving camera, at the cost of "
+                                              "memory (off: as the file is saved)")
     use_video: BoolProperty(name="Build a Video", default=False,
                             description="Turn the finished frames into a video with ffmpeg")
     video_codec: EnumProperty(name="Codec", items=CODEC_ITEMS, default="h264")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,28 @@ class ServerConfig:
         return self.data_dir if self.data_dir is not None else self.output_dir / ".microfarm"
 
 
+#: The upper bounds (seconds) of the frame render time histogram's buckets: from a test scene's fraction of a
+#: second to a heavy production frame's hour.
+RENDER_SECONDS_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
+
+
+@dataclass
+class RenderTimes:
+    """How long stored frames took to render, counted into fixed buckets as they arrive (metrics read it)."""
+
+    bounds: tuple[float, ...] = RENDER_SECONDS_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(RENDER_SECONDS_BUCKETS) + 1))  # last: +Inf
+    total_s: float = 0.0
+    observed: int = 0
+
+    def observe(self, seconds: float | None) -> None:
+        if seconds is None or not math.isfinite(seconds) or seconds < 0:
+            return
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total_s += seconds
+        self.observed += 1
+
+
 @dataclass
 class ServerStats:
     blend_bytes_sent: int = 0  # job files (the .blend and what it needs) sent to render clients
@@ -65,3 +89,4 @@ class ServerStats:
     frames_stored: int = 0
     duplicate_frames: int = 0
     connections_refused: int = 0
+    render_times: RenderTimes = field(default_factory=RenderTimes)  # of the frames stored

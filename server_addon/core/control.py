@@ -7,10 +7,12 @@ import asyncio
 import logging
 from typing import Any, Protocol
 
+import msgpack
+
 from protocol import messages as m
 from protocol.errors import ProtocolError
 from protocol.handshake import Peer
-from protocol.limits import MAX_BLEND_BYTES, MAX_STATUS_JOBS
+from protocol.limits import MAX_BLEND_BYTES, MAX_MESSAGE_BYTES, MAX_STATUS_JOBS
 from protocol.names import clean_name
 from protocol.settings import JobRequest, SettingsError
 from protocol.stream import MessageStream
@@ -29,6 +31,19 @@ log = logging.getLogger(__name__)
 #: Jobs one control connection may watch at once: each watch is a stream of updates on every change, so that a
 #: tool watching thousands would cost the farm megabytes and make every status slow.
 MAX_WATCHES_PER_CONNECTION = 8
+
+
+def _fitting(jobs: list[dict[str, Any]], clients: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """As many of the page's jobs as one message carries (a job shows up to 20 failures with their errors: 1000
+    such views do not fit); the tool asks for the rest from where this page ends."""
+    budget = MAX_MESSAGE_BYTES - len(msgpack.packb(clients, use_bin_type=True)) - 64 * 1024
+    fitted: list[dict[str, Any]] = []
+    for view in jobs:
+        budget -= len(msgpack.packb(view, use_bin_type=True))
+        if budget < 0 and fitted:
+            break
+        fitted.append(view)
+    return fitted
 
 
 class ControlService(Protocol):
@@ -62,7 +77,7 @@ class ControlConnections:
                 if isinstance(message, m.StatusRequest):
                     limit = message.job_limit or MAX_STATUS_JOBS
                     snap = server.snapshot(job_offset=message.job_offset, job_limit=limit)
-                    await stream.send(m.Status(jobs=snap["jobs"], clients=snap["clients"],
+                    await stream.send(m.Status(jobs=_fitting(snap["jobs"], snap["clients"]), clients=snap["clients"],
                                                jobs_total=snap["jobs_total"], job_offset=message.job_offset))
                 elif isinstance(message, m.Submit):
                     await self._submit(stream, peer, message)

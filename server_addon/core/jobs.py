@@ -266,6 +266,7 @@ class Job:
             "warnings": list(self.warnings),
             "allow_missing": self.request.allow_missing,
             "needs_scripts": self.request.needs_scripts,
+            "persistent_data": self.request.persistent_data,
             "file_format": s.file_format if s else None,
             "fps": s.fps if s else None,
             "resolution": [s.resolution_x, s.resolution_y] if s else None,
@@ -315,7 +316,8 @@ class ClientRecord:
     blender: str = ""  # its Blender version as it reports it: "4.2.23 LTS", "5.0.1"
     devices: tuple[str, ...] = ()
     ready: bool = False  # has reported its state since it connected
-    busy: bool = False  # still finishing work from before a reconnect
+    busy: bool = False  # still finishing work from before a reconnect, or stopping (see draining)
+    draining: bool = False  # told to stop by its machine: it finishes the frame in hand and takes nothing new
     allow_scripts: bool = False  # started with --allow-scripts: it runs the scripts of the files it opens
 
     def view(self, leases: dict[int, Lease], excluded_from: list[str]) -> dict[str, Any]:
@@ -323,7 +325,7 @@ class ClientRecord:
         if not self.connected:
             state = "lost"
         elif self.busy:
-            state = "busy"
+            state = "stopping" if self.draining else "busy"
         elif lease is None:
             state = "idle"
         elif lease.kind is LeaseKind.PROBE:

@@ -56,6 +56,11 @@ class _Pending:
     holds_gate: bool = field(default=True)  # until its handshake ends: one of its address's slots
 
 
+#: An address's connections in or waiting for a handshake, at most this many times its handshake slots; more are
+#: refused at once (they retry): silent connections from one address never fill the port for everyone else.
+WAITING_PER_ADDRESS_FACTOR = 4
+
+
 class _Gate:
     """An address's handshakes at once (max_handshakes_per_address), shared by its connections."""
 
@@ -164,12 +169,16 @@ class Listener:
         if len(self._streams) >= self._capacity:
             await self._refuse(stream, address, host, "too many connections")
             return
+        gate = self._gates.get(host)
+        if gate is not None and gate.users >= WAITING_PER_ADDRESS_FACTOR * self._config.max_handshakes_per_address:
+            # One address may not fill the port with connections that wait for its handshake slots.
+            await self._refuse(stream, address, host, "too many connections from this address in their handshake")
+            return
         assert task is not None
         self._tasks.adopt(task)
         self._handlers.add(task)
         self._streams.add(stream)
         task.add_done_callback(self._handlers.discard)
-        gate = self._gates.get(host)
         if gate is None:
             gate = self._gates[host] = _Gate(asyncio.Semaphore(self._config.max_handshakes_per_address))
         gate.users += 1

@@ -114,6 +114,16 @@ class NullStore:
         pass
 
 
+@dataclasses.dataclass
+class FarmCounts:
+    """Events counted since the server started (the metrics read them)."""
+
+    frame_failures: int = 0  # frames that failed on a client (hung ones included)
+    probe_failures: int = 0  # .blend files a client could not open
+    leases_lost: int = 0  # leases taken back because their client went away
+    frames_handed_back: int = 0  # frames a client gave back unrendered (it was told to stop)
+
+
 class Farm:
     def __init__(self, clock: Callable[[], float] = time.monotonic, store: JobStore | None = None) -> None:
         self.clock = clock
@@ -121,6 +131,7 @@ class Farm:
         self.jobs: dict[str, Job] = {}
         self.clients: dict[str, ClientRecord] = {}
         self.leases: dict[int, Lease] = {}
+        self.counts = FarmCounts()
         self._lease_ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._revocations: list[Revocation] = []
@@ -313,6 +324,7 @@ class Farm:
         record.connected = False
         self._clients_changed()
         taken = [lease for lease in self.leases.values() if lease.client_id == client_id]
+        self.counts.leases_lost += len(taken)
         for lease in taken:
             log.info("job %s: lease %d of client %s taken back (%s)", lease.job_id, lease.id,
                      record.name, ",".join(map(str, lease.frames)) or "probe")
@@ -675,6 +687,7 @@ class Farm:
         # Clients name the file by its place in their cache; the user knows it by its own name.
         error = as_submitted(job, error)
         job.probe_failures += 1
+        self.counts.probe_failures += 1
         job.probe_failed_on[name] = f"Blender {version}: {error}"
         self._widely_changed()
         self.store.save_job(job)
@@ -850,6 +863,7 @@ class Farm:
         if frame.state is not FrameState.LEASED or frame.lease_id != lease_id:
             return  # the frame was taken back and handed on (or done) meanwhile: not this lease's to fail
         name = client.name if client else client_id
+        self.counts.frame_failures += 1
         frame.failures += 1
         frame.failed_on.add(name)
         job.index.failed.add(number)
@@ -873,6 +887,26 @@ class Farm:
         if lease is not None:
             self._drop_lease(lease)
 
+    def hand_back(self, lease_id: int, client_id: str, frames: list[int]) -> None:
+        """The client is stopping and gives back these frames of its lease unrendered: they wait for the next
+        client at once, and nobody is blamed (see disconnect_client)."""
+        lease = self._own_lease(lease_id, client_id)
+        job = self.jobs.get(lease.job_id) if lease is not None else None
+        if lease is None or job is None:
+            return
+        given = set(frames) & set(lease.frames)
+        lease.frames = [n for n in lease.frames if n not in given]
+        for number in sorted(given):
+            frame = job.frames.get(number)
+            if frame is not None and frame.spare_lease == lease.id:
+                frame.spare_lease = None
+            elif frame is not None and frame.state is FrameState.LEASED and frame.lease_id == lease.id:
+                self._hand_back(job, frame)
+                self.counts.frames_handed_back += 1
+        if given:
+            log.info("job %s: frames %s handed back by client %s (stopping)", job.id,
+                     ",".join(map(str, sorted(given))), self.clients[client_id].name)
+
     def client_reported(self, client_id: str, state: str, lease_id: int | None, frame: int | None,
                         device: str = "", progress: int | None = None) -> bool:
         """Take in a client's heartbeat; True if something the scheduler or a viewer cares about changed."""
@@ -886,13 +920,15 @@ class Farm:
             self._clients_changed()
         if lease_id is None or lease_id != client.lease_id:
             frame = None  # a report about other work than the lease we gave it
-        changed = not client.ready or client.busy != (state == "busy") or client.frame != frame
-        if not client.ready or client.busy != (state == "busy"):
+        busy = state in ("busy", "draining")  # (a stopping client takes no new work)
+        changed = not client.ready or client.busy != busy or client.frame != frame
+        if not client.ready or client.busy != busy:
             # It may be idle now, and which Blender a job's idle clients run (see next_work) may have changed.
             self._hints.add(client.id)
             self._widely_changed()
         client.ready = True
-        client.busy = state == "busy"
+        client.busy = busy
+        client.draining = state == "draining"
         if client.frame != frame:
             client.frame = frame
             client.frame_started = client.progress_at = self.clock() if frame is not None else None

@@ -8,12 +8,16 @@ import asyncio
 import logging
 from collections import Counter
 
+from protocol.names import printable
+
 __all__ = ["Tally"]
 
 #: Distinct (address, reason) pairs counted per interval; beyond them events are counted in one "others" line.
 MAX_KEYS = 256
 #: Count lines written per interval; the rest are summed up in one line.
 MAX_LINES = 20
+#: What a stranger may put into one line (a role, a path, a header) is cut to this many characters.
+MAX_REASON_CHARS = 200
 
 
 class Tally:
@@ -35,6 +39,9 @@ class Tally:
 
     def note(self, address: str, reason: str) -> None:
         self.total += 1
+        address, reason = printable(address)[:MAX_REASON_CHARS], printable(reason)
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[:MAX_REASON_CHARS] + "..."
         key = (address, reason)
         if key in self._seen:
             self._counts[key] += 1

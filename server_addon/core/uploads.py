@@ -186,8 +186,9 @@ class FrameUploads:
             sink.abort()
             self._storage_failed(begin.job_id, exc)
             return
-        farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s, begin.lease_id,
-                          [clip_text(w, MAX_WARNING_CHARS) for w in begin.warnings[:MAX_LOG_WARNINGS + 1]])
+        if farm.frame_stored(begin.job_id, begin.frame, conn.client_id, begin.render_s, begin.lease_id,
+                             [clip_text(w, MAX_WARNING_CHARS) for w in begin.warnings[:MAX_LOG_WARNINGS + 1]]):
+            self._stats.render_times.observe(begin.render_s)
         self._stats.frames_stored += 1
         log.info("job %s: frame %d stored from %s (%.2f s) -> %s", begin.job_id, begin.frame, conn.peer.name,
                  begin.render_s, path.name)

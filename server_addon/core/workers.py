@@ -185,6 +185,8 @@ class Workers:
                                   m.clip(message.error), m.clip(message.log))
             elif isinstance(message, m.LeaseDone):
                 farm.lease_done(message.lease_id, conn.client_id)
+            elif isinstance(message, m.HandBack):
+                farm.hand_back(message.lease_id, conn.client_id, message.frames)
             elif isinstance(message, m.ProbeResult):
                 self._probe_result(farm, conn, message)
             elif isinstance(message, m.BlendRequest):

@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from protocol.limits import MAX_BLEND_BYTES
+from protocol.names import printable
 from protocol.units import human_bytes
 
 from ..core.service import FarmService
-from . import client_zip, handlers
+from . import client_zip, handlers, metrics
 from .auth import PAGE_HEADER, Auth, cross_site_reason, is_loopback_host
 from .errors import WebError, error_response
 from .events import EVENT_MIN_INTERVAL_S, StatusFeed
@@ -37,7 +38,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; object-src 'none'; base-uri 'non
                            "frame-ancestors 'none'")
 #: Reachable without the secret: the login page and the page's code (which holds no data).
 PUBLIC_PREFIXES = ("/static/",)
-PUBLIC_PATHS = frozenset({"/login"})
+PUBLIC_PATHS = frozenset({"/login", metrics.HEALTH_PATH})
 #: Pages a browser opens directly: without credentials they lead to the login form.
 PAGES = frozenset({"/", "/index.html"})
 #: Set when the interface listens on loopback only: then the Host header must name loopback too.
@@ -55,7 +56,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise WebError(403, f"this interface answers to localhost only, not to {request.host!r}")
         reason = cross_site_reason(request)
         if reason is not None:
-            log.warning("web: refused %s %s from %s: %s", request.method, request.path, request.remote, reason)
+            state.auth.refusals.note(str(request.remote), f"web: refused {request.method} {request.path}: {reason}")
             raise WebError(403, reason)
         if not _public(request.path):
             refusal = await _check_credentials(request, state.auth)
@@ -71,7 +72,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
-        log.exception("web: %s %s from %s failed", request.method, request.path, request.remote)
+        log.exception("web: %s %s from %s failed", request.method, printable(request.path)[:200], request.remote)
         if request.writer.output_size > 0:
             raise  # a streamed reply has begun: aiohttp cuts the connection, no JSON can follow
         return error_response(500, "internal error; the server's log has the details")
@@ -86,7 +87,7 @@ async def _check_credentials(request: web.Request, auth: Auth) -> web.StreamResp
     if verdict is True:
         return None
     if verdict is False:
-        log.warning("web: wrong credentials from %s for %s %s", request.remote, request.method, request.path)
+        auth.refusals.note(str(request.remote), f"web: wrong credentials for {request.method} {request.path}")
         await auth.refuse_slowly()
     if request.method in ("GET", "HEAD") and request.path in PAGES:
         raise web.HTTPSeeOther("/login")
@@ -142,6 +143,7 @@ def build_app(state: WebState, loopback_only: bool, slots: Slots | None = None) 
     app.router.add_get("/api/jobs/{job}/thumbnail", h.thumbnail)
     app.router.add_get("/files/{job}.zip", h.get_zip)
     app.router.add_get("/files/{job}/{name}", h.get_file)
+    metrics.add_routes(app, state.server)  # /metrics, /api/queue, /healthz
     client_zip.setup(app)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     return app

@@ -24,6 +24,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..core.config import REFUSAL_LOG_INTERVAL_S
+from ..core.tally import Tally
+
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "microfarm_session"
@@ -42,6 +45,10 @@ class Auth:
     def __init__(self, secret: str | None) -> None:
         self.secret = secret or None
         self._failures = asyncio.Lock()
+        # Refused requests (wrong credentials, cross-site): a stranger can send them at any rate, so they are
+        # logged as counted lines, their text cleaned and cut (see core.tally).
+        self.refusals = Tally(log, "{reason} from {address}", "{count} more from {address} in the last {seconds} s: "
+                              "{reason}", REFUSAL_LOG_INTERVAL_S)
 
     @property
     def required(self) -> bool:

@@ -49,9 +49,9 @@ MAX_FIELD_BYTES = 1024
 MAX_PARTS = 32
 INT_FIELDS = ("frame_start", "frame_end", "frame_step", "chunk", "samples", "percentage", "split", "hang_s")
 TEXT_FIELDS = ("name", "file_format", "priority", "start", "video", "video_quality", "video_location", "device",
-               "allow_missing", "needs_scripts", "blender")
+               "allow_missing", "needs_scripts", "persistent_data", "blender")
 #: Check boxes: "1"/"on"/"true" or "0"/"off"/"false"; absent is off.
-BOOL_FIELDS = ("allow_missing", "needs_scripts")
+BOOL_FIELDS = ("allow_missing", "needs_scripts", "persistent_data")
 FILE_FIELD = "file"
 #: A folder's files, one part each, named by their path relative to the folder.
 FILES_FIELD = "files"
