@@ -20,17 +20,10 @@ _PREFIX = struct.Struct(">I")
 
 def encode(payload: dict[str, Any], max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     """Return the framed bytes of one message map."""
-    prefix, body = encode_parts(payload, max_bytes)
-    return prefix + body
-
-
-def encode_parts(payload: dict[str, Any], max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes, bytes]:
-    """The length prefix and the body of one message, apart: a writer sends them without joining them (a file's
-    512 KiB chunks are not copied once more for a 4-byte prefix)."""
     body = msgpack.packb(payload, use_bin_type=True)
     if len(body) > max_bytes:
         raise MessageTooLarge(f"message of {len(body)} bytes exceeds the limit of {max_bytes}")
-    return _PREFIX.pack(len(body)), body
+    return _PREFIX.pack(len(body)) + body
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
