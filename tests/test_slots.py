@@ -512,3 +512,29 @@ async def test_one_address_cannot_fill_the_port_with_connections_waiting_for_its
         await flood.stop()
         farm.stop()
     assert waiting > 0 and flood.attempts > 150, "the attacker's extra connections were refused and came back"
+
+
+@pytest.mark.asyncio
+async def test_a_farm_behind_one_address_gets_every_client_in(tmp_path: Path) -> None:
+    """Clients behind one address (a NAT, a benchmark's host) past its waiting bound are refused for a moment and
+    come back: every one of them gets in, the bound counts handshakes, not sessions."""
+    from scripted_farm import ScriptedClient
+
+    farm = Farm(tmp_path / "out")
+    clients: list = []
+    try:
+        async def join(i: int) -> None:
+            while True:
+                try:
+                    clients.append(await ScriptedClient.join(farm.port, f"nat{i}"))
+                    return
+                except (OSError, ProtocolError, AssertionError, TimeoutError):
+                    await asyncio.sleep(0.2)
+        await asyncio.wait_for(asyncio.gather(*(join(i) for i in range(60))), 60)
+        for client in clients:
+            await client.report("idle")
+        farm.wait_until(lambda s: sum(c.connected for c in s.farm.clients.values()) == 60, what="60 clients")
+    finally:
+        for client in clients:
+            await client.close()
+        farm.stop()

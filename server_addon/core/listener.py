@@ -66,7 +66,8 @@ class _Gate:
 
     def __init__(self, semaphore: asyncio.Semaphore) -> None:
         self.semaphore = semaphore
-        self.users = 0
+        self.users = 0  # its connections, whatever they do (the gate goes with the last)
+        self.waiting = 0  # those waiting for one of its slots
 
 
 class Side(Protocol):
@@ -170,7 +171,8 @@ class Listener:
             await self._refuse(stream, address, host, "too many connections")
             return
         gate = self._gates.get(host)
-        if gate is not None and gate.users >= WAITING_PER_ADDRESS_FACTOR * self._config.max_handshakes_per_address:
+        in_handshake = len(self._pending.get(host, ())) + (gate.waiting if gate is not None else 0)
+        if in_handshake >= WAITING_PER_ADDRESS_FACTOR * self._config.max_handshakes_per_address:
             # One address may not fill the port with connections that wait for its handshake slots.
             await self._refuse(stream, address, host, "too many connections from this address in their handshake")
             return
@@ -187,8 +189,12 @@ class Listener:
             try:
                 # Beyond its share of handshakes at once, an address waits (a farm's clients behind one NAT, or
                 # a benchmark's on one host, all starting together), never longer than a handshake may take.
-                async with asyncio.timeout(self._config.handshake_timeout):
-                    await gate.semaphore.acquire()
+                gate.waiting += 1
+                try:
+                    async with asyncio.timeout(self._config.handshake_timeout):
+                        await gate.semaphore.acquire()
+                finally:
+                    gate.waiting -= 1
             except TimeoutError:
                 self._stats.connections_refused += 1
                 self._refusals.note(host, "waited too long for a handshake slot of its address")
