@@ -5,7 +5,9 @@ the farm keeps serving, and once the database can grow again the job resumes and
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -72,8 +74,13 @@ async def test_a_full_job_database_pauses_the_job_and_cuts_no_one_off(farm: Farm
             await client.render(again, frame)
         await client.lease_done(again.lease_id)
         farm.wait_until(lambda s: s.farm.jobs[job].state.value == "done", 10, "the job done")
-        with sqlite3.connect(db_path) as db:  # and saved so: a restart would find it done
-            (saved,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job,)).fetchone()
+        # And saved so (with the next batch of rows, half a second later): a restart would find it done.
+        saved = ""
+        deadline = time.monotonic() + 10
+        while saved != "done" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            with sqlite3.connect(db_path) as db:
+                (saved,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job,)).fetchone()
         assert saved == "done"
     finally:
         await client.close()

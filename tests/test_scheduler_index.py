@@ -45,7 +45,17 @@ def check_indexes(farm: Farm) -> None:
         for frame in job.frames.values():
             assert frame.spare_lease is None or farm.leases[frame.spare_lease].spare
     brute = sorted((j for j in farm.jobs.values() if j.state.running), key=lambda j: (-j.priority, j.seq))
-    assert farm.running_jobs() == brute
+    assert list(farm.running_jobs()) == brute
+
+
+def check_waiting_notes(farm: Farm) -> None:
+    """The waiting notes, kept up to date job by job, are what noting every job afresh writes."""
+    kept = {job.id: job.waiting for job in farm.jobs.values()}
+    fresh = Farm(clock=farm.clock)
+    fresh.jobs, fresh.clients, fresh.leases = farm.jobs, farm.clients, farm.leases
+    fresh.reindex()
+    fresh.note_waiting()
+    assert {job.id: job.waiting for job in farm.jobs.values()} == kept
 
 
 def check_nobody_left_idle(farm: Farm, effects: list) -> None:
@@ -54,6 +64,7 @@ def check_nobody_left_idle(farm: Farm, effects: list) -> None:
     given = {e.lease.client_id for e in effects if isinstance(e, Assign)}
     fresh = Farm(clock=farm.clock)
     fresh.jobs, fresh.clients, fresh.leases = farm.jobs, farm.clients, farm.leases
+    fresh.reindex()
     for client in farm.clients.values():
         if client.id in given or not (client.connected and client.ready and not client.busy):
             continue
@@ -76,14 +87,16 @@ def test_indexes_agree_with_a_scan_over_random_events(seed: int) -> None:
             if roll < 0.08 or not clients:
                 client_id = f"c{len(clients)}"
                 farm.connect_client(client_id, f"n{rng.randrange(6)}", "h", blender=rng.choice(BLENDERS),
-                                    device=rng.choice(("CPU", "CPU", "OPTIX")))
+                                    device=rng.choice(("CPU", "CPU", "OPTIX")), allow_scripts=rng.random() < 0.5)
                 clients.append(client_id)
                 farm.client_reported(client_id, "idle", None, None)
             elif roll < 0.12:
                 farm.disconnect_client(rng.choice(clients))
             elif roll < 0.18 and jobs < 6:
                 jobs += 1
-                request = JobRequest(chunk=rng.choice((1, 2, 3)), device=rng.choice((None, None, "GPU")))
+                request = JobRequest(chunk=rng.choice((1, 2, 3)), device=rng.choice((None, None, "GPU")),
+                                     blender=rng.choice((None, None, "5.0", "4.5.15", "4.2")),
+                                     needs_scripts=rng.random() < 0.2)
                 farm.add_job(Job(id=f"j{jobs}", name="j.blend", blend_sha256="ab" * 32, blend_size=1,
                                  request=request, created=0.0, priority=rng.randrange(3)))
             elif roll < 0.22 and farm.jobs:
@@ -120,6 +133,7 @@ def test_indexes_agree_with_a_scan_over_random_events(seed: int) -> None:
         farm.tail_waiting()
         effects = farm.decide()
         check_indexes(farm)
+        check_waiting_notes(farm)
         check_nobody_left_idle(farm, effects)
 
 

@@ -96,6 +96,19 @@ def test_a_symlinked_frame_file_pointing_outside_is_rejected(store, tmp_path):
     assert target.read_text() == "keep me"
 
 
+def test_a_frame_stored_over_a_symlink_replaces_the_link_and_leaves_its_target_alone(store, tmp_path):
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    (store.root / "job-1").mkdir()
+    (store.root / "job-1" / "frame_0001.png").symlink_to(target)
+    sink = store.frame_sink("job-1", 5)
+    sink.write(b"frame")
+    sink.finish(hashlib.sha256(b"frame").hexdigest())
+    stored = store.commit_frame(sink, "job-1", 1, "png")
+    assert not stored.is_symlink() and stored.read_bytes() == b"frame"
+    assert target.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("sha", [
     "", "abc", SHA[:-1], SHA + "0", SHA.upper(), "g" * 64, "../" + SHA[3:], SHA[:32] + "/" + SHA[33:], " " + SHA[1:],
 ])

@@ -82,21 +82,40 @@ def _versions(job: Job) -> dict:
             "probe_failed_on": job.probe_failed_on}
 
 
+# An upsert, not INSERT OR REPLACE: a REPLACE deletes the row first, and the cascade would take the job's frame
+# rows with it.
+_JOB_UPSERT = ("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+               f"ON CONFLICT(id) DO UPDATE SET {_JOB_UPDATE}")
+
+
+def _job_row(job: Job) -> tuple:
+    return (job.id, job.seq, job.name, job.blend_sha256, job.blend_size, json.dumps(job.request.to_wire()),
+            json.dumps(job.scene.to_wire()) if job.scene else None, job.state.value, job.priority, job.error,
+            int(job.forced), job.probe_failures, json.dumps(job.client_failures), job.created, job.finished_at,
+            json.dumps(job.video) if job.video is not None else None, job.video_state.value, job.video_path,
+            job.video_error, json.dumps(_versions(job)), json.dumps(job.warnings),
+            json.dumps(job.project.to_wire()) if job.project else "")
+
+
 class DatabaseError(Exception):
     """The job database cannot be opened or is from a newer MicroFarm."""
 
 
 class Database:
-    """With `frame_batch_s`, frame rows are written together at most that long after they change (flush(), which
-    the server calls on a timer, and before any job row is written): a stored frame costs no SQLite statement
-    of its own. What such a batch holds is safe to lose in a kill: the frame files on disk say which frames are
-    done (core.recovery), and a failure not counted yet only gives its frame one more try."""
+    """With `frame_batch_s`, frame rows and most job rows are written together at most that long after they change
+    (flush(), which the server calls on a timer): a stored frame costs no SQLite statement of its own, and a job
+    that changes several times in that while is written once, as it is then. What such a batch holds is safe to
+    lose in a kill: the frame files on disk say which frames are done and a job saved rendering with all of them is
+    done (core.recovery), a scene not saved is read again, and a failure not counted yet only gives its frame one
+    more try. What may not be lost is written at once (save_job's `at_once`): a new job, what a user asked for,
+    the Blender version a job's frames are rendered with, a job's failure."""
 
     def __init__(self, path: Path, *, frame_batch_s: float = 0.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.frame_batch_s = frame_batch_s
         self._frame_rows: dict[tuple[str, int], tuple] = {}
+        self._job_rows: dict[str, Job] = {}  # written as they are when flushed
         try:
             # The server's event loop thread creates and uses the connection; nothing else does.
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -124,7 +143,14 @@ class Database:
         self.conn.close()
 
     def flush(self) -> None:
-        """Write the frame rows that wait in the batch (kept for the next try if SQLite refuses them)."""
+        """Write the job and frame rows that wait in the batch (kept for the next try if SQLite refuses them)."""
+        if self._job_rows:
+            jobs, self._job_rows = self._job_rows, {}
+            try:
+                self.conn.executemany(_JOB_UPSERT, [_job_row(job) for job in jobs.values()])
+            except sqlite3.Error:
+                self._job_rows = {**jobs, **self._job_rows}
+                raise
         if self._frame_rows:
             waiting, self._frame_rows = self._frame_rows, {}
             try:
@@ -134,24 +160,18 @@ class Database:
                 raise
 
     def waiting_jobs(self) -> set[str]:
-        """The jobs whose frame rows wait in the batch."""
-        return {job_id for job_id, _ in self._frame_rows}
+        """The jobs whose rows wait in the batch."""
+        return {job_id for job_id, _ in self._frame_rows} | set(self._job_rows)
 
     # --- JobStore --------------------------------------------------------------------------
 
-    def save_job(self, job: Job) -> None:
+    def save_job(self, job: Job, at_once: bool = False) -> None:
+        if self.frame_batch_s > 0 and not at_once:
+            self._job_rows[job.id] = job
+            return
+        self._job_rows.pop(job.id, None)
         self.flush()
-        # An upsert, not INSERT OR REPLACE: a REPLACE deletes the row first, and the cascade would
-        # take the job's frame rows with it.
-        self.conn.execute(
-            "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-            f"ON CONFLICT(id) DO UPDATE SET {_JOB_UPDATE}",
-            (job.id, job.seq, job.name, job.blend_sha256, job.blend_size, json.dumps(job.request.to_wire()),
-             json.dumps(job.scene.to_wire()) if job.scene else None, job.state.value, job.priority, job.error,
-             int(job.forced), job.probe_failures, json.dumps(job.client_failures), job.created, job.finished_at,
-             json.dumps(job.video) if job.video is not None else None, job.video_state.value, job.video_path,
-             job.video_error, json.dumps(_versions(job)), json.dumps(job.warnings),
-             json.dumps(job.project.to_wire()) if job.project else ""))
+        self.conn.execute(_JOB_UPSERT, _job_row(job))
 
     def save_frame(self, job: Job, frame: FrameRecord) -> None:
         row = (job.id, frame.number, int(frame.state is FrameState.DONE), frame.failures,
@@ -163,6 +183,7 @@ class Database:
             self.conn.execute("INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)", row)  # nothing refers to it
 
     def delete_job(self, job_id: str) -> None:
+        self._job_rows.pop(job_id, None)
         self.flush()
         self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
@@ -238,8 +259,8 @@ class GuardedStore:
     def path(self) -> Path:
         return self.database.path
 
-    def save_job(self, job: Job) -> None:
-        self._guard(job.id, self.database.save_job, job)
+    def save_job(self, job: Job, at_once: bool = False) -> None:
+        self._guard(job.id, self.database.save_job, job, at_once)
 
     def save_frame(self, job: Job, frame: FrameRecord) -> None:
         self._guard(job.id, self.database.save_frame, job, frame)

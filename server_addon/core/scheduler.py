@@ -8,6 +8,7 @@ server backs with SQLite; this module is the only one that writes to it.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import logging
@@ -20,6 +21,7 @@ from protocol.assets import MAX_WARNING_CHARS, clip_text, missing_sentence, scri
 from protocol.errors import ProtocolError
 from protocol.names import printable
 from protocol.settings import SceneInfo, SettingsError, resolve
+from protocol.tiles import MIN_TILES
 
 from .effects import Assign, BuildVideo, Effect, Stitch
 from .jobs import ClientRecord, FrameRecord, FrameState, Job, JobState, Lease, LeaseKind, Revocation, VideoState
@@ -98,13 +100,15 @@ class NotLeaseHolder(ProtocolError):
 
 
 class JobStore(Protocol):
-    def save_job(self, job: Job) -> None: ...
+    def save_job(self, job: Job, at_once: bool = False) -> None:
+        """Keep the job as it is; a store that batches its writes (core.database) may wait a moment unless
+        `at_once`: what may not be lost in a kill."""
     def save_frame(self, job: Job, frame: FrameRecord) -> None: ...
     def delete_job(self, job_id: str) -> None: ...
 
 
 class NullStore:
-    def save_job(self, job: Job) -> None:
+    def save_job(self, job: Job, at_once: bool = False) -> None:
         pass
 
     def save_frame(self, job: Job, frame: FrameRecord) -> None:
@@ -122,6 +126,37 @@ class FarmCounts:
     probe_failures: int = 0  # .blend files a client could not open
     leases_lost: int = 0  # leases taken back because their client went away
     frames_handed_back: int = 0  # frames a client gave back unrendered (it was told to stop)
+
+
+class RunningOrder:
+    """The jobs that may get work, highest priority first, then in submission order: kept sorted as jobs come,
+    move, change priority and go (a bisect each), instead of sorting every job on every event."""
+
+    def __init__(self) -> None:
+        self._keys: list[tuple[int, int, str]] = []
+        self._jobs: list[Job] = []
+        self._key_of: dict[str, tuple[int, int, str]] = {}
+        self._view: tuple[Job, ...] | None = ()
+
+    def update(self, job: Job, present: bool = True) -> None:
+        """Put the job in its place, or take it out if it is not `present` in the farm or not running."""
+        key = (-job.priority, job.seq, job.id)
+        old = self._key_of.pop(job.id, None)
+        if old is not None:
+            at = bisect.bisect_left(self._keys, old)
+            del self._keys[at], self._jobs[at]
+        if present and job.state.running:
+            at = bisect.bisect_left(self._keys, key)
+            self._keys.insert(at, key)
+            self._jobs.insert(at, job)
+            self._key_of[job.id] = key
+        self._view = None
+
+    def jobs(self) -> tuple[Job, ...]:
+        """The order as it is now (a snapshot: a job that moves while a caller goes through it does not upset it)."""
+        if self._view is None:
+            self._view = tuple(self._jobs)
+        return self._view
 
 
 class Farm:
@@ -142,9 +177,11 @@ class Farm:
         self._rescan = True  # something changed that may give any idle client work
         self._gen = 0  # moves with every such change (running jobs, waiting notes)
         self._clients_gen = 0  # moves when the set of connected clients or what they can do changes
-        self._running: tuple[int, list[Job]] | None = None
+        self._running = RunningOrder()
         self._capable: dict[str, tuple[int, str, set[str]]] = {}
-        self._noted = (-1, -1)
+        self._noted_clients = -1  # the clients' generation the waiting notes were last written for
+        self._stale_notes: set[str] = set()  # jobs whose waiting note may be out of date since
+        self._fitting_memo: tuple[int, dict[tuple, str | list[ClientRecord]]] = (-1, {})
         self._deferred = False  # next_work held a client back for another Blender version
         self._stitch_watch: set[str] = set()
         self._video_watch: set[str] = set()
@@ -158,9 +195,16 @@ class Farm:
         self._clients_gen += 1
         self._widely_changed()
 
+    def _job_changed(self, job: Job) -> None:
+        """The job's state, priority, pin or probe failures changed: its place in the running order and its
+        waiting note are looked at again, and any idle client may have work."""
+        self._running.update(job, job.id in self.jobs)
+        self._stale_notes.add(job.id)
+        self._widely_changed()
+
     def _move(self, job: Job, state: JobState) -> None:
         move_job(job, state)
-        self._widely_changed()
+        self._job_changed(job)
         self._watch_finishing(job)
 
     def _watch_finishing(self, job: Job) -> None:
@@ -174,16 +218,16 @@ class Farm:
     def add_job(self, job: Job, start: bool = True) -> None:
         job.seq = next(self._seq)
         job.state = JobState.PROBING if start else JobState.QUEUED  # (its first state: not a move)
-        self.store.save_job(job)  # first: a job that cannot be saved is refused, not half-added
+        self.store.save_job(job, at_once=True)  # first: a job that cannot be saved is refused, not half-added
         self.jobs[job.id] = job
-        self._widely_changed()
+        self._job_changed(job)
         log.info("job %s: added (%s), %s", job.id, job.name, job.state.value)
 
     def restore_job(self, job: Job) -> None:
         """Take back a job loaded from the store, as it was, repaired where a stop cut it off."""
         self.jobs[job.id] = job
         self._seq = itertools.count(max(job.seq + 1, next(self._seq)))
-        self._widely_changed()
+        self._job_changed(job)
         if job.state is JobState.RENDERING and job.settings is None:
             self._move(job, JobState.PROBING)  # saved rendering without its scene: read the scene again
         if job.state is JobState.RENDERING and job.complete:
@@ -196,19 +240,24 @@ class Farm:
         except KeyError:
             raise JobActionError(f"there is no job {job_id!r}") from None
 
-    def running_jobs(self) -> list[Job]:
-        """Jobs that may get work, highest priority first, then in submission order (kept until a job moves)."""
-        if self._running is None or self._running[0] != self._gen:
-            ordered = sorted((j for j in self.jobs.values() if j.state.running), key=lambda j: (-j.priority, j.seq))
-            self._running = (self._gen, ordered)
-        return self._running[1]
+    def running_jobs(self) -> tuple[Job, ...]:
+        """Jobs that may get work, highest priority first, then in submission order (see RunningOrder)."""
+        return self._running.jobs()
+
+    def reindex(self) -> None:
+        """Build the running order and the waiting notes again from `jobs` as they are (for jobs set from
+        outside: a test's farm that shares another's jobs)."""
+        self._running = RunningOrder()
+        for job in self.jobs.values():
+            self._job_changed(job)
+        self._noted_clients = -1
 
     def _finish(self, job: Job, state: JobState, error: str = "") -> None:
         self._move(job, state)
         job.error = error
         job.finished_at = time.time()
         self._end_leases_of(job)
-        self.store.save_job(job)
+        self.store.save_job(job, at_once=state is not JobState.DONE)  # (done: see core.database)
 
     def fail_job(self, job: Job, error: str) -> None:
         if job.state.finished:
@@ -231,7 +280,7 @@ class Farm:
         log.info("job %s: paused", job.id)
         self._move(job, JobState.PAUSED)
         self._end_leases_of(job)
-        self.store.save_job(job)
+        self.store.save_job(job, at_once=True)
         return job
 
     def resume_job(self, job_id: str) -> Job:
@@ -259,7 +308,7 @@ class Farm:
         else:
             self._move(job, JobState.RENDERING if job.settings is not None else JobState.PROBING)
         log.info("job %s: resumed (%s)", job.id, job.state.value)
-        self.store.save_job(job)
+        self.store.save_job(job, at_once=True)
         return job
 
     def force_complete(self, job_id: str) -> Job:
@@ -277,7 +326,7 @@ class Farm:
         self._end_leases_of(job)
         del self.jobs[job_id]
         self._capable.pop(job_id, None)
-        self._widely_changed()
+        self._job_changed(job)
         self.store.delete_job(job_id)
         log.info("job %s: deleted", job.id)
         return job
@@ -291,8 +340,8 @@ class Farm:
     def set_priority(self, job_id: str, priority: int) -> Job:
         job = self.job(job_id)
         job.priority = priority
-        self._widely_changed()
-        self.store.save_job(job)
+        self._job_changed(job)
+        self.store.save_job(job, at_once=True)
         return job
 
     def _end_leases_of(self, job: Job) -> None:
@@ -366,7 +415,7 @@ class Farm:
                 elif frame.state is FrameState.LEASED and frame.lease_id == lease.id:
                     self._hand_back(job, frame)
             if lease.kind is LeaseKind.PROBE and job.state is JobState.PROBING:
-                self._widely_changed()  # another client may read the scene now
+                self._job_changed(job)  # another client may read the scene now
         client = self.clients.get(lease.client_id)
         if client is not None and client.lease_id == lease.id:
             client.lease_id = None
@@ -395,8 +444,8 @@ class Farm:
             return
         log.info("job %s: no frame rendered with Blender %s yet; any version may take it", job.id, job.pinned_blender)
         job.pinned_blender = ""
-        self._widely_changed()
-        self.store.save_job(job)
+        self._job_changed(job)
+        self.store.save_job(job, at_once=True)
 
     def drain_revocations(self) -> list[Revocation]:
         out, self._revocations = self._revocations, []
@@ -408,7 +457,7 @@ class Farm:
         client (each idle client at once: a client never waits for the next change to get work)."""
         effects: list[Effect] = [Stitch(job_id) for job_id in self._due(self._stitch_watch, "stitch_due")]
         effects += [BuildVideo(job_id) for job_id in self._due(self._video_watch, "video_due")]
-        if self._noted != (self._gen, self._clients_gen):
+        if self._stale_notes or self._noted_clients != self._clients_gen:
             self.note_waiting()
         effects += self.drain_revocations()
         if self._rescan:
@@ -417,17 +466,20 @@ class Farm:
             looking = sorted((c for c in self._hints if c in self.clients), key=self._order.__getitem__)
         self._rescan = False
         self._hints.clear()
-        while looking and any(self._has_work(job) or job.index.leased for job in self.running_jobs()):
+        while looking and self._work_left():
             self._deferred = False
             left = []
             assigned = False
-            for client_id in looking:
+            for at, client_id in enumerate(looking):
                 client = self.clients[client_id]
                 if client.connected and client.ready and not client.busy and client.lease_id is None:
                     lease = self.next_work(client_id) if reachable(client_id) else None
                     if lease is not None:
                         effects.append(Assign(lease))
                         assigned = True
+                        if not self._work_left():  # (only an assignment takes work away)
+                            left += looking[at + 1:]
+                            break
                     else:
                         left.append(client_id)
             # A client held back for the version most idle clients run may go ahead once others took other work.
@@ -437,6 +489,10 @@ class Farm:
         # Who is still idle may take a second copy of a late frame at a job's tail.
         effects += [Assign(lease) for lease in self.spares(reachable)]
         return effects
+
+    def _work_left(self) -> bool:
+        """Some running job has work a client might take (the first such job in the order ends the look)."""
+        return any(self._has_work(job) for job in self.running_jobs())
 
     @staticmethod
     def _idle(client: ClientRecord) -> bool:
@@ -463,13 +519,39 @@ class Farm:
     # --- handing out work -----------------------------------------------------------------
 
     def note_waiting(self) -> None:
-        """Say on each running job that no connected client may take why it waits, and for what."""
-        self._noted = (self._gen, self._clients_gen)
+        """Say on each running job that no connected client may take why it waits, and for what: on every running
+        job when the clients changed, else on the jobs that changed since (a job that stopped running waits for
+        nothing)."""
+        stale = self._stale_notes
+        self._stale_notes = set()
+        if self._noted_clients != self._clients_gen:
+            stale.update(job.id for job in self.running_jobs())
+            self._noted_clients = self._clients_gen
         connected = [c for c in self.clients.values() if c.connected]
-        for job in self.jobs.values():
-            job.waiting = self._waiting(job, connected) if job.state.running else ""
+        if self._fitting_memo[0] != self._clients_gen:
+            self._fitting_memo = (self._clients_gen, {})
+        fitting = self._fitting_memo[1]  # jobs alike in what they ask of a client: once while no client changes
+        for job_id in stale:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                job.waiting = self._waiting(job, connected, fitting) if job.state.running else ""
 
-    def _waiting(self, job: Job, connected: list[ClientRecord]) -> str:
+    def _waiting(self, job: Job, connected: list[ClientRecord],
+                 fitting: dict[tuple, str | list[ClientRecord]]) -> str:
+        key = (job.file_blender, job.pinned_blender, job.request.blender, job.request.device,
+               job.request.needs_scripts)
+        found = fitting.get(key)
+        if found is None:
+            found = fitting[key] = self._fitting(job, connected)
+        if isinstance(found, str):
+            return found
+        if job.state is JobState.PROBING and all(c.name in job.probe_failed_on for c in found):
+            return (f"waiting for a client that can open the file; {', '.join(sorted(job.probe_failed_on))} "
+                    "could not")
+        return ""
+
+    def _fitting(self, job: Job, connected: list[ClientRecord]) -> str | list[ClientRecord]:
+        """Why no connected client may take the job, or the clients that may (see _waiting)."""
         versions = [c for c in connected if version_fits(job, c)]
         if not versions:
             gpu = " rendering on a GPU" if job.request.device == "GPU" else ""
@@ -481,10 +563,7 @@ class Farm:
         versions = [c for c in versions if _scripts_fit(job, c)]
         if job.request.device == "GPU" and not any(_device_fits(job, c) for c in versions):
             return "waiting for a client that renders on a GPU"
-        if job.state is JobState.PROBING and all(c.name in job.probe_failed_on for c in versions):
-            return (f"waiting for a client that can open the file; {', '.join(sorted(job.probe_failed_on))} "
-                    "could not")
-        return ""
+        return versions
 
     def next_work(self, client_id: str) -> Lease | None:
         """Give an idle client its next piece of work, or None if there is nothing it may do."""
@@ -510,9 +589,9 @@ class Farm:
                 continue  # it failed too many of this job's frames, and others can do them
             if not job.pinned_blender:
                 # Among the clients that could start it now (idle ones): a busy majority holds nothing back.
-                candidates = [c for c in self.clients.values() if c.connected
-                              and (c is client or (c.ready and not c.busy and c.lease_id is None))
-                              and _fits(job, c) and c.name in (takers or capable)]
+                possible = takers or capable
+                candidates = [c for c in self.clients.values() if c.connected and c.name in possible
+                              and (c is client or (c.ready and not c.busy and c.lease_id is None)) and _fits(job, c)]
                 if preferred_version(job, candidates) not in (None, client_version(client)):
                     self._deferred = True
                     continue  # the job will be pinned to the Blender most of its possible clients run
@@ -551,9 +630,9 @@ class Farm:
             job.probe_lease = lease.id
         elif not job.pinned_blender:
             job.pinned_blender = client_version(client)
-            self._widely_changed()  # which clients fit the job changed
+            self._job_changed(job)  # which clients fit the job changed
             log.info("job %s: renders with Blender %s (client %s)", job.id, job.pinned_blender, client.name)
-            self.store.save_job(job)
+            self.store.save_job(job, at_once=True)
         for number in frames:
             record = job.frames[number]
             if spare:
@@ -570,11 +649,9 @@ class Farm:
         now = self.clock()
         free: list[ClientRecord] | None = None  # looked for once a late frame is found
         given: list[Lease] = []
-        for job in self.running_jobs():
+        for job in self._tails(now):
             if free is not None and not free:
                 break
-            if job.state is not JobState.RENDERING or job.has_pending or not job.index.leased:
-                continue
             typical = job.typical_frame_s(1)
             if typical is None:
                 continue
@@ -612,6 +689,20 @@ class Farm:
                     break
         return given
 
+    def _tails(self, now: float) -> list[Job]:
+        """The jobs at their tail (rendering, no frame left to hand out, frames leased) with a lease old enough
+        for a frame of it to be late, in the running order. Found from the leases, at most one a client, oldest
+        first (they are kept in the order they were made): not from every job."""
+        found: dict[str, Job] = {}
+        for lease in self.leases.values():
+            if now - lease.started < SPARE_MIN_S:
+                break  # (and every lease after it is younger)
+            job = self.jobs.get(lease.job_id)
+            if (job is not None and job.id not in found and job.state is JobState.RENDERING and not job.has_pending
+                    and job.index.leased):
+                found[job.id] = job
+        return sorted(found.values(), key=lambda j: (-j.priority, j.seq))
+
     def tail_waiting(self) -> bool:
         """Whether a job's tail has leased frames and some client is idle: a late frame may be worth a second
         copy now (lateness comes with time alone, so the watchdog asks each round)."""
@@ -643,7 +734,8 @@ class Farm:
         if job.state is not JobState.PROBING:
             return job
         try:
-            settings = resolve(job.request, scene, self.auto_tiles(job))
+            # (Only a split job asking for "auto" needs the tile count, which looks at every delivered frame.)
+            settings = resolve(job.request, scene, self.auto_tiles(job) if job.request.split == 0 else MIN_TILES)
         except SettingsError as exc:
             self.fail_job(job, f"the job's settings do not fit the scene: {exc}")
             return job
@@ -689,7 +781,7 @@ class Farm:
         job.probe_failures += 1
         self.counts.probe_failures += 1
         job.probe_failed_on[name] = f"Blender {version}: {error}"
-        self._widely_changed()
+        self._job_changed(job)
         self.store.save_job(job)
         # The job fails once every connected client that may take it has failed to open the file.
         others = [c for c in self.clients.values()
@@ -786,7 +878,7 @@ class Farm:
         if job.state.running:
             self.pause_job(job.id)
         job.error = reason
-        self.store.save_job(job)
+        self.store.save_job(job, at_once=True)
 
     def check_video(self, job_id: str) -> Job:
         """The job, if a video may be built from it (it is done); JobActionError otherwise."""
@@ -801,7 +893,7 @@ class Farm:
         job.video = video
         move_video(job, VideoState.NONE)
         self._video_watch.add(job.id)
-        self.store.save_job(job)
+        self.store.save_job(job, at_once=True)
         return job
 
     def video_started(self, job: Job) -> None:

@@ -78,7 +78,7 @@ def _inside(root: Path, path: Path) -> Path:
     """`path` (under the resolved `root` by its name) as it resolves, refused if a link leads it outside.
 
     Only the parts below root are looked at (root itself was resolved once): one lstat each, and a full
-    resolve only where one of them is a symbolic link. A frame is stored with 3 or 4 lstats, not 20."""
+    resolve only where one of them is a symbolic link. A frame is stored with 2 lstats, not 20."""
     try:
         parts = path.relative_to(root).parts
     except ValueError:
@@ -140,7 +140,9 @@ class OutputStore:
         return removed
 
     def commit_frame(self, sink: FileSink, job_id: str, number: int, ext: str) -> Path:
-        destination = self.frame_path(job_id, number, ext)
+        # Only the folder is checked: a rename replaces a link of the frame's name, it never follows it (one lstat
+        # a frame instead of three; a stored frame is on the server's hottest path).
+        destination = self.job_dir(job_id) / frame_name(number, ext)
         sink.commit(destination)
         return destination
 

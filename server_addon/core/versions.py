@@ -51,18 +51,24 @@ def can_open(job: Job, client: ClientRecord) -> bool:
 
 def version_fits(job: Job, client: ClientRecord) -> bool:
     """May this client's Blender render (or probe) the job?"""
-    if not can_open(job, client):
-        return False
-    if job.pinned_blender:
-        return client_version(client) == job.pinned_blender
-    wanted = job.request.blender
+    return _fits(client.blender, job.file_blender, job.pinned_blender, job.request.blender)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fits(blender: str, file_blender: BlenderVersion | None, pinned: str, wanted: str | None) -> bool:
+    """version_fits on what it depends on, answered once for each (the scheduler asks about every client for
+    every job, and a farm's clients run a few versions)."""
+    parsed = _parse(blender)
+    if file_blender is not None and (parsed is None or parsed.line < file_blender.line):
+        return False  # (can_open)
+    if pinned:
+        return _pin_name(blender) == pinned
     if wanted is None:
         return True
-    parsed = _parse(client.blender)
     if parsed is None:
         return False
     if wanted == BLENDER_FILE:
-        return job.file_blender is None or parsed.line == job.file_blender.line
+        return file_blender is None or parsed.line == file_blender.line
     target = _parse(wanted)
     if target is None:
         return False
