@@ -109,7 +109,8 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
         fingerprint = b""
         if secret and hello.tls:
             assert tls is not None
-            await stream.send(Welcome(version=PROTOCOL_VERSION, farm=farm, nonce=new_nonce(), auth_required=True,
+            # (No farm name in plain text: the welcome inside TLS names it.)
+            await stream.send(Welcome(version=PROTOCOL_VERSION, farm="", nonce=new_nonce(), auth_required=True,
                                       tls=True))
             await stream.start_tls(tls.context)
             fingerprint = tls.fingerprint

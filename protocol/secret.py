@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 ENV_VAR = "MICROFARM_TOKEN"
 #: A secret is a line of text; a bigger file is the wrong file.
 MAX_SECRET_FILE_BYTES = 4096
+#: The value the example Secret of deploy/kubernetes ships with: known to everyone, so never accepted as a secret.
+EXAMPLE_SECRET = "replace-me-with-a-long-random-secret"
 
 
 class SecretError(ValueError):
@@ -43,8 +45,17 @@ def secret_from_args(args: argparse.Namespace, warn: Callable[[str], None] | Non
     """The secret the options name (--token-file, else --token, else $MICROFARM_TOKEN), or None for none.
     Raises SecretError."""
     if getattr(args, "token_file", None) is not None:
-        return read_secret_file(args.token_file, warn)
-    return args.token or os.environ.get(ENV_VAR) or None
+        return refuse_example(read_secret_file(args.token_file, warn))
+    secret = args.token or os.environ.get(ENV_VAR) or None
+    return refuse_example(secret) if secret is not None else None
+
+
+def refuse_example(secret: str) -> str:
+    """The secret, unless it is the example value everyone can read in this project's manifests."""
+    if secret.strip() == EXAMPLE_SECRET:
+        raise SecretError("the farm secret is still the example value of deploy/kubernetes/base/secret.yaml, which "
+                          "anyone can read: set a secret of your own (for example: openssl rand -hex 24)")
+    return secret
 
 
 def read_secret_file(path: Path, warn: Callable[[str], None] | None = None) -> str:

@@ -239,9 +239,10 @@ async def test_secret_never_appears_on_the_wire(client_secret):
         await asyncio.wait_for(finished, TIMEOUT)
     everything = bytes(wire["up"] + wire["down"])
     # The capture saw the handshake (both directions), so its absence below means something. Changed with TLS
-    # (protocol 2): the client's name travels inside TLS now, so the capture shows the plain hello that asks for it.
-    assert b"hello" in wire["up"] and b"test-farm" in wire["down"]
-    assert b"relay-client" not in everything
+    # (protocol 2): the client's name and the farm's travel inside TLS now, so the capture shows the plain hello that
+    # asks for it and the plain welcome that answers it.
+    assert b"hello" in wire["up"] and b"welcome" in wire["down"]
+    assert b"relay-client" not in everything and b"test-farm" not in everything
     for secret in {SECRET, client_secret}:
         assert secret.encode("utf-8") not in everything
     assert b"horse battery" not in everything

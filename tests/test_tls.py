@@ -137,13 +137,14 @@ async def _honest_client(port: int) -> m.Message:
     stream = MessageStream(reader, writer)
     try:
         await stream.send(m.Hello(version=PROTOCOL_VERSION, role="worker", name="", nonce=new_nonce(), tls=True))
-        assert isinstance(await stream.recv(), m.Welcome)
+        plain = await stream.recv()
+        assert isinstance(plain, m.Welcome) and plain.farm == ""  # the farm's name only inside TLS
         seen = peer_fingerprint(await stream.start_tls(client_context()))
         nonce = new_nonce()
         await stream.send(m.Hello(version=PROTOCOL_VERSION, role="worker", name="behind-relay", nonce=nonce,
                                   blender="5.0.1", tls=True))
         welcome = await asyncio.wait_for(stream.recv(), TIMEOUT)
-        assert isinstance(welcome, m.Welcome)
+        assert isinstance(welcome, m.Welcome) and welcome.farm
         await stream.send(m.Auth(proof=client_proof(SECRET, welcome.nonce, nonce, seen), cert_sha256=seen))
         return await asyncio.wait_for(stream.recv(), TIMEOUT)
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import Clients, Farm, connected, repo_env
 
-from protocol.secret import SecretError, add_secret_options, read_secret_file, secret_from_args
+from protocol.secret import EXAMPLE_SECRET, SecretError, add_secret_options, read_secret_file, secret_from_args
 from tools.localfarm import REPO, start_server
 
 SECRET = "s3cret farm words"
@@ -73,6 +73,21 @@ def test_where_the_secret_comes_from(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert secret_from_args(_args(["--token", "from the line"])) == "from the line"
     with pytest.raises(SystemExit):  # one or the other, not both
         _args(["--token", "a", "--token-file", str(path)])
+
+
+@pytest.mark.unit
+def test_the_manifests_example_secret_is_refused_wherever_it_comes_from(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = (REPO / "deploy" / "kubernetes" / "base" / "secret.yaml").read_text()
+    assert f"token: {EXAMPLE_SECRET}" in shipped  # the value a cluster gets if its operator forgot to change it
+    path = _file(tmp_path, f"{EXAMPLE_SECRET}\n".encode())
+    monkeypatch.delenv("MICROFARM_TOKEN", raising=False)
+    for argv in (["--token-file", str(path)], ["--token", EXAMPLE_SECRET]):
+        with pytest.raises(SecretError, match="example value .* set a secret of your own"):
+            secret_from_args(_args(argv))
+    monkeypatch.setenv("MICROFARM_TOKEN", EXAMPLE_SECRET)
+    with pytest.raises(SecretError, match="example value"):
+        secret_from_args(_args([]))
 
 
 @pytest.mark.integration

@@ -29,6 +29,7 @@ from protocol.settings import JobRequest, SceneInfo, resolve
 from server_addon.core.config import ServerConfig
 from server_addon.core.jobs import FrameRecord, FrameState
 from server_addon.core.service import FarmService
+from server_addon.web.auth import FAILED_AUTH_DELAY_S, MAX_WAITING_GUESSES
 from server_addon.thread import ServerThread
 from tools.localfarm import REPO
 
@@ -258,6 +259,47 @@ def test_a_farm_secret_is_required_everywhere(tmp_path: Path) -> None:
         with_cookie = Http(server.port, {"Cookie": f"microfarm_session={session}"})
         assert with_cookie.get("/api/status").status == 200
         assert with_cookie.get("/").status == 200
+    finally:
+        stop_web(farm, server)
+        farm.stop()
+
+
+def test_a_flood_of_wrong_guesses_holds_no_connections_and_locks_no_session_out(tmp_path: Path) -> None:
+    """Wrong credentials wait their turn (one each 0.25 s farm-wide), at most MAX_WAITING_GUESSES of them; the rest
+    are answered 429 at once, their secret unchecked, so a flood neither holds the web's connections nor guesses
+    faster, and a browser already logged in goes on."""
+    farm = Farm(tmp_path / "output", secret=SECRET)
+    server = start_web_on(farm, secret=SECRET)
+    try:
+        anonymous = Http(server.port)
+        session = re.search(r"microfarm_session=([0-9a-f]+)",
+                            anonymous.post_json("/login", {"secret": SECRET}).headers["Set-Cookie"]).group(1)
+        with_cookie = Http(server.port, {"Cookie": f"microfarm_session={session}"})
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def guess(number: int) -> None:
+            reply = anonymous.get("/api/status", headers={"Authorization": f"Bearer guess {number}"})
+            with lock:
+                statuses.append(reply.status)
+                if reply.status == 429:
+                    assert reply.headers["Retry-After"] == "1" and "too many wrong credentials" in reply.error
+
+        guesses = [threading.Thread(target=guess, args=(n,)) for n in range(60)]
+        started = time.monotonic()
+        for thread in guesses:
+            thread.start()
+        time.sleep(0.2)  # the flood is on: the session goes on meanwhile
+        assert with_cookie.get("/api/status").status == 200
+        for thread in guesses:
+            thread.join(timeout=60)
+        elapsed = time.monotonic() - started
+        assert sorted(set(statuses)) == [401, 429] and len(statuses) == 60, statuses
+        checked = statuses.count(401)
+        # Guesses checked: no more than one per 0.25 s, and the waiting line's own.
+        assert checked <= MAX_WAITING_GUESSES + elapsed / FAILED_AUTH_DELAY_S + 1, (checked, elapsed)
+        # The flood over, the secret works again.
+        assert anonymous.get("/api/status", headers={"Authorization": f"Bearer {SECRET}"}).status == 200
     finally:
         stop_web(farm, server)
         farm.stop()

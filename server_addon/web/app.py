@@ -18,11 +18,11 @@ from protocol.units import human_bytes
 
 from ..core.service import FarmService
 from . import client_zip, handlers, metrics
-from .auth import PAGE_HEADER, Auth, cross_site_reason, is_loopback_host
+from .auth import PAGE_HEADER, RETRY_AFTER, Auth, TooManyGuesses, cross_site_reason, is_loopback_host
 from .errors import WebError, error_response
 from .events import EVENT_MIN_INTERVAL_S, StatusFeed
 from .handlers import STATE, STATIC_DIR, WebState
-from .slots import Slots, SlotsSite
+from .slots import Slots, SlotServer, serve
 from .staging import Staging
 from .thumbs import Thumbnails
 
@@ -65,6 +65,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except WebError as exc:
         return error_response(exc.status, exc.message, details=exc.details)
+    except TooManyGuesses as exc:
+        return error_response(429, str(exc), RETRY_AFTER)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -154,25 +156,14 @@ async def _end_streams(app: web.Application) -> None:
         task.cancel()
 
 
-class WebServer:
+class WebServer(SlotServer):
     """The running web interface; stop() before the FarmService stops."""
 
+    what = "web interface"
+
     def __init__(self, runner: web.AppRunner, state: WebState, host: str, port: int, slots: Slots) -> None:
-        self._runner = runner
-        self.slots = slots
+        super().__init__(runner, slots, host, port)
         self.state = state
-        self.host = host
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
-        await self.slots.close()
-        log.info("web interface on %s stopped", self.url)
 
 
 async def start_web(server: FarmService, host: str = "127.0.0.1", port: int = 0, secret: str | None = None, *,
@@ -189,18 +180,10 @@ async def start_web(server: FarmService, host: str = "127.0.0.1", port: int = 0,
     # aiohttp bounds neither the connections nor the time a request's headers take: Slots does.
     slots = Slots(config.web_max_connections, config.web_header_timeout, config.web_body_timeout,
                   config.refusal_log_interval)
-    runner = web.AppRunner(build_app(state, is_loopback_host(host), slots), access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                           # (aiohttp's own idle limit, 3630 s by default, backs up the slots' header timeout)
-                           keepalive_timeout=2 * config.web_header_timeout)
-    await runner.setup()
-    try:
-        site = SlotsSite(runner, host, port, slots)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    slots.start()
+    runner = await serve(build_app(state, is_loopback_host(host), slots), host, port, slots,
+                         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                         # (aiohttp's own idle limit, 3630 s by default, backs up the slots' header timeout)
+                         keepalive_timeout=2 * config.web_header_timeout)
     bound = runner.addresses[0][1]
     web_server = WebServer(runner, state, host, bound, slots)
     log.info("web interface for farm %r on %s (secret %s, uploads up to %s)", server.config.farm_name,

@@ -35,6 +35,12 @@ SESSION_LABEL = b"microfarm web session v1"
 SESSION_MAX_AGE_S = 30 * 24 * 3600
 #: Wrong credentials wait this long, one at a time farm-wide: guessing the secret stays slow.
 FAILED_AUTH_DELAY_S = 0.25
+#: Wrong credentials waiting their turn at most. Beyond that, a request that sends the secret is refused at once
+#: with 429, its secret not even checked (a flood of guesses gains no guesses, and holds no connections while it
+#: waits, which would keep the web interface's slots from everyone else); a session cookie is still checked (an
+#: HMAC of 256 bits: not worth guessing), so a browser already logged in is never locked out by a stranger.
+MAX_WAITING_GUESSES = 8
+TOO_MANY_GUESSES = "too many wrong credentials at once; try again in a moment"
 #: Sent by the page's own scripts: their 401s must not open the browser's Basic-auth prompt.
 PAGE_HEADER = "X-Requested-With"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -45,6 +51,7 @@ class Auth:
     def __init__(self, secret: str | None) -> None:
         self.secret = secret or None
         self._failures = asyncio.Lock()
+        self._waiting = 0  # wrong credentials waiting for their turn (see MAX_WAITING_GUESSES)
         # Refused requests (wrong credentials, cross-site): a stranger can send them at any rate, so they are
         # logged as counted lines, their text cleaned and cut (see core.tally).
         self.refusals = Tally(log, "{reason} from {address}", "{count} more from {address} in the last {seconds} s: "
@@ -60,7 +67,10 @@ class Auth:
         return hmac.new(self.secret.encode(), SESSION_LABEL, hashlib.sha256).hexdigest()
 
     def check_secret(self, candidate: str) -> bool:
+        """Whether `candidate` is the secret; refused unchecked (TooManyGuesses) while too many wrong guesses wait."""
         assert self.secret is not None
+        if self._waiting >= MAX_WAITING_GUESSES:
+            raise TooManyGuesses(TOO_MANY_GUESSES)
         return hmac.compare_digest(candidate.encode(), self.secret.encode())
 
     def credentials(self, request: web.Request) -> bool | None:
@@ -86,9 +96,16 @@ class Auth:
         return None
 
     async def refuse_slowly(self) -> None:
-        """Hold a wrong guess for a moment; guesses queue behind each other."""
-        async with self._failures:
-            await asyncio.sleep(FAILED_AUTH_DELAY_S)
+        """Hold a wrong guess for a moment; guesses queue behind each other, at most MAX_WAITING_GUESSES (the others
+        are refused at once: TooManyGuesses)."""
+        if self._waiting >= MAX_WAITING_GUESSES:
+            raise TooManyGuesses(TOO_MANY_GUESSES)
+        self._waiting += 1
+        try:
+            async with self._failures:
+                await asyncio.sleep(FAILED_AUTH_DELAY_S)
+        finally:
+            self._waiting -= 1
 
     def set_session(self, response: web.StreamResponse) -> None:
         response.set_cookie(SESSION_COOKIE, self.session_value, max_age=SESSION_MAX_AGE_S, path="/",
@@ -97,6 +114,13 @@ class Auth:
     @staticmethod
     def clear_session(response: web.StreamResponse) -> None:
         response.del_cookie(SESSION_COOKIE, path="/")
+
+
+class TooManyGuesses(Exception):
+    """Too many wrong credentials wait already: answer 429 with TOO_MANY_GUESSES and RETRY_AFTER."""
+
+
+RETRY_AFTER = {"Retry-After": "1"}
 
 
 def cross_site_reason(request: web.Request) -> str | None:

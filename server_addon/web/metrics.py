@@ -23,8 +23,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..core.jobs import JobState, LeaseKind
 from ..core.service import FarmService
-from .auth import Auth
-from .slots import Slots, SlotsSite
+from .auth import RETRY_AFTER, Auth, TooManyGuesses
+from .slots import Slots, SlotServer, serve
 
 log = logging.getLogger(__name__)
 
@@ -193,34 +193,23 @@ AUTH = web.AppKey("microfarm_metrics_auth", Auth)
 async def _secret(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path != HEALTH_PATH:
         auth = request.app[AUTH]
-        verdict = auth.credentials(request)
-        if verdict is not True:
+        try:
+            verdict = auth.credentials(request)
             if verdict is False:
                 auth.refusals.note(str(request.remote), f"metrics: wrong credentials for {request.path}")
                 await auth.refuse_slowly()
+        except TooManyGuesses as exc:
+            return web.json_response({"error": str(exc)}, status=429, headers=RETRY_AFTER)
+        if verdict is not True:
             return web.json_response({"error": "this farm needs its secret: send 'Authorization: Bearer SECRET'"},
                                      status=401)
     return await handler(request)
 
 
-class MetricsServer:
+class MetricsServer(SlotServer):
     """The metrics on a port of their own (`python -m server_addon --metrics-port`)."""
 
-    def __init__(self, runner: web.AppRunner, slots: Slots, host: str, port: int) -> None:
-        self._runner = runner
-        self._slots = slots
-        self.host = host
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
-        await self._slots.close()
-        log.info("metrics on %s stopped", self.url)
+    what = "metrics"
 
 
 async def start_metrics(service: FarmService, host: str = "127.0.0.1", port: int = 0,
@@ -232,14 +221,7 @@ async def start_metrics(service: FarmService, host: str = "127.0.0.1", port: int
     app = web.Application(middlewares=[slots.middleware, _secret], client_max_size=MAX_REQUEST_BYTES)
     app[AUTH] = Auth(secret)
     add_routes(app, service)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S, keepalive_timeout=KEEPALIVE_S)
-    await runner.setup()
-    try:
-        await SlotsSite(runner, host, port, slots).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    slots.start()
+    runner = await serve(app, host, port, slots, shutdown_timeout=SHUTDOWN_TIMEOUT_S, keepalive_timeout=KEEPALIVE_S)
     server = MetricsServer(runner, slots, host, runner.addresses[0][1])
     log.info("metrics for farm %r on %s%s (secret %s)", service.config.farm_name, server.url, METRICS_PATH,
              "required" if secret else "not set")

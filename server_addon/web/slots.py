@@ -232,3 +232,39 @@ class SlotsSite(web.TCPSite):
         self._server = acceptor  # type: ignore[assignment]  # (aiohttp needs its sockets and close())
         self._slots.acceptor = acceptor
         self._bound_port = acceptor.sockets[0].getsockname()[1]
+
+
+class SlotServer:
+    """An aiohttp application served on host:port behind Slots (the web interface, the metrics port); stop() ends it.
+    `what` names it in the log."""
+
+    what = "web server"
+
+    def __init__(self, runner: web.AppRunner, slots: Slots, host: str, port: int) -> None:
+        self._runner = runner
+        self.slots = slots
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        await self.slots.close()
+        log.info("%s on %s stopped", self.what, self.url)
+
+
+async def serve(app: web.Application, host: str, port: int, slots: Slots, **runner_options: Any) -> web.AppRunner:
+    """Serve `app` on host:port (0: a free port; the runner's addresses say which) behind `slots`."""
+    runner = web.AppRunner(app, access_log=None, **runner_options)
+    await runner.setup()
+    try:
+        await SlotsSite(runner, host, port, slots).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    slots.start()
+    return runner
