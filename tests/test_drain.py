@@ -64,6 +64,7 @@ def test_a_stopped_client_finishes_its_frame_within_a_long_grace(farm: Farm, cli
                     what="the leaving client shown as stopping")
     assert clients.procs["leaving"].wait(timeout=EXIT_S) == 0, clients.log("leaving")
     result = outcome(farm, job_id)
+    assert [c["name"] for c in farm.call(lambda s: s.snapshot())["clients"]] == ["staying"]
     # Frames 3 and 4 went back at once and to the other client; frame 2, begun, landed from the leaving one.
     assert result == {"state": "done", "by": {1: "leaving", 2: "leaving", 3: "staying", 4: "staying"},
                       "failures": 0, "stored": FRAMES, "duplicates": 0, "handed_back": 2, "lost": 0}
@@ -90,3 +91,5 @@ def test_an_idle_client_stops_at_once(farm: Farm, clients: Clients) -> None:
     assert proc.wait(timeout=10) == 0, clients.log("idle")
     farm.wait_until(lambda s: not any(c.connected for c in s.farm.clients.values()), what="the client to leave")
     assert farm.call(lambda s: (s.farm.counts.leases_lost, s.farm.counts.frame_failures)) == (0, 0)
+    # Gone on purpose, not lost: it is not listed as a lost client (a scaled-down pool leaves no trail of them).
+    assert farm.call(lambda s: s.snapshot()["clients"]) == []

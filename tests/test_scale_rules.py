@@ -1,22 +1,28 @@
-"""What keeps a big farm healthy, on a live server: its own stalls never cost a client its work, and a queue
-of thousands of jobs is read page after page."""
+"""What keeps a big farm healthy, on a live server: its own stalls never cost a client its work, a queue of
+thousands of jobs is read page after page, and hundreds of clients get in at once."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import resource
 import time
+from pathlib import Path
 
 import pytest
 from conftest import TEST_HEARTBEAT_TIMEOUT_S, Farm
 from scripted_farm import BLEND_HEADER, ScriptedClient
 
 from protocol import messages as m
-from protocol.limits import MAX_STATUS_JOBS
+from protocol.limits import HEARTBEAT_TIMEOUT_S, MAX_STATUS_JOBS
 from protocol.settings import JobRequest
+from tools.bench_scale import SimClient, Tally
 from tools.control import Control
+from tools.localfarm import start_server
 
 pytestmark = pytest.mark.integration
+
+CLIENTS = 600
 
 
 def test_a_stalled_server_drops_no_client(farm: Farm) -> None:
@@ -97,3 +103,52 @@ def test_pages_are_cut_to_what_one_message_carries(farm: Farm) -> None:
     first, everything = asyncio.run(read())
     assert 0 < len(first.jobs) < 60 and first.jobs_total == 60
     assert sorted(j["id"] for j in everything.jobs) == sorted(farm.call(lambda s: list(s.farm.jobs)))
+
+
+def test_six_hundred_clients_get_in_and_stay(tmp_path: Path) -> None:
+    """600 render clients (simulated, speaking the real protocol: tools.bench_scale) join a server process at once
+    from one address, each retrying when told the handshake slots are taken, as real clients do; every one gets in
+    and stays, and a tool still gets its answer meanwhile."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * CLIENTS + 200  # this process holds the clients' ends; the server raises its own soft limit
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"this machine allows {hard} open files a process; {needed} are needed")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), hard))
+    server, port = start_server(tmp_path / "out", tmp_path / "server.log", extra=("--no-discovery",))
+
+    async def scenario() -> tuple[int, int, int]:
+        tally = Tally()
+        go = asyncio.Event()
+        go.set()
+        clients = [SimClient(f"sim{i:04d}", port, 0.0, tally, {}, go) for i in range(CLIENTS)]
+        tasks = [asyncio.create_task(c.run()) for c in clients]
+        control = None
+        try:
+            deadline = time.monotonic() + 120
+            idle = 0
+            while time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+                control = control or await Control.connect(f"127.0.0.1:{port}", None, name="t")
+                status = await control.status()
+                idle = sum(1 for c in status.clients if c["state"] == "idle")
+                if idle == CLIENTS:
+                    break
+            assert control is not None
+            await asyncio.sleep(HEARTBEAT_TIMEOUT_S + 2)  # and they stay: no heartbeat missed, nobody dropped
+            status = await control.status()
+            stayed = sum(1 for c in status.clients if c["state"] == "idle")
+            lost = sum(1 for c in status.clients if c["state"] == "lost")
+            await control.close()
+            return idle, stayed, lost
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        idle, stayed, lost = asyncio.run(scenario())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (idle, stayed, lost) == (CLIENTS, CLIENTS, 0)

@@ -4,7 +4,9 @@ The server runs as its own process (python -m server_addon, as on a farm); the r
 this process: each speaks the real protocol over TCP on 127.0.0.1 (handshake, heartbeats, probe answers, frames
 as FRAME_BEGIN/CHUNK/END of a tiny PNG, lease ends) and renders each frame in `--delay` seconds (0: at once). The
 server's CPU time is read from /proc before the first job and after the last, so what this process spends
-simulating clients is not counted. The last line printed is one JSON object.
+simulating clients is not counted. Before the server starts, the CPU cost of storing one small file on the same
+filesystem the way a frame is stored is measured too (file_floor_cpu_ms): the part of each frame no server design
+avoids. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -160,6 +162,23 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _file_floor_ms(folder: Path, count: int = 500) -> float:
+    """The CPU ms (user and system) this machine's filesystem takes to store one small file the way a frame is
+    stored (a temporary file created, written, closed, renamed into place), in `folder`: the part of a frame's cost
+    no server design avoids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    before = os.times()
+    for number in range(count):
+        temporary = folder / f".incoming-{number}.part"
+        with open(temporary, "xb") as handle:
+            handle.write(PNG)
+        os.replace(temporary, folder / f"frame_{number:04d}.png")
+    after = os.times()
+    for number in range(count):
+        (folder / f"frame_{number:04d}.png").unlink()
+    return 1000 * ((after.user - before.user) + (after.system - before.system)) / count
+
+
 def _peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -169,6 +188,7 @@ def _peak_rss_mib(pid: int) -> float:
 
 async def _bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
+    floor = _file_floor_ms(root / "floor")
     server = subprocess.Popen(
         [sys.executable, *profile, "-m", "server_addon", "--host", LOOPBACK, "--port", "0", "--no-discovery",
          "--output-dir", str(root / "out")], cwd=REPO, env=repo_env(), stdout=subprocess.PIPE,
@@ -179,7 +199,7 @@ async def _bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         if "listening on" not in line:
             raise ToolError(f"the server did not start: {(root / 'server.log').read_text()[-2000:]}")
         port = int(line.rsplit(":", 1)[1])
-        return await _run(args, root, server.pid, port)
+        return {**await _run(args, root, server.pid, port), "file_floor_cpu_ms": round(floor, 3)}
     finally:
         server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -208,6 +228,7 @@ async def _run(args: argparse.Namespace, root: Path, pid: int, port: int) -> dic
             await asyncio.sleep(0.5)
         per_job = max(1, args.frames // args.jobs)
         cpu0, wall0 = _cpu_s(pid), time.monotonic()
+        joined_after = tally.reconnects  # (refusals while joining: the handshake slots were taken; they retried)
         ids = []
         for number in range(args.jobs):
             blend = root / f"job{number:05d}.blend"
@@ -257,7 +278,8 @@ async def _run(args: argparse.Namespace, root: Path, pid: int, port: int) -> dic
             "server_cpu_ms_per_submission": round(1000 * submit_cpu / max(args.jobs, 1), 3), "queued": args.queued,
             "frames_per_s": round(done / wall, 1), "wall_s": round(wall, 2), "submit_s": round(submitted_s, 2),
             "server_peak_rss_mib": round(_peak_rss_mib(pid), 1), "lost_clients": lost,
-            "reconnects": tally.reconnects, "failures": failures, "errors": tally.errors[:5]}
+            "reconnects": tally.reconnects, "reconnects_after_start": tally.reconnects - joined_after,
+            "server_cpu_share": round(cpu / wall, 3), "failures": failures, "errors": tally.errors[:5]}
 
 
 def scale(args: argparse.Namespace) -> dict[str, Any]:

@@ -162,7 +162,13 @@ class Workers:
         if self._closing:
             return  # the server is going away: nobody's frames are lost, nothing to hand out
         with self._service.unit() as farm:
+            record = farm.clients.get(conn.client_id)
             farm.disconnect_client(conn.client_id)
+            if record is not None and record.draining:
+                # It said it was stopping (a scale-down, a drained or reclaimed node, Ctrl+C), gave back what it
+                # had not rendered, and went: gone on purpose, not lost (not shown, not counted as such).
+                farm.forget_client(conn.client_id)
+                log.info("client %s left (it was told to stop)", record.name)
 
     @staticmethod
     def _forget_lost(farm: Farm, peer: Peer) -> None:
