@@ -29,8 +29,8 @@ from protocol.settings import JobRequest, SceneInfo, resolve
 from server_addon.core.config import ServerConfig
 from server_addon.core.jobs import FrameRecord, FrameState
 from server_addon.core.service import FarmService
-from server_addon.web.auth import FAILED_AUTH_DELAY_S, MAX_WAITING_GUESSES
 from server_addon.thread import ServerThread
+from server_addon.web.auth import FAILED_AUTH_DELAY_S, MAX_WAITING_GUESSES
 from tools.localfarm import REPO
 
 pytestmark = pytest.mark.integration
