@@ -118,7 +118,9 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
             name = clean_name(hello.name) or "unnamed"
         our_nonce = new_nonce()
         proof = server_proof(secret, hello.nonce, our_nonce, fingerprint) if fingerprint and secret else None
-        await stream.send(Welcome(version=PROTOCOL_VERSION, farm=farm, nonce=our_nonce, auth_required=bool(secret),
+        # (A farm with a secret names itself only inside TLS; a peer that did not ask for it is refused below.)
+        await stream.send(Welcome(version=PROTOCOL_VERSION, farm=farm if fingerprint or not secret else "",
+                                  nonce=our_nonce, auth_required=bool(secret),
                                   proof=proof, tls=bool(fingerprint), cert_sha256=fingerprint or None))
         auth = await _expect(stream, Auth)
         assert isinstance(auth, Auth)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 #: 2: a farm with a secret speaks TLS after the first, plain hello and welcome (protocol.handshake).
-PROTOCOL_VERSION = 2
+#: 3: the proofs are keyed by the secret stretched with scrypt (protocol.auth.farm_key).
+PROTOCOL_VERSION = 3
 
 #: Bytes in the length prefix that precedes every message (unsigned, big-endian).
 LENGTH_PREFIX_BYTES = 4

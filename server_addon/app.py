@@ -17,10 +17,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from protocol.auth import farm_key
 from protocol.discovery import Advertiser
 from protocol.errors import DiscoveryError
+from protocol.secret import SecretError, refuse_example
 
 from .core.config import ServerConfig, ServerStartError, ServerStats
 from .core.control import ControlConnections
@@ -73,6 +75,7 @@ class FarmApp:
         self.advertiser: Advertiser | None = None
         self._db: Database | None = None
         self._tasks = Tasks()
+        self._auth: Any = None  # web.auth.Auth: the web's and the metrics' one line of wrong guesses, made with either
         self._workers: Workers | None = None
         self._listener: Listener | None = None
         self._advertising: asyncio.Task[None] | None = None
@@ -83,6 +86,10 @@ class FarmApp:
 
     async def start(self) -> None:
         config = self.config
+        try:  # (the command line refuses it too; the add-on's setting comes this way only)
+            refuse_example(config.secret or "")
+        except SecretError as exc:
+            raise ServerStartError(str(exc)) from None
         try:
             outputs = OutputStore(config.output_dir)
             # Every file of every job by sha256 (.blends, textures, caches, ...).
@@ -103,6 +110,8 @@ class FarmApp:
             self._workers = Workers(service, outboxes, self._tasks, config, self._clock)
             control = ControlConnections(service, self._tasks)
             self._listener = Listener(config, stats, self._tasks, workers=self._workers, control=control)
+            if config.secret:  # the stretched key (a tenth of a second) made before the first handshake needs it
+                await asyncio.to_thread(farm_key, config.secret)
             await self._listener.start()
             self._tasks.spawn(self._workers.watchdog())
             self._tasks.spawn(self._flush_frames(service, store))
@@ -129,11 +138,18 @@ class FarmApp:
                 with service.unit():
                     pass
 
+    def _web_auth(self) -> Any:
+        if self._auth is None:
+            from .web.auth import Auth
+            self._auth = Auth(self.config.secret)
+        return self._auth
+
     async def _start_web(self, service: FarmService) -> WebServer:
         from .web import start_web  # aiohttp is needed only for the web interface
 
         try:
-            return await start_web(service, self._web_host, self._web_port or 0, self.config.secret)
+            return await start_web(service, self._web_host, self._web_port or 0, self.config.secret,
+                                   auth=self._web_auth())
         except OSError as exc:
             raise WebStartError(f"cannot start the web interface on {self._web_host}:{self._web_port}: "
                                 f"{exc.strerror or exc}") from None
@@ -142,7 +158,8 @@ class FarmApp:
         from .web.metrics import start_metrics
 
         try:
-            return await start_metrics(service, self._metrics_host, self._metrics_port or 0, self.config.secret)
+            return await start_metrics(service, self._metrics_host, self._metrics_port or 0, self.config.secret,
+                                         auth=self._web_auth())
         except OSError as exc:
             raise WebStartError(f"cannot serve the metrics on {self._metrics_host}:{self._metrics_port}: "
                                 f"{exc.strerror or exc}") from None

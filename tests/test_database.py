@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,34 @@ def test_a_job_that_cannot_be_saved_is_not_added(tmp_path: Path) -> None:
     with pytest.raises(OverflowError):
         farm.add_job(job)
     assert "job-c" not in farm.jobs
+
+
+def test_batched_rows_wait_for_the_flush_but_what_may_not_be_lost_is_written_at_once(tmp_path: Path) -> None:
+    """With batching (the server's way), a kill before the next flush loses only what recovery rebuilds: a new job,
+    a user's action (here: force-complete, cancel) and a Blender pin are on disk at once."""
+    db = Database(tmp_path / "jobs.sqlite3", frame_batch_s=0.5)
+    farm = Farm(store=db)
+    farm.connect_client("c", "client", "host", blender="5.0.1")
+    farm.client_reported("c", "idle", None, None)
+
+    def on_disk() -> dict[str, tuple]:  # what another process reads: the state a kill -9 leaves
+        with sqlite3.connect(tmp_path / "jobs.sqlite3") as other:
+            return {row[0]: row[1:] for row in other.execute("SELECT id, state, forced FROM jobs")}
+
+    for name in ("forced", "cancelled"):
+        farm.add_job(Job(id=f"job-{name}", name=f"{name}.blend", blend_sha256="ab" * 32, blend_size=1,
+                         request=JobRequest(chunk=4), created=0.0))
+    assert on_disk() == {"job-forced": ("probing", 0), "job-cancelled": ("probing", 0)}  # new jobs: at once
+    probe = farm.next_work("c")
+    farm.probe_succeeded(probe.id, "c", scene())  # batched: a scene not saved is read again after a kill
+    assert on_disk()["job-forced"] == ("probing", 0)
+    farm.lease_done(probe.id, "c")
+    lease = farm.next_work("c")  # the first frames handed out pin the job to 5.0.1: at once, with the batch before
+    assert on_disk()["job-forced"] == ("rendering", 0)
+    farm.client_reported("c", "rendering", lease.id, 1)
+    farm.frame_stored("job-forced", 1, "c", 0.5, lease.id)  # (so the pin stays: a frame rendered with it)
+    farm.force_complete("job-forced")
+    assert on_disk()["job-forced"] == ("done", 1)
+    farm.cancel_job("job-cancelled")
+    assert on_disk()["job-cancelled"] == ("cancelled", 0)
+    db.close()

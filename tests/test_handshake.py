@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import hmac
 import os
 import tempfile
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from protocol import messages as m
-from protocol.auth import new_nonce
+from protocol.auth import new_nonce, server_proof
 from protocol.errors import AuthError, ConnectionClosed, ProtocolError, VersionMismatch
 from protocol.handshake import client_handshake, server_handshake
 from protocol.limits import PROTOCOL_VERSION
@@ -246,3 +248,15 @@ async def test_secret_never_appears_on_the_wire(client_secret):
     for secret in {SECRET, client_secret}:
         assert secret.encode("utf-8") not in everything
     assert b"horse battery" not in everything
+
+
+def test_the_proofs_are_keyed_by_the_secret_stretched_with_scrypt() -> None:
+    """A stranger who takes a server proof away tests each guess against scrypt (32 MiB), not against one HMAC."""
+    client_nonce, server_nonce, certificate = bytes(range(32)), bytes(range(32, 64)), bytes(32)
+    stretched = hashlib.scrypt(SECRET.encode(), salt=b"microfarm farm key v3", n=2**15, r=8, p=1,
+                               maxmem=64 * 1024 * 1024, dklen=32)
+    message = b"|".join((b"microfarm server proof v3", client_nonce, server_nonce, certificate))
+    proof = server_proof(SECRET, client_nonce, server_nonce, certificate)
+    assert proof == hmac.new(stretched, message, hashlib.sha256).digest()
+    assert proof != hmac.new(SECRET.encode(), message, hashlib.sha256).digest()
+    assert server_proof(SECRET + "x", client_nonce, server_nonce, certificate) != proof

@@ -144,20 +144,21 @@ class Database:
 
     def flush(self) -> None:
         """Write the job and frame rows that wait in the batch (kept for the next try if SQLite refuses them)."""
-        if self._job_rows:
-            jobs, self._job_rows = self._job_rows, {}
-            try:
-                self.conn.executemany(_JOB_UPSERT, [_job_row(job) for job in jobs.values()])
-            except sqlite3.Error:
-                self._job_rows = {**jobs, **self._job_rows}
-                raise
-        if self._frame_rows:
-            waiting, self._frame_rows = self._frame_rows, {}
-            try:
-                self.conn.executemany("INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)", waiting.values())
-            except sqlite3.Error:
-                self._frame_rows = {**waiting, **self._frame_rows}
-                raise
+        if not self._job_rows and not self._frame_rows:
+            return
+        jobs, self._job_rows = self._job_rows, {}
+        frames, self._frame_rows = self._frame_rows, {}
+        try:  # one transaction: the batch is written whole or not at all (and one commit costs less than many)
+            self.conn.execute("BEGIN")
+            self.conn.executemany(_JOB_UPSERT, [_job_row(job) for job in jobs.values()])
+            self.conn.executemany("INSERT OR REPLACE INTO frames VALUES (?,?,?,?,?,?,?,?,?)", frames.values())
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            self._job_rows = {**jobs, **self._job_rows}
+            self._frame_rows = {**frames, **self._frame_rows}
+            raise
 
     def waiting_jobs(self) -> set[str]:
         """The jobs whose rows wait in the batch."""
@@ -169,8 +170,7 @@ class Database:
         if self.frame_batch_s > 0 and not at_once:
             self._job_rows[job.id] = job
             return
-        self._job_rows.pop(job.id, None)
-        self.flush()
+        self.flush()  # (its own batched row too, if any: a refused flush keeps it for the next try)
         self.conn.execute(_JOB_UPSERT, _job_row(job))
 
     def save_frame(self, job: Job, frame: FrameRecord) -> None:

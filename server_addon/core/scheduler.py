@@ -257,7 +257,7 @@ class Farm:
         job.error = error
         job.finished_at = time.time()
         self._end_leases_of(job)
-        self.store.save_job(job, at_once=state is not JobState.DONE)  # (done: see core.database)
+        self.store.save_job(job, at_once=state is not JobState.DONE or job.forced)  # (done: see core.database)
 
     def fail_job(self, job: Job, error: str) -> None:
         if job.state.finished:

@@ -90,7 +90,7 @@ async def _check_credentials(request: web.Request, auth: Auth) -> web.StreamResp
         return None
     if verdict is False:
         auth.refusals.note(str(request.remote), f"web: wrong credentials for {request.method} {request.path}")
-        await auth.refuse_slowly()
+        await auth.refuse_slowly(request.remote)
     if request.method in ("GET", "HEAD") and request.path in PAGES:
         raise web.HTTPSeeOther("/login")
     # The page's own requests (its scripts, its event stream) get no browser prompt: it shows its login form.
@@ -167,13 +167,14 @@ class WebServer(SlotServer):
 
 
 async def start_web(server: FarmService, host: str = "127.0.0.1", port: int = 0, secret: str | None = None, *,
+                    auth: Auth | None = None,
                     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                     event_interval_s: float = EVENT_MIN_INTERVAL_S) -> WebServer:
     """Serve the web interface for `server` on host:port (0: a free port), on the running loop."""
     thumbnails = Thumbnails(server.config.resolved_data_dir / "thumbnails")
     await asyncio.to_thread(thumbnails.clear)
     await asyncio.to_thread(Staging.clear_all, server.config.resolved_data_dir)  # uploads cut off by a stop
-    state = WebState(server=server, auth=Auth(secret), thumbnails=thumbnails, max_upload_bytes=max_upload_bytes,
+    state = WebState(server=server, auth=auth or Auth(secret), thumbnails=thumbnails, max_upload_bytes=max_upload_bytes,
                      event_interval_s=event_interval_s)
     state.feed = StatusFeed(server, lambda: handlers.build_status(state))
     config = server.config

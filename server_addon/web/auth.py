@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+from collections import Counter
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -35,11 +36,15 @@ SESSION_LABEL = b"microfarm web session v1"
 SESSION_MAX_AGE_S = 30 * 24 * 3600
 #: Wrong credentials wait this long, one at a time farm-wide: guessing the secret stays slow.
 FAILED_AUTH_DELAY_S = 0.25
-#: Wrong credentials waiting their turn at most. Beyond that, a request that sends the secret is refused at once
-#: with 429, its secret not even checked (a flood of guesses gains no guesses, and holds no connections while it
-#: waits, which would keep the web interface's slots from everyone else); a session cookie is still checked (an
-#: HMAC of 256 bits: not worth guessing), so a browser already logged in is never locked out by a stranger.
-MAX_WAITING_GUESSES = 8
+#: Wrong credentials from one address (an IPv6 /64) waiting their turn at most, and from all addresses. Beyond
+#: either, a request from that address (beyond the second: from any) that sends the secret is refused at once with
+#: 429, its secret not even checked: a flood of guesses gains no guesses (every guess checked waits its turn, so
+#: they stay at one per FAILED_AUTH_DELAY_S in all) and holds no connections while it waits, which would keep the
+#: web interface's slots from everyone else; and a stranger flooding from one address does not lock out the metrics
+#: scraper or a script on another. A session cookie is always checked (an HMAC of 256 bits: not worth guessing), so
+#: a browser already logged in is never locked out.
+MAX_WAITING_GUESSES = 4
+MAX_WAITING_GUESSES_ALL = 64
 TOO_MANY_GUESSES = "too many wrong credentials at once; try again in a moment"
 #: Sent by the page's own scripts: their 401s must not open the browser's Basic-auth prompt.
 PAGE_HEADER = "X-Requested-With"
@@ -51,7 +56,7 @@ class Auth:
     def __init__(self, secret: str | None) -> None:
         self.secret = secret or None
         self._failures = asyncio.Lock()
-        self._waiting = 0  # wrong credentials waiting for their turn (see MAX_WAITING_GUESSES)
+        self._waiting: Counter[str] = Counter()  # address -> its wrong credentials waiting for their turn
         # Refused requests (wrong credentials, cross-site): a stranger can send them at any rate, so they are
         # logged as counted lines, their text cleaned and cut (see core.tally).
         self.refusals = Tally(log, "{reason} from {address}", "{count} more from {address} in the last {seconds} s: "
@@ -66,12 +71,17 @@ class Auth:
         assert self.secret is not None
         return hmac.new(self.secret.encode(), SESSION_LABEL, hashlib.sha256).hexdigest()
 
-    def check_secret(self, candidate: str) -> bool:
-        """Whether `candidate` is the secret; refused unchecked (TooManyGuesses) while too many wrong guesses wait."""
+    def check_secret(self, candidate: str, address: str | None) -> bool:
+        """Whether `candidate`, sent from `address`, is the secret; refused unchecked (TooManyGuesses) while too many
+        wrong guesses wait (see MAX_WAITING_GUESSES)."""
         assert self.secret is not None
-        if self._waiting >= MAX_WAITING_GUESSES:
-            raise TooManyGuesses(TOO_MANY_GUESSES)
+        self._admit(address)
         return hmac.compare_digest(candidate.encode(), self.secret.encode())
+
+    def _admit(self, address: str | None) -> None:
+        if (self._waiting[_address_key(address)] >= MAX_WAITING_GUESSES
+                or self._waiting.total() >= MAX_WAITING_GUESSES_ALL):
+            raise TooManyGuesses(TOO_MANY_GUESSES)
 
     def credentials(self, request: web.Request) -> bool | None:
         """True: the right credentials; False: wrong ones; None: none given."""
@@ -82,30 +92,32 @@ class Auth:
             scheme, _, value = header.partition(" ")
             scheme = scheme.lower()
             if scheme == "bearer":
-                return self.check_secret(value.strip())
+                return self.check_secret(value.strip(), request.remote)
             if scheme == "basic":
                 try:
                     decoded = base64.b64decode(value.strip(), validate=True).decode()
                 except (binascii.Error, UnicodeDecodeError):
                     return False
-                return self.check_secret(decoded.partition(":")[2])
+                return self.check_secret(decoded.partition(":")[2], request.remote)
             return False
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie is not None:
             return hmac.compare_digest(cookie.encode(), self.session_value.encode())
         return None
 
-    async def refuse_slowly(self) -> None:
-        """Hold a wrong guess for a moment; guesses queue behind each other, at most MAX_WAITING_GUESSES (the others
-        are refused at once: TooManyGuesses)."""
-        if self._waiting >= MAX_WAITING_GUESSES:
-            raise TooManyGuesses(TOO_MANY_GUESSES)
-        self._waiting += 1
+    async def refuse_slowly(self, address: str | None) -> None:
+        """Hold a wrong guess from `address` for a moment; guesses queue behind each other, as many as
+        MAX_WAITING_GUESSES allows (the others are refused at once: TooManyGuesses)."""
+        self._admit(address)
+        key = _address_key(address)
+        self._waiting[key] += 1
         try:
             async with self._failures:
                 await asyncio.sleep(FAILED_AUTH_DELAY_S)
         finally:
-            self._waiting -= 1
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
 
     def set_session(self, response: web.StreamResponse) -> None:
         response.set_cookie(SESSION_COOKIE, self.session_value, max_age=SESSION_MAX_AGE_S, path="/",
@@ -114,6 +126,19 @@ class Auth:
     @staticmethod
     def clear_session(response: web.StreamResponse) -> None:
         response.del_cookie(SESSION_COOKIE, path="/")
+
+
+def _address_key(address: str | None) -> str:
+    """Whose guesses these are: the address; for IPv6 its /64 (one host often holds a whole /64)."""
+    try:
+        parsed = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or ""
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
 
 
 class TooManyGuesses(Exception):

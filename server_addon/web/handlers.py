@@ -136,9 +136,9 @@ async def login(request: web.Request) -> web.Response:
         secret = (await _json_body(request)).get("secret")
     else:
         secret = (await request.post()).get("secret")
-    if not isinstance(secret, str) or not auth.check_secret(secret):
-        log.warning("web login from %s: wrong secret", request.remote)
-        await auth.refuse_slowly()
+    if not isinstance(secret, str) or not auth.check_secret(secret, request.remote):
+        auth.refusals.note(str(request.remote), "web: wrong secret at the login form")  # (counted: any rate)
+        await auth.refuse_slowly(request.remote)
         raise WebError(401, "that is not the farm's secret")
     log.info("web login from %s", request.remote)
     response = jsonout.json_response({"message": "logged in"})

@@ -197,7 +197,7 @@ async def _secret(request: web.Request, handler: Any) -> web.StreamResponse:
             verdict = auth.credentials(request)
             if verdict is False:
                 auth.refusals.note(str(request.remote), f"metrics: wrong credentials for {request.path}")
-                await auth.refuse_slowly()
+                await auth.refuse_slowly(request.remote)
         except TooManyGuesses as exc:
             return web.json_response({"error": str(exc)}, status=429, headers=RETRY_AFTER)
         if verdict is not True:
@@ -213,13 +213,15 @@ class MetricsServer(SlotServer):
 
 
 async def start_metrics(service: FarmService, host: str = "127.0.0.1", port: int = 0,
-                        secret: str | None = None) -> MetricsServer:
+                        secret: str | None = None, auth: Auth | None = None) -> MetricsServer:
+    """Serve the metrics on host:port; `auth`: the web interface's, so that both ports keep one line of wrong
+    guesses (see web.auth)."""
     config = service.config
     # As on the web port: bounded connections, and bounded time for a request's headers (see web.slots).
     slots = Slots(config.web_max_connections, config.web_header_timeout, config.web_body_timeout,
                   config.refusal_log_interval)
     app = web.Application(middlewares=[slots.middleware, _secret], client_max_size=MAX_REQUEST_BYTES)
-    app[AUTH] = Auth(secret)
+    app[AUTH] = auth or Auth(secret)
     add_routes(app, service)
     runner = await serve(app, host, port, slots, shutdown_timeout=SHUTDOWN_TIMEOUT_S, keepalive_timeout=KEEPALIVE_S)
     server = MetricsServer(runner, slots, host, runner.addresses[0][1])
