@@ -4,7 +4,9 @@
 the same frames. Prints the speedup (local seconds over the farm's, from the submission to the last frame) and
 speedup / N; also the speedup counted from the end of the probe (the farm's start-up: upload, probe, download,
 left out) and the clients' mean render seconds per frame against the local process's (what sharing the machine
-costs a core).
+costs a core). For what the machine itself allows, the same frames are also rendered by N plain bpy processes at
+once, each on its core with its share: machine_speedup_per_core, and farm_of_machine (that run's seconds over the
+farm's: what the farm keeps of it).
 
 `tail`: N clients on cores of their own, one of them F times slower (its render process runs 1/F of the time:
 stopped and continued, a slower machine), one job of whole frames. Prints the makespan (from the end of the
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import statistics
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,13 +82,22 @@ def cores(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     print(f"local: frames 1-{args.frames} in one bpy process on core {pinned[0]}, one thread", file=sys.stderr)
     local = render_local(blend, 1, args.frames, root / "local", "--threads", "1",
                          wrapper=("taskset", "-c", str(pinned[0])))
-    print(f"farm: {len(pinned)} clients on cores {pinned}, one thread each", file=sys.stderr)
+    n = len(pinned)
+    # What the machine itself gives: N plain processes at once, each on its core with its share of the frames (two
+    # renders share the caches and the memory bus: the farm cannot beat this, only come close to it).
+    print(f"parallel: frames 1-{args.frames} split over {n} plain bpy processes on cores {pinned}", file=sys.stderr)
+    shares = [(1 + i * args.frames // n, (i + 1) * args.frames // n) for i in range(n)]
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda k: render_local(blend, shares[k][0], shares[k][1], root / f"parallel{k}", "--threads",
+                                             "1", wrapper=("taskset", "-c", str(pinned[k]))), range(n)))
+    parallel_s = time.monotonic() - started
+    print(f"farm: {n} clients on cores {pinned}, one thread each", file=sys.stderr)
     with _pinned_farm(root / "farm", pinned) as farm:
         run = asyncio.run(run_job(farm.address, blend, {"frame_start": 1, "frame_end": args.frames,
                                                         "chunk": args.chunk}))
     run.check("cores")
     times = frame_times(farm.output, run.job["id"])
-    n = len(pinned)
     speedup = local["local_s"] / run.elapsed_s
     after_probe = run.elapsed_s - (run.rendering_after_s or 0.0)
     return {
@@ -92,6 +105,8 @@ def cores(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "samples": args.samples, "local_s": round(local["local_s"], 3), "farm_s": round(run.elapsed_s, 3),
         "probe_s": round(run.rendering_after_s or 0.0, 3),
         "speedup": round(speedup, 3), "speedup_per_client": round(speedup / n, 3),
+        "parallel_s": round(parallel_s, 3), "machine_speedup_per_core": round(local["local_s"] / parallel_s / n, 3),
+        "farm_of_machine": round(parallel_s / run.elapsed_s, 3),
         "speedup_after_probe": round(local["local_s"] / after_probe, 3),
         "speedup_after_probe_per_client": round(local["local_s"] / after_probe / n, 3),
         "local_frame_s": round(statistics.fmean(local["frame_s"]), 3),
