@@ -12,15 +12,17 @@ that either side can still refuse the other in a sentence. Then TLS starts (the 
 protocol.tls) and the exchange above runs inside it, with proofs:
 
     client → HELLO(version, role, nonce, tls=True)              plain
-    server → WELCOME(version, farm, auth_required, tls=True)    plain; then the TLS handshake
-    client → HELLO(version, role, name, nonce_c, ...)           inside TLS from here on
-    server → WELCOME(..., nonce_s, proof_s, cert_sha256)        proof_s over nonce_c and the server's certificate
-    client → AUTH(proof_c, cert_sha256)                         proof_c over nonce_s and the certificate it was shown
+    server → WELCOME(version, auth_required, tls=True)          plain, no farm name; then the TLS handshake
+    client → HELLO(version, role, nonce_c, tls=True)            inside TLS from here on; still no name
+    server → WELCOME(farm, nonce_s, proof_s, cert_sha256)       proof_s over nonce_c and the server's certificate
+    client → AUTH(proof_c, cert_sha256, name, host, blender, ...)   once proof_s holds; proof_c over nonce_s and
+                                                                the certificate it was shown
     server → ACCEPTED(client_id) or ERROR(reason)
 
-A client that holds a secret refuses a server whose proof is missing or wrong, so a rogue server on the LAN
-cannot collect .blend files or hand out work; and as both proofs cover the certificate, a relay that terminates
-TLS with a certificate of its own fails both checks. A farm with a secret takes nothing but TLS.
+A client that holds a secret refuses a server whose proof is missing or wrong before it says who it is, so a
+rogue server on the LAN learns nothing of it, collects no .blend files and hands out no work; and as both proofs
+cover the certificate, a relay that terminates TLS with a certificate of its own fails both checks. A farm with
+a secret takes nothing but TLS. The proofs' key is the secret stretched (protocol.auth.farm_key).
 """
 
 from __future__ import annotations
@@ -124,7 +126,10 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
                                   proof=proof, tls=bool(fingerprint), cert_sha256=fingerprint or None))
         auth = await _expect(stream, Auth)
         assert isinstance(auth, Auth)
+        who: Hello | Auth = hello
         if secret:
+            who = auth  # (a client with a secret says who it is only after the server proved itself: see Auth)
+            name = clean_name(auth.name) or name
             if not fingerprint:
                 await _refuse(stream, "wrong or missing farm secret: this farm takes it over TLS only")
                 raise AuthError(f"client {name!r} failed the farm secret check: it did not ask for TLS")
@@ -136,9 +141,9 @@ async def server_handshake(stream: MessageStream, *, farm: str, secret: str | No
                                     f"middle terminates TLS)")
                 raise AuthError(f"client {name!r} failed the farm secret check (wrong secret, or a relay in the "
                                 f"middle)")
-        peer = Peer(role=role, name=name, host=clean_name(hello.host), blender=clean_name(hello.blender),
-                    device=clean_name(hello.device), devices=tuple(clean_name(d) for d in hello.devices[:16]),
-                    allow_scripts=hello.allow_scripts)
+        peer = Peer(role=role, name=name, host=clean_name(who.host), blender=clean_name(who.blender),
+                    device=clean_name(who.device), devices=tuple(clean_name(d) for d in who.devices[:16]),
+                    allow_scripts=who.allow_scripts)
         client_id = assign_id(peer)
         await stream.send(Accepted(client_id=client_id, heartbeat_s=heartbeat_s))
         return peer, client_id
@@ -170,9 +175,12 @@ async def client_handshake(stream: MessageStream, *, role: Role, name: str, secr
                 raise AuthError(f"server {stream.peer} could not prove it knows the farm secret")
             seen = peer_fingerprint(await stream.start_tls(client_context()))
         nonce = new_nonce()
-        await stream.send(Hello(version=PROTOCOL_VERSION, role=role.value, name=name, nonce=nonce,
-                                host=socket.gethostname(), blender=blender, device=device,
-                                devices=list(devices or []), allow_scripts=allow_scripts, tls=bool(secret)))
+        identity = {"name": name, "host": socket.gethostname(), "blender": blender, "device": device,
+                    "devices": list(devices or []), "allow_scripts": allow_scripts}
+        if secret:  # who this client is goes in its AUTH, once the server has proved it knows the secret
+            await stream.send(Hello(version=PROTOCOL_VERSION, role=role.value, name="", nonce=nonce, tls=True))
+        else:
+            await stream.send(Hello(version=PROTOCOL_VERSION, role=role.value, nonce=nonce, **identity))
         welcome = await _welcome(stream)
         if secret:
             if not matches(server_proof(secret, nonce, welcome.nonce, seen), welcome.proof):
@@ -183,7 +191,8 @@ async def client_handshake(stream: MessageStream, *, role: Role, name: str, secr
                                     f"{short(welcome.cert_sha256)} (a relay in the middle terminates TLS)")
                 raise AuthError(f"server {stream.peer} could not prove it knows the farm secret over TLS "
                                 f"certificate {short(seen)} (wrong secret, or a relay in the middle)")
-            await stream.send(Auth(proof=client_proof(secret, welcome.nonce, nonce, seen), cert_sha256=seen))
+            await stream.send(Auth(proof=client_proof(secret, welcome.nonce, nonce, seen), cert_sha256=seen,
+                                   **identity))
         else:
             if welcome.auth_required:
                 await _refuse(stream, "no secret configured")

@@ -201,6 +201,14 @@ class Auth(Message):
     TYPE = MessageType.AUTH
     proof: bytes | None = None
     cert_sha256: bytes | None = None  # the certificate the client was shown
+    # A client with a secret says who it is here, once the server has proved it knows the secret (its hello inside
+    # TLS carries no name): a server that cannot prove it learns nothing of the client. Without a secret: in HELLO.
+    name: str = ""
+    host: str = ""
+    blender: str = ""
+    device: str = ""
+    devices: list[str] = dataclasses.field(default_factory=list)
+    allow_scripts: bool = False
 
 
 @_message

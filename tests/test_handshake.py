@@ -260,3 +260,40 @@ def test_the_proofs_are_keyed_by_the_secret_stretched_with_scrypt() -> None:
     assert proof == hmac.new(stretched, message, hashlib.sha256).digest()
     assert proof != hmac.new(SECRET.encode(), message, hashlib.sha256).digest()
     assert server_proof(SECRET + "x", client_nonce, server_nonce, certificate) != proof
+
+
+@pytest.mark.asyncio
+async def test_a_client_with_a_secret_tells_a_server_that_cannot_prove_it_nothing_of_itself():
+    """A rogue server (TLS, a certificate of its own, no secret): the client's hellos name nobody, and the client
+    refuses it before it says who it is."""
+    seen: list[m.Message] = []
+    done = asyncio.get_running_loop().create_future()
+
+    async def rogue(reader, writer):
+        stream = MessageStream(reader, writer)
+        try:
+            seen.append(await recv(stream))
+            await stream.send(m.Welcome(version=PROTOCOL_VERSION, farm="", nonce=new_nonce(), auth_required=True,
+                                        tls=True))
+            await stream.start_tls(server_tls().context)
+            seen.append(await recv(stream))
+            await stream.send(m.Welcome(version=PROTOCOL_VERSION, farm="rogue", nonce=new_nonce(), auth_required=True,
+                                        proof=bytes(32), tls=True, cert_sha256=server_tls().fingerprint))
+            with contextlib.suppress(ProtocolError, asyncio.TimeoutError):
+                while True:
+                    seen.append(await recv(stream))
+        finally:
+            done.set_result(None)
+            await stream.aclose()
+
+    async with listening(rogue) as port, connect(port) as stream:
+        with pytest.raises(AuthError, match="could not prove it knows the farm secret"):
+            await client_handshake(stream, role=Role.WORKER, name="secret-box", secret=SECRET, blender="5.0.1",
+                                   device="OPTIX", timeout=TIMEOUT)
+        await stream.aclose()  # (the client gives up: the rogue has read all it will get)
+        await asyncio.wait_for(done, TIMEOUT)
+    hellos = [message for message in seen if isinstance(message, m.Hello)]
+    assert len(hellos) == 2 and all((h.name, h.host, h.blender, h.device, h.devices) == ("", "", "", "", [])
+                                    for h in hellos)
+    assert not any(isinstance(message, m.Auth) for message in seen), seen
+    assert "secret-box" not in repr(seen)

@@ -141,11 +141,11 @@ async def _honest_client(port: int) -> m.Message:
         assert isinstance(plain, m.Welcome) and plain.farm == ""  # the farm's name only inside TLS
         seen = peer_fingerprint(await stream.start_tls(client_context()))
         nonce = new_nonce()
-        await stream.send(m.Hello(version=PROTOCOL_VERSION, role="worker", name="behind-relay", nonce=nonce,
-                                  blender="5.0.1", tls=True))
+        await stream.send(m.Hello(version=PROTOCOL_VERSION, role="worker", name="", nonce=nonce, tls=True))
         welcome = await asyncio.wait_for(stream.recv(), TIMEOUT)
         assert isinstance(welcome, m.Welcome) and welcome.farm
-        await stream.send(m.Auth(proof=client_proof(SECRET, welcome.nonce, nonce, seen), cert_sha256=seen))
+        await stream.send(m.Auth(proof=client_proof(SECRET, welcome.nonce, nonce, seen), cert_sha256=seen,
+                                 name="behind-relay", blender="5.0.1"))
         return await asyncio.wait_for(stream.recv(), TIMEOUT)
     finally:
         await stream.aclose()
