@@ -175,7 +175,6 @@ class Farm:
         self._order: dict[str, int] = {}  # client id -> when it connected (the order clients get work in)
         self._hints: set[str] = set()  # clients that may have become idle since the last decide
         self._rescan = True  # something changed that may give any idle client work
-        self._gen = 0  # moves with every such change (running jobs, waiting notes)
         self._clients_gen = 0  # moves when the set of connected clients or what they can do changes
         self._running = RunningOrder()
         self._capable: dict[str, tuple[int, str, set[str]]] = {}
@@ -189,7 +188,6 @@ class Farm:
     def _widely_changed(self) -> None:
         """Any idle client may have work now (a job came, moved, or got frames back; a client came or went)."""
         self._rescan = True
-        self._gen += 1
 
     def _clients_changed(self) -> None:
         self._clients_gen += 1

@@ -36,13 +36,13 @@ SESSION_LABEL = b"microfarm web session v1"
 SESSION_MAX_AGE_S = 30 * 24 * 3600
 #: Wrong credentials wait this long, one at a time farm-wide: guessing the secret stays slow.
 FAILED_AUTH_DELAY_S = 0.25
-#: Wrong credentials from one address (an IPv6 /64) waiting their turn at most, and from all addresses. Beyond
-#: either, a request from that address (beyond the second: from any) that sends the secret is refused at once with
-#: 429, its secret not even checked: a flood of guesses gains no guesses (every guess checked waits its turn, so
-#: they stay at one per FAILED_AUTH_DELAY_S in all) and holds no connections while it waits, which would keep the
-#: web interface's slots from everyone else; and a stranger flooding from one address does not lock out the metrics
-#: scraper or a script on another. A session cookie is always checked (an HMAC of 256 bits: not worth guessing), so
-#: a browser already logged in is never locked out.
+#: Wrong credentials waiting their turn at most from one address (an IPv6 /64), and from all addresses. While an
+#: address has its most waiting (or all addresses have theirs), a request from it (from any) that sends the secret
+#: is refused at once with 429, its secret not even checked: a flood of guesses gains no guesses (every guess
+#: checked waits its turn, so they stay at one per FAILED_AUTH_DELAY_S in all) and holds no connections while it
+#: waits, which would keep the web interface's slots from everyone else; and a stranger flooding from one address
+#: does not lock out the metrics scraper or a script on another. A session cookie is always checked (an HMAC of 256
+#: bits: not worth guessing), so a browser already logged in is never locked out.
 MAX_WAITING_GUESSES = 4
 MAX_WAITING_GUESSES_ALL = 64
 TOO_MANY_GUESSES = "too many wrong credentials at once; try again in a moment"
@@ -78,10 +78,12 @@ class Auth:
         self._admit(address)
         return hmac.compare_digest(candidate.encode(), self.secret.encode())
 
-    def _admit(self, address: str | None) -> None:
-        if (self._waiting[_address_key(address)] >= MAX_WAITING_GUESSES
-                or self._waiting.total() >= MAX_WAITING_GUESSES_ALL):
+    def _admit(self, address: str | None) -> str:
+        """The address's key in the waiting line, if it may be heard now; else TooManyGuesses."""
+        key = _address_key(address)
+        if self._waiting[key] >= MAX_WAITING_GUESSES or self._waiting.total() >= MAX_WAITING_GUESSES_ALL:
             raise TooManyGuesses(TOO_MANY_GUESSES)
+        return key
 
     def credentials(self, request: web.Request) -> bool | None:
         """True: the right credentials; False: wrong ones; None: none given."""
@@ -108,8 +110,7 @@ class Auth:
     async def refuse_slowly(self, address: str | None) -> None:
         """Hold a wrong guess from `address` for a moment; guesses queue behind each other, as many as
         MAX_WAITING_GUESSES allows (the others are refused at once: TooManyGuesses)."""
-        self._admit(address)
-        key = _address_key(address)
+        key = self._admit(address)
         self._waiting[key] += 1
         try:
             async with self._failures:
